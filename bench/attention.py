@@ -1,7 +1,11 @@
-"""Attention on CPU: PyTorch's fused SDPA kernels vs explicit bf16 matrix products (dlm.network.transformer.attend),
-forward + backward, bidirectional, at the shapes of the presets. Decides `SHORT_ATTENTION`.
+"""Attention on CPU: PyTorch's SDPA kernels vs dlm's chunked attention (dlm.network.attention), forward +
+backward in bf16 at the shapes of the presets, and the chunk size.
 
     python bench/attention.py
+
+Columns: the fused SDPA kernel (what PyTorch picks on CPU), the plain three-op version (matmul, float32 softmax,
+matmul: what autograd stores in full), and dlm's chunked attention at three chunk budgets (float32 scores per
+group of heads; 1 MiB is the default `SCORE_BYTES`). Median of 5 after a warm-up; ratios are fused / chunked.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import dlm.network.attention as attention
 
-def explicit(q, k, v):
+
+def three_ops(q, k, v):
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype), v)
 
@@ -29,17 +35,28 @@ def timed(fn, repeats=5) -> float:
     return statistics.median(times)
 
 
+def chunked(q, k, v, score_bytes):
+    attention.SCORE_BYTES = score_bytes
+    return attention.chunked_attention(q, k, v)
+
+
 def main() -> None:
-    print(f"threads {torch.get_num_threads()} | bf16, 8 heads of 64, forward + backward, median of 5\n")
-    print(f"{'batch':>5s} {'length':>6s} {'fused SDPA':>11s} {'math SDPA':>10s} {'explicit':>9s}  explicit vs fused")
-    for batch, length in ((32, 64), (32, 128), (16, 256), (4, 1024)):
+    budgets = (1 << 18, 1 << 20, 1 << 22)
+    print(f"threads {torch.get_num_threads()} | bf16, 8 heads of 64, bidirectional, forward + backward, median of 5\n")
+    print("| batch | tokens | fused SDPA | three ops | " + " | ".join(f"chunked {b >> 10} KiB" for b in budgets)
+          + " | fused / chunked (1 MiB) |")
+    print("|------:|-------:|-----------:|----------:|" + "---------------:|" * len(budgets) + "------------------------:|")
+    default = attention.SCORE_BYTES
+    for batch, length in ((32, 128), (16, 256), (4, 1024)):
         q, k, v = (torch.randn(batch, 8, length, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             fused = timed(lambda: F.scaled_dot_product_attention(q, k, v))
-        with sdpa_kernel(SDPBackend.MATH):
-            math = timed(lambda: F.scaled_dot_product_attention(q, k, v))
-        mine = timed(lambda: explicit(q, k, v))
-        print(f"{batch:5d} {length:6d} {fused * 1e3:9.1f}ms {math * 1e3:8.1f}ms {mine * 1e3:7.1f}ms  {fused / mine:6.2f}x")
+        plain = timed(lambda: three_ops(q, k, v))
+        ours = [timed(lambda: chunked(q, k, v, b)) for b in budgets]
+        attention.SCORE_BYTES = default
+        cells = " | ".join(f"{t * 1e3:12.1f} ms" for t in ours)
+        print(f"| {batch:5d} | {length:6d} | {fused * 1e3:7.1f} ms | {plain * 1e3:6.1f} ms | {cells} | "
+              f"{fused / ours[1]:23.2f}x |")
 
 
 if __name__ == "__main__":

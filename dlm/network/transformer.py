@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dlm.config import ModelConfig
+from dlm.network.attention import attend
 
 
 # --------------------------------------------------------------------------------------------- rotary
@@ -84,35 +85,8 @@ class Attention(nn.Module):
             else:
                 cache.layers.append((k_all, v_all))
         # With a cache, "causal" means: attend to everything cached plus the causal part of the new tokens.
-        if causal and k_all.shape[2] != T:
-            attn_mask = _causal_with_prefix(T, k_all.shape[2] - T, x.device)
-            causal = False
         y = attend(q, k_all, v_all, attn_mask, causal, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-SHORT_ATTENTION = 128  # keys; at or below this, on CPU, explicit matrix products beat the fused kernel
-
-
-def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
-    """softmax(q k^T / sqrt(hd) [+ mask]) v for q (B, nh, T, hd) and k, v (B, nh, S, hd).
-
-    PyTorch's fused CPU attention kernel is slow on short sequences: for S <= 128 keys two bf16 matrix products
-    and an fp32 softmax are ~3x faster (a 15% faster training step at the tiny preset, measured on 2 cores; see
-    bench/attention.py). Everything else (GPUs, longer sequences, explicit masks, dropout) goes to SDPA.
-    """
-    if q.device.type == "cpu" and k.shape[2] <= SHORT_ATTENTION and attn_mask is None and dropout_p == 0.0:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, T, S)
-        if causal:
-            T, S = scores.shape[-2:]
-            scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
-
-
-def _causal_with_prefix(T: int, prefix: int, device) -> torch.Tensor:
-    """(T, prefix+T) boolean mask: new token i sees every cached token and new tokens 0..i."""
-    return torch.ones(T, prefix + T, dtype=torch.bool, device=device).tril(diagonal=prefix)
 
 
 class MLP(nn.Module):
