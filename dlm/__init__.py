@@ -7,6 +7,10 @@ Layout: `network/` (backbones), `process/` (noising and objectives), `sampler/` 
 
 __version__ = "0.1.0"
 
+from dlm.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (see dlm/allocator.py)
+
 
 def load(path, device: str = "cpu", **kw):
     """Load a trained model (run folder, exported folder or .ckpt) as a `DiffusionLM`."""

@@ -1,10 +1,11 @@
 """Scaled dot-product attention, with a faster path for CPUs.
 
 `attend(q, k, v, mask, causal)` computes softmax(q k^T / sqrt(hd) [masked]) v. On GPUs (and with dropout, or
-float masks) it is PyTorch's `scaled_dot_product_attention`. On CPUs it is `chunked_attention`: PyTorch's fused
+float masks, or plain causal self-attention longer than 128 tokens, where the fused kernel skips the masked half)
+it is PyTorch's `scaled_dot_product_attention`. Otherwise, on CPUs, it is `chunked_attention`: PyTorch's fused
 CPU kernel runs its inner products at ~125 GFLOP/s in bf16 (2 cores, 256 tokens), and the plain three-op version
 (matmul, softmax, matmul) spends its time moving the (B, nh, T, S) score tensors through memory. Here the heads
-are processed a few at a time, so each group's scores (~1 MiB in float32) stay in cache, and the backward pass
+are processed a few at a time, so each group's scores (~4 MiB in float32) stay in cache, and the backward pass
 recomputes them from q and k (as FlashAttention does) instead of storing them: see bench/attention.py.
 
 Arithmetic: scores q k^T are rounded to the input dtype (bf16 under autocast, like every autocast matmul), then
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCORE_BYTES = 1 << 20  # float32 scores per chunk: heads (and, for long sequences, query rows) are grouped to this
+SCORE_BYTES = 1 << 22  # float32 scores per chunk: heads (and, for long sequences, query rows) are grouped to this
 
 
 def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
@@ -27,10 +28,12 @@ def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
     positions) sees keys 0 .. S - T + i (with a KV cache prefix, S > T).
     """
     cpu_path = q.device.type == "cpu" and dropout_p == 0.0 and (attn_mask is None or attn_mask.dtype == torch.bool)
-    if cpu_path:
+    # Plain causal self-attention stays with the fused kernel, which skips the masked half of the products.
+    plain_causal = causal and attn_mask is None and k.shape[2] == q.shape[2] and q.shape[2] > 128
+    if cpu_path and not plain_causal:
         return chunked_attention(q, k, v, attn_mask, causal)
     if causal and (k.shape[2] != q.shape[2] or attn_mask is not None):  # SDPA's is_causal takes no mask and aligns
-        causal_mask = _causal_mask(q.shape[2], k.shape[2], 0, q.shape[2], q.device)  # to the top-left corner
+        causal_mask = _causal_mask(q.shape[2], k.shape[2], q.device)  # to the top-left corner
         attn_mask, causal = (causal_mask if attn_mask is None else attn_mask & causal_mask), False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
 
@@ -39,22 +42,32 @@ def chunked_attention(q, k, v, attn_mask=None, causal=False):
     """`attend` computed a group of heads (and query rows) at a time; differentiable in q, k and v."""
     B, H, T, D = q.shape
     S = k.shape[2]
-    mask = None
-    if attn_mask is not None:  # kept as small as its broadcast allows: (T or 1, S) shared, else (B * nh, T or 1, S)
+    bias = _additive_bias(attn_mask, causal, B, H, T, S, _wide(q.dtype), q.device)
+    out = _ChunkedAttention.apply(q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D), bias)
+    return out.view(B, H, T, D)
+
+
+def _additive_bias(attn_mask, causal, B, H, T, S, dtype, device):
+    """The mask and the causal rule as one additive bias (0 or -inf), as small as its broadcast allows:
+    (T or 1, S) when shared by every head and row of the batch, else (B * nh, T or 1, S); None without either."""
+    bias = None
+    if attn_mask is not None:
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
         if mask.shape[0] == mask.shape[1] == 1:
             mask = mask[0, 0]
         else:
             mask = mask.expand(B, H, *mask.shape[2:]).reshape(B * H, *mask.shape[2:])
-    out = _ChunkedAttention.apply(q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D), mask,
-                                  causal)
-    return out.view(B, H, T, D)
+        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    if causal:  # query i (of the last T) sees keys 0 .. S - T + i
+        causal_bias = torch.zeros(T, S, dtype=dtype, device=device).masked_fill_(~_causal_mask(T, S, device),
+                                                                                float("-inf"))
+        bias = causal_bias if bias is None else bias + causal_bias
+    return bias
 
 
-def _causal_mask(T: int, S: int, row0: int, row1: int, device) -> torch.Tensor:
-    """(row1 - row0, S) bool: rows row0..row1 of the causal mask where query i sees keys 0 .. S - T + i."""
-    rows = torch.arange(row0, row1, device=device)[:, None] + (S - T)
-    return torch.arange(S, device=device)[None, :] <= rows
+def _causal_mask(T: int, S: int, device) -> torch.Tensor:
+    """(T, S) bool: query i (of the last T positions) sees keys 0 .. S - T + i."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -72,16 +85,15 @@ def _chunks(BH: int, T: int, S: int):
             yield slice(h, min(h + heads, BH)), slice(r, min(r + rows, T))
 
 
-def _probabilities(q, k, mask, causal, hs, rs, scale, lse=None):
+def _probabilities(q, k, bias, hs, rs, scale, lse=None):
     """Softmax probabilities (h, r, S) of one chunk in float32 (float64 for float64 inputs), and their
     log-normalisers (h, r)."""
-    T, S = q.shape[1], k.shape[1]
-    s = torch.bmm(q[hs, rs], k[hs].transpose(1, 2)).to(_wide(q.dtype)).mul_(scale)  # (h, r, S)
-    if mask is not None:  # (T or 1, S) or (BH, T or 1, S): pick this chunk's rows, broadcast the rest
-        rows = rs if mask.shape[-2] > 1 else slice(None)
-        s.masked_fill_(~(mask[rows] if mask.dim() == 2 else mask[hs, rows]), float("-inf"))
-    if causal:
-        s.masked_fill_(~_causal_mask(T, S, rs.start, rs.stop, q.device), float("-inf"))
+    product = torch.bmm(q[hs, rs], k[hs].transpose(1, 2))  # (h, r, S) in the input dtype
+    if bias is None:
+        s = product.to(_wide(q.dtype)).mul_(scale)
+    else:  # bias (T or 1, S) or (BH, T or 1, S): this chunk's rows, broadcast over the rest
+        rows = rs if bias.shape[-2] > 1 else slice(None)
+        s = torch.add(bias[rows] if bias.dim() == 2 else bias[hs, rows], product, alpha=scale)
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)  # (h, r)
         lse = lse.masked_fill(lse == float("-inf"), 0.0)  # fully masked rows: exp(-inf - 0) = 0
@@ -89,21 +101,21 @@ def _probabilities(q, k, mask, causal, hs, rs, scale, lse=None):
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """q (BH, T, D), k and v (BH, S, D), mask bool (T or 1, S) or (BH, T or 1, S), or None. Saves q, k, v, the output and the
+    """q (BH, T, D), k and v (BH, S, D), bias (see `_additive_bias`) or None. Saves q, k, v, the output and the
     log-normalisers (BH, T); the backward recomputes the probabilities chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, causal):
+    def forward(ctx, q, k, v, bias):
         BH, T, D = q.shape
         S = k.shape[1]
         scale = D ** -0.5
         out = q.new_empty(BH, T, D)
         lse = torch.empty(BH, T, dtype=_wide(q.dtype), device=q.device)
         for hs, rs in _chunks(BH, T, S):
-            p, lse[hs, rs] = _probabilities(q, k, mask, causal, hs, rs, scale)
+            p, lse[hs, rs] = _probabilities(q, k, bias, hs, rs, scale)
             out[hs, rs] = torch.bmm(p.to(v.dtype), v[hs])
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.causal = mask, causal
+        ctx.bias = bias
         return out
 
     @staticmethod
@@ -119,11 +131,11 @@ class _ChunkedAttention(torch.autograd.Function):
         dk = torch.zeros(BH, S, D, dtype=wide, device=q.device)  # summed over query chunks
         dv = torch.zeros_like(dk)
         for hs, rs in _chunks(BH, T, S):
-            p, _ = _probabilities(q, k, ctx.mask, ctx.causal, hs, rs, scale, lse[hs, rs])  # (h, r, S)
+            p, _ = _probabilities(q, k, ctx.bias, hs, rs, scale, lse[hs, rs])  # (h, r, S)
             g = grad_out[hs, rs]  # (h, r, D)
             dv[hs] += torch.bmm(p.to(q.dtype).transpose(1, 2), g)
             dp = torch.bmm(g, v[hs].transpose(1, 2)).to(wide)  # (h, r, S)
             ds = p.mul_(dp.sub_(delta[hs, rs].unsqueeze(-1))).mul_(scale).to(q.dtype)  # softmax backward
             dq[hs, rs] = torch.bmm(ds, k[hs])
             dk[hs] += torch.bmm(ds.transpose(1, 2), q[hs, rs])
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None

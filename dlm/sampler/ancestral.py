@@ -40,29 +40,33 @@ class AncestralSampler(Sampler):
         times = torch.linspace(1.0, process.sampling_eps, self.steps + 1, dtype=torch.float64)
         alphas = schedule.alpha(times)
         B = z.shape[0]
-        nfe, logits, embeds, trajectory = 0, None, None, []
+        nfe, raw, embeds, trajectory = 0, None, None, []
         n_generated = max(1, int((~fixed).sum()))
         with Timer() as timer:
             for i in range(self.steps):
                 t = torch.full((B,), float(times[i]), device=z.device)
-                if logits is None or not self.cache or self.feedback is not None:
+                if raw is None or not self.cache or self.feedback is not None:
                     raw = process.forward_logits(network, z, t, {}, inputs_embeds=embeds)  # (B, L, V)
-                    logits = subs_logits(raw, mask_id)
                     nfe += 1
                 p_unmask = float((alphas[i + 1] - alphas[i]) / (1.0 - alphas[i]))
                 u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
                 u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
                 unmask = (z == mask_id) & ~fixed & (u_unmask < p_unmask)  # (B, L)
-                if unmask.any():
-                    z[unmask] = sample_tokens(logits[unmask], u_token[unmask], self.temperature, self.top_p)
-                    logits = None  # z changed: the cached logits are stale
+                if unmask.any():  # x_theta only where it is drawn from: (n, V) rows, not the whole (B, L, V)
+                    x_theta = subs_logits(raw[unmask], mask_id)
+                    z[unmask] = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
+                    stale = True  # z changed: a cache must call the network again
+                else:
+                    stale = False
                 if self.feedback is not None:
                     masks_left = float((z == mask_id).sum()) / (B * n_generated)
                     embeds = self.feedback(network, z, raw, fixed, masks_left)
+                if stale:
+                    raw = None
                 if record_trajectory:
                     trajectory.append(z.clone())
             if (z == mask_id).any():
-                reusable = logits if self.cache and self.feedback is None else None
+                reusable = raw if self.cache and self.feedback is None else None
                 nfe += fill_remaining_masks(network, process, z, float(times[-1]), embeds, reusable)
                 if record_trajectory:
                     trajectory.append(z.clone())

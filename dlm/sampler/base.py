@@ -52,20 +52,20 @@ class InputFeedback:
 def fill_remaining_masks(network, process, z, t_final: float, inputs_embeds=None, logits=None) -> int:
     """The last step of MDLM-style samplers: every [MASK] still in z (B, L) takes the argmax of x_theta, in place.
 
-    `logits` (B, L, V) are reused when still valid for z (a cached sampler), else one network call is made at
-    time t_final. Returns the number of network calls made (0 or 1).
+    `logits`: the raw network logits (B, L, V), reused when still valid for z (a cached sampler), else one
+    network call is made at time t_final. Returns the number of network calls made (0 or 1).
     """
+    from dlm.process.mdlm import subs_logits  # (a module-level import would be circular)
+
     remaining = z == process.mask_id
     if not remaining.any():
         return 0
     calls = 0
     if logits is None:
-        from dlm.process.mdlm import subs_logits
-
         t = torch.full((z.shape[0],), float(t_final), device=z.device)
-        logits = subs_logits(process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds), process.mask_id)
+        logits = process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds)
         calls = 1
-    z[remaining] = logits[remaining].argmax(-1)
+    z[remaining] = subs_logits(logits[remaining], process.mask_id).argmax(-1)
     return calls
 
 

@@ -75,7 +75,8 @@ def test_fully_masked_rows_give_zeros():
 
 
 def test_routing(monkeypatch):
-    """CPU attention without dropout and with boolean (or no) masks is the chunked one; the rest is SDPA."""
+    """CPU attention without dropout and with boolean (or no) masks is the chunked one, except plain causal
+    self-attention over more than 128 tokens; the rest is SDPA."""
     calls = []
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(1) or q)
     q = torch.randn(1, 1, 4, 8)
@@ -85,6 +86,12 @@ def test_routing(monkeypatch):
     attention.attend(q, q, q, dropout_p=0.1)
     attention.attend(q, q, q, torch.zeros(4, 4))  # an additive float mask
     assert calls == [1, 1]
+    long = torch.randn(1, 1, 200, 8)
+    attention.attend(long, long, long, causal=True)  # plain causal self-attention: the fused kernel skips half
+    assert calls == [1, 1, 1]
+    attention.attend(long, long, long)
+    attention.attend(q, long, long, causal=True)  # causal with a KV-cache prefix
+    assert calls == [1, 1, 1]
 
 
 def test_sdpa_path_takes_causal_with_a_mask_or_a_prefix():
