@@ -207,8 +207,13 @@ def main() -> int:
     return 0
 
 
+def count_row(results) -> dict:
+    """The reference of both lines below: the LLaDA count schedule without cache."""
+    return next(r for r in results if r["family"] == "LLaDA count" and r["cache"] == "none")
+
+
 def target_line(results, args) -> str:
-    count = next(r for r in results if r["family"] == "LLaDA count" and r["cache"] == "none")
+    count = count_row(results)
     fast = next(r for r in results if r["family"] == f"threshold {args.threshold}" and r["cache"] == "dual")
     calls = count["nfe"] / fast["nfe"]
     worse = fast["gen_ppl"] / count["gen_ppl"] - 1
@@ -220,7 +225,7 @@ def target_line(results, args) -> str:
 
 def sweep_line(results) -> str:
     """Every threshold with the dual cache against the count schedule without cache: fewer calls, quality change."""
-    count = next(r for r in results if r["family"] == "LLaDA count" and r["cache"] == "none")
+    count = count_row(results)
     cells = [f"{r['family'].split()[1]}: {count['nfe'] / r['nfe']:.2f}x fewer calls, gen. ppl "
              f"{100 * (r['gen_ppl'] / count['gen_ppl'] - 1):+.1f}%, entropy {r['entropy']:.2f}"
              for r in results if r["family"].startswith("threshold") and r["cache"] == "dual"]
@@ -250,7 +255,8 @@ def write_report(path: Path, args, model, eval_lm, reference, results) -> None:
         lines.append(f"| {r['family']} | {r['cache']} | {r['nfe']} | {r['tokens_per_nfe']:.2f} | {r['seconds']:.3f} "
                      f"| {r['tokens_per_s']:.0f} | {r['gen_ppl']:.2f} | {r['entropy']:.3f} "
                      f"| {'*' if i in front else ''} |")
-    lines += ["", target_line(results, args), "", sweep_line(results), "", "![Pareto front](prompted_samplers_pareto.png)", ""]
+    lines += ["", target_line(results, args), "", sweep_line(results), "",
+              "![Pareto front](prompted_samplers_pareto.png)", ""]
     path.write_text("\n".join(lines))
 
 

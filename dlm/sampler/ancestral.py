@@ -52,17 +52,15 @@ class AncestralSampler(Sampler):
                 u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
                 u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
                 unmask = (z == mask_id) & ~fixed & (u_unmask < p_unmask)  # (B, L)
-                if unmask.any():  # x_theta only where it is drawn from: (n, V) rows, not the whole (B, L, V)
+                committed = bool(unmask.any())
+                if committed:  # x_theta only where it is drawn from: (n, V) rows, not the whole (B, L, V)
                     x_theta = subs_logits(raw[unmask], mask_id)
                     z[unmask] = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
-                    stale = True  # z changed: a cache must call the network again
-                else:
-                    stale = False
                 if self.feedback is not None:
                     masks_left = float((z == mask_id).sum()) / (B * n_generated)
                     embeds = self.feedback(network, z, raw, fixed, masks_left)
-                if stale:
-                    raw = None
+                if committed:
+                    raw = None  # z changed: a cache must call the network again
                 if record_trajectory:
                     trajectory.append(z.clone())
             if (z == mask_id).any():

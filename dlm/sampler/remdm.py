@@ -102,7 +102,6 @@ class ReMDMSampler(Sampler):
             for i in range(self.steps):
                 t = torch.full((B,), float(times[i]), device=z.device)
                 raw = process.forward_logits(network, z, t, {}, inputs_embeds=embeds)  # (B, L, V)
-                logits = subs_logits(raw, mask_id)
                 nfe += 1
                 alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
                 masked = z == mask_id
@@ -122,7 +121,7 @@ class ReMDMSampler(Sampler):
                 unmask = masked & ~fixed & (u_unmask < p_unmask)  # (B, L)
                 remask = decoded & (u_remask < sigma)  # (B, L); fixed positions are never in `decoded`
                 if unmask.any():
-                    rows = logits[unmask]  # (N, V)
+                    rows = subs_logits(raw[unmask], mask_id)  # (N, V): x_theta only where it is drawn from
                     tokens = sample_tokens(rows, u_token[unmask], self.temperature, self.top_p)
                     z[unmask] = tokens
                     if self.strategy == "conf":
