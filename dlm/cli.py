@@ -120,7 +120,8 @@ def _sample_llada(model, args) -> int:
         f"factor {args.factor}" if args.factor is not None else f"{args.steps} steps")
     policy += ", soft-masking" if args.softmask else ""
     print(f"[{len(res.texts)} prompts x {args.gen_length} new tokens | llada, {policy}, cache {args.cache} | "
-          f"NFE {res.nfe} | {res.tokens_per_nfe:.2f} tokens/NFE | {res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s]")
+          f"NFE {res.nfe} (per prompt {res.row_calls / len(res.texts):.1f}) | {res.tokens_per_nfe:.2f} tokens/NFE | "
+          f"{res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s]")
     if args.out:
         with open(args.out, "w") as f:
             for prompt, text, ids in zip(prompts, res.texts, res.tokens.tolist()):

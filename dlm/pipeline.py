@@ -51,7 +51,8 @@ class Generation:
 @dataclass
 class PromptedGeneration:
     """Continuations of prompts (`DiffusionLM.generate_prompted`): texts and tokens (N, gen_length) of the
-    generated part only; nfe = network calls summed over batches; row_calls = calls times rows per batch."""
+    generated part only; nfe = network calls summed over batches; row_calls = the calls each prompt took part in,
+    summed over prompts (a prompt whose block is done sits out the rest of that block's calls)."""
 
     texts: list[str]
     tokens: torch.Tensor  # (N, gen_length)
@@ -335,7 +336,7 @@ class DiffusionLM:
                     pad_id=self.tokenizer.pad_token_id))
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
         return PromptedGeneration(self.decode(tokens), tokens, sum(o.nfe for o in outputs),
-                                  sum(o.seconds for o in outputs), sum(o.nfe * o.tokens.shape[0] for o in outputs))
+                                  sum(o.seconds for o in outputs), sum(int(o.nfe_per_sequence.sum()) for o in outputs))
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""

@@ -57,6 +57,10 @@ class KVCache:
         """Keep only the first `length` cached positions (sliding windows, dropping a suffix)."""
         self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers])
+
     def keep_last(self, length: int) -> None:
         self.layers = [(k[:, :, -length:], v[:, :, -length:]) for k, v in self.layers] if length > 0 else []
 

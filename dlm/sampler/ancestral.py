@@ -15,7 +15,7 @@ import torch
 
 from dlm.process.mdlm import subs_logits
 from dlm.sampler.base import (InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, fill_remaining_masks,
-                              sample_tokens)
+                              masked_fraction, sample_tokens)
 
 
 class AncestralSampler(Sampler):
@@ -41,7 +41,6 @@ class AncestralSampler(Sampler):
         alphas = schedule.alpha(times)
         B = z.shape[0]
         nfe, raw, embeds, trajectory = 0, None, None, []
-        n_generated = max(1, int((~fixed).sum()))
         with Timer() as timer:
             for i in range(self.steps):
                 t = torch.full((B,), float(times[i]), device=z.device)
@@ -57,7 +56,7 @@ class AncestralSampler(Sampler):
                     x_theta = subs_logits(raw[unmask], mask_id)
                     z[unmask] = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
                 if self.feedback is not None:
-                    masks_left = float((z == mask_id).sum()) / (B * n_generated)
+                    masks_left = masked_fraction(z, mask_id, ~fixed)  # (B,)
                     embeds = self.feedback(network, z, raw, fixed, masks_left)
                 if committed:
                     raw = None  # z changed: a cache must call the network again

@@ -39,14 +39,20 @@ class InputFeedback:
     """Turns one step's predictions into the next network call's input embeddings (soft-masking does this).
 
     `__call__(network, z, logits, fixed, masks_left)` gets the canvas z (B, L) after this step's commits, this
-    step's raw logits (B, L, V), the fixed positions (B, L) and the fraction of generated positions still
-    masked, and returns input embeddings (B, L, C) for the next call, or None for plain token inputs.
+    step's raw logits (B, L, V), the fixed positions (B, L) and masks_left (B,): each row's fraction of its
+    generated positions still masked (`masked_fraction`; per row, so a row's inputs never depend on the other
+    rows of the batch), and returns input embeddings (B, L, C) for the next call, or None for plain token inputs.
     Samplers that leave masks between steps accept `feedback=`; with it, a step that commits nothing still
     changes the inputs, so cached samplers cannot skip a call.
     """
 
     def __call__(self, network, z, logits, fixed, masks_left: float):
         raise NotImplementedError
+
+
+def masked_fraction(z: torch.Tensor, mask_id: int, generated: torch.Tensor) -> torch.Tensor:
+    """(B,) float: per row, the fraction of its generated positions (generated (B, L) bool) that are still [MASK]."""
+    return ((z == mask_id) & generated).sum(1).float() / generated.sum(1).clamp(min=1).float()
 
 
 def fill_remaining_masks(network, process, z, t_final: float, inputs_embeds=None, logits=None) -> int:

@@ -15,7 +15,8 @@ import torch
 
 from dlm.process.clipped_schedule import time_of_mask_rate
 from dlm.process.mdlm import subs_logits
-from dlm.sampler.base import InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, sample_tokens
+from dlm.sampler.base import (InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, masked_fraction,
+                              sample_tokens)
 
 
 class FirstHittingSampler(Sampler):
@@ -33,7 +34,6 @@ class FirstHittingSampler(Sampler):
         B, L = z.shape
         rows = torch.arange(B, device=z.device)
         t = torch.ones(B, dtype=torch.float64)
-        n_generated = max(1, int((~fixed).sum()))
         nfe, embeds, trajectory = 0, None, []
         with Timer() as timer:
             while True:
@@ -56,7 +56,7 @@ class FirstHittingSampler(Sampler):
                 active = n_open > 0
                 z[rows[active], pos[active]] = new[active]
                 if self.feedback is not None:
-                    masks_left = float(((z == mask_id) & ~fixed).sum()) / (B * n_generated)
+                    masks_left = masked_fraction(z, mask_id, ~fixed)  # (B,)
                     embeds = self.feedback(network, z, raw, fixed, masks_left)
                 if record_trajectory:
                     trajectory.append(z.clone())

@@ -16,6 +16,10 @@ as many steps as it needs (at most block_length); `steps` only sets the count sc
 counts the network calls made: a block that is full ends, so a budget above block_length costs
 block_length calls (LLaDA's loop would make calls that commit nothing).
 
+Batches: a row whose block is full leaves the forward passes until the next block begins (no compute is
+spent on it), so each prompt makes exactly the calls it would make alone (`nfe_per_sequence`); the batch's
+NFE is the number of steps, set by its slowest prompt in each block.
+
 Caches (`cache=`, dlm.sampler.fast_dllm): "prefix" or "dual", refreshed at every block's first step.
 `block_causal=True` samples a model whose blocks cannot see later blocks (a block-diffusion model); the
 caches are then exact.
@@ -44,7 +48,7 @@ import torch
 from dlm.network import KVCache
 from dlm.process.mdlm import subs_logits
 from dlm.sampler import fast_dllm
-from dlm.sampler.base import InputFeedback, SampleOutput, Sampler, Timer
+from dlm.sampler.base import InputFeedback, SampleOutput, Sampler, Timer, masked_fraction
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule, UnmaskingPolicy, make_policy
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
@@ -52,14 +56,19 @@ REMASKING = ("low_confidence", "random", "margin", "entropy")
 
 @dataclass
 class PromptedOutput(SampleOutput):
-    """tokens (B, N): the generated ids of each prompt; sequences: prompt + generated ids, unpadded."""
+    """tokens (B, N): the generated ids of each prompt; sequences: prompt + generated ids, unpadded.
+
+    nfe: network calls made for the batch (the loop's steps); nfe_per_sequence (B,): the calls each prompt took
+    part in, which is what it costs alone (a finished row leaves the batch until the next block starts)."""
 
     sequences: list[list[int]] | None = None
+    nfe_per_sequence: torch.Tensor | None = None
 
     @property
     def tokens_per_nfe(self) -> float:
-        """Tokens committed per network call for each sequence (1.0 = one token per step)."""
-        return self.tokens.shape[1] / max(self.nfe, 1)
+        """Tokens committed per network call for each sequence (1.0 = one token per step), mean over the batch."""
+        calls = self.nfe_per_sequence.sum() if self.nfe_per_sequence is not None else self.nfe * self.tokens.shape[0]
+        return self.tokens.numel() / max(int(calls), 1)
 
 
 def canvas_attention_mask(key_valid: torch.Tensor, gen_start: int, block_length: int,
@@ -116,7 +125,7 @@ class LLaDASampler(Sampler):
             raise ValueError("the llada sampler continues a prompt: the generated positions must be one suffix of the "
                              "canvas, the same in every row (for infilling templates use the ancestral sampler)")
         key_valid = torch.ones_like(fixed)
-        z, nfe, seconds, trajectory = self._generate(network, process, canvas.clone(), n_prompt, key_valid,
+        z, nfe, _, seconds, trajectory = self._generate(network, process, canvas.clone(), n_prompt, key_valid,
                                                      generator, record_trajectory)
         return SampleOutput(z, nfe, seconds, trajectory)
 
@@ -148,41 +157,70 @@ class LLaDASampler(Sampler):
             full_mask=canvas_attention_mask(key_valid, gen_start, block_length, self.block_causal),
             prompt=key_valid & (idx < gen_start), gen_start=gen_start,
         )
-        nfe, trajectory = 0, []
+        generated = (idx >= gen_start).expand(B, T)  # (B, T)
+        nfe, nfe_rows, trajectory = 0, torch.zeros(B, dtype=torch.long), []
         with Timer() as timer:
             for b in range(num_blocks):
                 start, end = gen_start + b * block_length, gen_start + (b + 1) * block_length
-                cache, block_embeds, step = None, None, 0
-                while (x[:, start:end] == mask_id).any():
-                    if cache is None:  # the refresh (or every step, without a cache): the whole canvas
-                        full = KVCache() if self.cache != "none" else None  # collects every layer's keys/values
-                        raw_block = self._forward(ctx, x, (0, T), (start, end), block_embeds, full, None,
-                                                  cache_update=full is not None)  # (B, block_length, V)
-                        if full is not None:
-                            cache = fast_dllm.keep_cached(self.cache, full, start, end)
-                    else:
-                        span = fast_dllm.query_span(self.cache, start, end, T)
-                        mask = fast_dllm.step_attention_mask(ctx.full_mask, self.cache, start, end)
-                        raw_block = self._forward(ctx, x, span, (start, end), block_embeds, cache, mask,
-                                                  cache_update=False)
+                cache, block_embeds, step, rows, sub = None, None, 0, None, None
+                while True:
+                    active = (x[:, start:end] == mask_id).any(1)  # (B,): rows with masks left in this block
+                    if not active.any():
+                        break
+                    if cache is None and step == 0 and self.cache != "none":  # the refresh: every row, whole canvas
+                        full = KVCache()  # collects every layer's keys/values
+                        raw_block = self._forward(ctx, x, (0, T), (start, end), None, full, None, cache_update=True)
+                        cache = fast_dllm.keep_cached(self.cache, full, start, end)
+                        rows, sub = torch.arange(B, device=x.device), (ctx, cache)
+                    else:  # only the rows still active: a finished row costs no compute and waits for the next block
+                        if rows is None or rows.shape[0] != int(active.sum()):  # the first step, or a row finished
+                            rows = active.nonzero().squeeze(1)  # (B_a,)
+                            sub = (ctx, cache) if rows.shape[0] == B else (
+                                ctx.select(rows), None if cache is None else cache.select(rows))
+                        sub_ctx, sub_cache = sub
+                        embeds = None if block_embeds is None else block_embeds[rows]
+                        if sub_cache is None:  # no cache: the whole canvas
+                            raw_block = self._forward(sub_ctx, x[rows], (0, T), (start, end), embeds, None, None,
+                                                      cache_update=False)
+                        else:
+                            span = fast_dllm.query_span(self.cache, start, end, T)
+                            mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, self.cache, start, end)
+                            raw_block = self._forward(sub_ctx, x[rows], span, (start, end), embeds, sub_cache, mask,
+                                                      cache_update=False)
                     nfe += 1
-                    x_block = x[:, start:end]
+                    nfe_rows[rows.cpu()] += 1
+                    x_block = x[rows, start:end]  # (B_a, block_length)
                     candidates = x_block == mask_id
                     x0, score = self._predict(subs_logits(raw_block, mask_id), generator)
                     confidence = torch.where(candidates, score, float("-inf"))
                     commit = self.policy.select(confidence, candidates.sum(1), step, steps_per_block)
-                    x[:, start:end] = torch.where(commit & candidates, x0, x_block)
+                    x[rows, start:end] = torch.where(commit & candidates, x0, x_block)
                     if self.feedback is not None:
-                        masks_left = float((x[:, gen_start:] == mask_id).sum()) / (B * N)
-                        block_embeds = self.feedback(network, x[:, start:end], raw_block,
-                                                     torch.zeros_like(candidates), masks_left)
+                        block_embeds = self._feedback(network, mask_id, x, rows, (start, end), raw_block, generated,
+                                                      block_embeds)
                     if record:
                         trajectory.append(x.clone())
                     step += 1
                     if step > max(block_length, steps_per_block):
                         raise RuntimeError(f"{self.policy!r} committed nothing for {step} steps; a policy must commit "
                                            "at least one candidate per step")
-        return x, nfe, timer.seconds, trajectory
+        return x, nfe, nfe_rows, timer.seconds, trajectory
+
+    def _feedback(self, network, mask_id, x, rows, block, raw_block, generated, block_embeds):
+        """Soft-masking inputs (B, block_length, C) for the block's next step, or None (plain tokens): built for
+        the active `rows` from this step's logits, each row scheduled by its own fraction of masks left."""
+        start, end = block
+        masks_left = masked_fraction(x[rows], mask_id, generated[rows])  # (B_a,)
+        x_block = x[rows, start:end]
+        new = self.feedback(network, x_block, raw_block, torch.zeros_like(x_block, dtype=torch.bool), masks_left)
+        if new is None and block_embeds is None:
+            return None
+        if new is None:
+            new = network.embed(x_block)
+        if block_embeds is None:
+            block_embeds = network.embed(x[:, start:end])  # (B, block_length, C); rows not active are never read
+        block_embeds[rows] = new.to(block_embeds.dtype)
+        return block_embeds
 
     def _forward(self, ctx, x, span, block, block_embeds, cache, mask, cache_update):
         """Raw logits (B, block_length, V) of the block, from a forward over the queries x[:, qs:qe] (guided when
@@ -264,6 +302,12 @@ class _Context:
     prompt: torch.Tensor  # (B, T) bool: real prompt tokens (masked in the unconditional pass)
     gen_start: int
 
+    def select(self, rows: torch.Tensor) -> "_Context":
+        """The context of a sub-batch: rows (B_a,) indices into the batch."""
+        pick = lambda t: t if t is None or t.dim() < 2 or t.shape[0] == 1 else t[rows]  # noqa: E731
+        return _Context(self.network, self.process, self.mask_id, pick(self.positions), pick(self.full_mask),
+                        self.prompt[rows], self.gen_start)
+
 
 def left_pad(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device):
     """Canvas (B, P + gen_length) = left padding, prompt, masks; key_valid (B, P + gen_length); P = longest prompt."""
@@ -286,8 +330,9 @@ def generate_llada(network, process, prompts: list[list[int]], gen_length: int, 
                    record_trajectory: bool = False) -> PromptedOutput:
     """Continue each prompt (a list of token ids; lengths may differ) with `gen_length` tokens.
 
-    Returns tokens (B, gen_length), the unpadded sequences, NFE (network calls over the batch), wall time;
-    `tokens_per_nfe` and `tokens_per_second` (generated tokens only) are properties.
+    Returns tokens (B, gen_length), the unpadded sequences, NFE (network calls over the batch), the calls each
+    prompt took part in (`nfe_per_sequence`), wall time; `tokens_per_nfe` and `tokens_per_second` (generated
+    tokens only) are properties.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
@@ -298,7 +343,8 @@ def generate_llada(network, process, prompts: list[list[int]], gen_length: int, 
     device = next(network.parameters()).device
     pad = process.mask_id if pad_id is None else pad_id  # never seen: pads are masked out as keys
     x, key_valid, P = left_pad(prompts, gen_length, process.mask_id, pad, device)
-    x, nfe, seconds, trajectory = sampler._generate(network, process, x, P, key_valid, generator, record_trajectory)
+    x, nfe, nfe_rows, seconds, trajectory = sampler._generate(network, process, x, P, key_valid, generator,
+                                                              record_trajectory)
     generated = x[:, P:]
     sequences = [list(p) + row for p, row in zip(prompts, generated.tolist())]
-    return PromptedOutput(generated, nfe, seconds, trajectory, sequences=sequences)
+    return PromptedOutput(generated, nfe, seconds, trajectory, sequences=sequences, nfe_per_sequence=nfe_rows)

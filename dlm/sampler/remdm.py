@@ -25,7 +25,7 @@ import torch
 
 from dlm.process.mdlm import subs_logits
 from dlm.sampler.base import (InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, fill_remaining_masks,
-                              sample_tokens)
+                              masked_fraction, sample_tokens)
 
 STRATEGIES = ("cap", "rescale", "conf", "loop")
 DEFAULT_ETA = {"cap": 0.008, "rescale": 0.015, "conf": 0.0, "loop": 0.02}
@@ -96,7 +96,6 @@ class ReMDMSampler(Sampler):
         alphas = process.schedule.alpha(times)
         B = z.shape[0]
         confidence = torch.ones(z.shape, device=z.device)  # (B, L) probability of each token when it was decoded
-        n_generated = max(1, int((~fixed).sum()))
         nfe, embeds, trajectory = 0, None, []
         with Timer() as timer:
             for i in range(self.steps):
@@ -129,7 +128,7 @@ class ReMDMSampler(Sampler):
                 z[remask] = mask_id
                 embeds = None
                 if self.feedback is not None:
-                    masks_left = float((z == mask_id).sum()) / (B * n_generated)
+                    masks_left = masked_fraction(z, mask_id, ~fixed)  # (B,)
                     embeds = self.feedback(network, z, raw, fixed, masks_left)
                     if embeds is not None and remask.any():
                         embeds[remask] = network.embed.weight[mask_id].to(embeds.dtype)

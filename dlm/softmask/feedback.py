@@ -2,7 +2,7 @@
 
 After a step, every position that is still [MASK] gets e~ built from this step's logits, and the next network
 call (including the final argmax call) reads those embeddings. Inference schedules scale w_s by the fraction
-of generated positions still masked:
+of the row's generated positions still masked (per row, so a sequence never depends on its batch):
   none      w_s
   linear    w_s * masks_left            (feedback fades out as the canvas fills)
   stepwise  w_s while masks_left >= 1/2, then 0
@@ -18,14 +18,16 @@ from dlm.softmask.mixer import SoftMaskMixer, check_omegas
 SCHEDULES = ("none", "linear", "stepwise")
 
 
-def schedule_scale(schedule: str, masks_left: float) -> float:
-    """The factor applied to w_s when a fraction `masks_left` in [0, 1] of the generated positions is masked."""
+def schedule_scale(schedule: str, masks_left):
+    """The factor applied to w_s when a fraction `masks_left` in [0, 1] of the generated positions is masked.
+
+    masks_left: a float, or a tensor (B,) of per-row fractions (the factor is then a tensor (B,) too)."""
     if schedule == "none":
-        return 1.0
+        return torch.ones_like(masks_left) if torch.is_tensor(masks_left) else 1.0
     if schedule == "linear":
         return masks_left
     if schedule == "stepwise":
-        return 1.0 if masks_left >= 0.5 else 0.0
+        return (masks_left >= 0.5).to(masks_left.dtype) if torch.is_tensor(masks_left) else float(masks_left >= 0.5)
     raise ValueError(f"unknown soft-masking schedule '{schedule}'; valid: {', '.join(SCHEDULES)}")
 
 
@@ -53,14 +55,19 @@ class SoftMaskFeedback(InputFeedback):
         return w
 
     @torch.no_grad()
-    def __call__(self, network, z, logits, fixed, masks_left: float):
-        """Input embeddings (B, L, C) for the next call, or None when nothing is masked or w_s is scheduled to 0."""
-        scale = schedule_scale(self.schedule, masks_left)
-        if scale == 0.0 or not (z == self.mask_id).any():
+    def __call__(self, network, z, logits, fixed, masks_left):
+        """Input embeddings (B, L, C) for the next call, or None when nothing is masked or w_s is scheduled to 0.
+
+        masks_left (B,) (or a float for every row): each row's fraction of generated positions still masked."""
+        masked = z == self.mask_id  # (B, L)
+        scale = torch.as_tensor(schedule_scale(self.schedule, masks_left), dtype=torch.float32,
+                                device=z.device).expand(z.shape[0])  # (B,)
+        if not (scale[masked.any(1)] > 0).any():
             return None  # identical to feeding E[m]: the next call takes token ids
         w = self.omegas()
+        omega_s = (w["omega_s"] * scale)[:, None].expand_as(z)[masked]  # (N,): per masked position, row-major
         return self.mixer(logits, z, self.mask_id, network.embed.weight,
-                          omega_s=w["omega_s"] * scale, omega_a=w["omega_a"], omega_b=w["omega_b"])
+                          omega_s=omega_s, omega_a=w["omega_a"], omega_b=w["omega_b"])
 
 
 def build_feedback(trained: SoftMaskMixer | None, mask_id: int, k: int | None = None, schedule: str = "none",

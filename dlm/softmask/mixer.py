@@ -112,7 +112,8 @@ def soft_mask_embeddings(logits: torch.Tensor, z: torch.Tensor, mask_id: int, em
 
     logits (B, L, V): this step's raw network logits (float or bf16; only positions where z is [MASK] are read).
     z (B, L): the canvas the next call sees; positions equal to mask_id get the soft mix, all others E[z].
-    embedding (V, C): the network's embedding table. omegas: floats or 0-dim tensors (gradients flow to them).
+    embedding (V, C): the network's embedding table. omegas: floats or 0-dim tensors (gradients flow to them), or
+    tensors (N,) with one value per masked position in row-major order (per-row sampling schedules).
     """
     index = (z == mask_id).flatten().nonzero().squeeze(-1)  # (N,) rows of the masked positions
     return _mix(logits.reshape(-1, logits.shape[-1]), index, z, mask_id, embedding, k, omega_s, omega_a, omega_b)

@@ -83,3 +83,12 @@ def test_mauve_score_end_to_end(smollm2):
     expected = mauve_from_features(text_features(p, smollm2), text_features(q, smollm2))
     assert out["mauve"] == pytest.approx(expected["mauve"], abs=1e-6)
     assert out["num_q_texts"] == 10 and out["num_buckets"] == 2 and "SmolLM2" in out["eval_model"]
+
+
+def test_mauve_stays_in_the_unit_interval_for_identical_histograms():
+    """mauve-text's trapezoid area gives 1.0000000000000004 for these identical feature sets; MAUVE is in [0, 1]."""
+    import numpy as np
+
+    feats = np.random.default_rng(0).normal(size=(20, 16)).astype("float32")
+    out = mauve_from_features(feats, feats.copy())
+    assert out["mauve"] == 1.0 and out["frontier_integral"] == 0.0

@@ -118,7 +118,7 @@ class TokenEmbeddings(InputFeedback):
         self.shapes = []
 
     def __call__(self, network, z, logits, fixed, masks_left):
-        self.shapes.append((tuple(z.shape), tuple(logits.shape), masks_left))
+        self.shapes.append((tuple(z.shape), tuple(logits.shape), masks_left.tolist()))
         return network.embed(z)
 
 
@@ -139,7 +139,8 @@ def test_token_embedding_feedback_reproduces_plain_sampling(net, process, cache)
     fed = generate_llada(net, process, PROMPTS, feedback=fb, **kw)
     assert torch.equal(plain.tokens, fed.tokens) and plain.nfe == fed.nfe
     assert fb.shapes[0][:2] == ((3, 8), (3, 8, V))  # the feedback sees the current block only
-    assert [s[2] for s in fb.shapes] == sorted((s[2] for s in fb.shapes), reverse=True) and fb.shapes[-1][2] == 0
+    left = torch.tensor([s[2] for s in fb.shapes])  # (steps, B): each row's fraction of masks left
+    assert (left.diff(dim=0) <= 0).all() and (left[-1] == 0).all() and (left[0] == 14 / 16).all()
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])

@@ -94,6 +94,41 @@ def test_padding_invariance(net, process, cache, policy):
     assert len({tuple(r) for r in batch.tolist()}) > 1  # the prompts matter, so the test can fail
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("policy", [ConfidenceThreshold(0.7), FactorRule(1.0)], ids=lambda p: p.name)
+def test_finished_rows_leave_the_batch(net, process, cache, policy):
+    """Each prompt takes part in exactly the calls it makes alone, and the network computes only those rows."""
+    rows_fed = []
+    hook = net.register_forward_pre_hook(
+        lambda m, args, kw: rows_fed.append((args[0] if args and args[0] is not None else kw["inputs_embeds"]).shape[0]),
+        with_kwargs=True)
+    kw = dict(gen_length=16, block_length=8, steps=16, policy=policy, cache=cache)
+    try:
+        batch = generate_llada(net, process, PROMPTS, **kw)
+    finally:
+        hook.remove()
+    per_row = batch.nfe_per_sequence
+    assert sum(rows_fed) == int(per_row.sum()) and len(rows_fed) == batch.nfe >= int(per_row.max())  # slowest per block
+    assert len(set(per_row.tolist())) > 1  # rows finish at different steps, so the test can fail
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate_llada(net, process, [prompt], **kw)
+        assert torch.equal(batch.tokens[i], alone.tokens[0]) and alone.nfe == int(per_row[i])
+    assert batch.tokens_per_nfe == pytest.approx(batch.tokens.numel() / float(per_row.sum()))
+
+
+def test_soft_masking_schedule_follows_each_row(net, process):
+    """With a per-row schedule (stepwise) and rows that finish at different steps, a prompt's tokens are the
+    ones it gets alone: each row is scheduled by its own masks left, never by the batch's."""
+    from dlm.softmask import build_feedback
+
+    feedback = build_feedback(None, MASK, omega_s=0.9, omega_b=-3.0, schedule="stepwise")
+    kw = dict(gen_length=16, block_length=16, steps=16, policy=ConfidenceThreshold(0.8), feedback=feedback)
+    batch = generate_llada(net, process, PROMPTS, **kw)
+    assert len(set(batch.nfe_per_sequence.tolist())) > 1
+    for i, prompt in enumerate(PROMPTS):
+        assert torch.equal(batch.tokens[i], generate_llada(net, process, [prompt], **kw).tokens[0])
+
+
 def test_per_row_positions(tiny_network):
     """Positions (B, T) broadcast like (T,); left padding + per-row positions + key mask = no padding."""
     net = tiny_network(V, seed=2)

@@ -111,6 +111,51 @@ def test_schedules_scale_omega_s():
     assert torch.equal(linear, half)  # linear at half the masks left = w_s / 2
 
 
+def test_schedules_are_per_row():
+    """masks_left (B,): each row is scaled by its own fraction, exactly as when it is sampled alone."""
+    assert torch.equal(schedule_scale("stepwise", torch.tensor([0.6, 0.4])), torch.tensor([1.0, 0.0]))
+    assert torch.equal(schedule_scale("none", torch.tensor([0.3, 0.1])), torch.ones(2))
+    z = torch.full((3, 5), MASK)
+    z[:, 0] = BOS
+    z[1, 1:4] = 4  # row 1: one of four generated positions left
+    logits = torch.randn(3, 5, V, generator=torch.Generator().manual_seed(0))
+
+    class Net:
+        embed = torch.nn.Embedding(V, 8)
+
+    fixed = z == BOS
+    left = torch.tensor([1.0, 0.25, 0.6])
+    for schedule in ["linear", "stepwise"]:
+        fb = feedback(0.9, schedule)
+        rows = fb(Net, z, logits, fixed, left)
+        for i in range(3):
+            alone = fb(Net, z[i:i + 1], logits[i:i + 1], fixed[i:i + 1], float(left[i]))
+            expected = Net.embed(z[i:i + 1]) if alone is None else alone  # None = plain [MASK] ids
+            torch.testing.assert_close(rows[i:i + 1], expected, rtol=0, atol=1e-6)
+    assert feedback(0.9, "stepwise")(Net, z, logits, fixed, torch.tensor([0.4, 0.2, 0.1])) is None  # all rows off
+
+
+@pytest.mark.parametrize("name", ["ancestral", "remdm_loop", "first_hitting"])
+def test_samplers_give_each_row_its_own_fraction_of_masks_left(tiny_network, name):
+    """The feedback gets (B,) fractions of each row's generated positions, 1 before the first commit (not 1 / B)."""
+    from dlm.sampler.base import InputFeedback
+
+    seen = []
+
+    class Spy(InputFeedback):
+        def __call__(self, network, z, logits, fixed, masks_left):
+            open_ = (z == MASK) & ~fixed
+            seen.append(masks_left.clone())
+            assert torch.equal(masks_left, open_.sum(1) / (~fixed).sum(1))
+            return None
+
+    canvas, fixed = canvas_and_fixed()
+    make_sampler(name, 8, feedback=Spy()).sample(tiny_network(V, seed=0), process(), canvas, fixed,
+                                                torch.Generator().manual_seed(0))
+    assert seen and seen[0].shape == (canvas.shape[0],) and canvas.shape[0] > 1
+    assert (seen[0] > 0.5).all()  # a batch-wide count divided by B rows would be at most 1 / B
+
+
 def test_overrides_and_training_free_use():
     trained = SoftMaskMixer(k=3, omega_s=0.3, omega_a=5.0, omega_b=-1.0)
     fb = build_feedback(trained, MASK)
