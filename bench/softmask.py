@@ -1,7 +1,7 @@
 """Soft-masking overhead: an SM training step and an SM sampling step, each over its plain MDLM counterpart.
 
     OMP_NUM_THREADS=1 python bench/softmask.py                 # the tiny preset: 4 layers, d 256, context 128,
-                                                                # vocab 8192, batch 32, bf16 autocast as in training
+                                                                # vocab 8192, batch 32, precision=auto as in training
     python bench/softmask.py --repeats 7 --precision 32
 
 Training step = loss + backward + AdamW step on one batch (p_sm = 1, so every step is a soft-masked one).
@@ -23,6 +23,7 @@ import torch
 
 from dlm.config import ModelConfig
 from dlm.network import Transformer
+from dlm.precision import describe_cpu, use_bf16
 from dlm.process import MaskedDiffusion
 from dlm.process.schedules import LogLinearSchedule
 from dlm.sampler import AncestralSampler
@@ -64,12 +65,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="sampling steps per measured run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--precision", choices=("bf16", "32"), default="bf16")
+    parser.add_argument("--precision", choices=("auto", "bf16", "32"), default="auto",
+                        help="auto: bf16 autocast on CPUs with bf16 instructions, else float32 (dlm/precision.py)")
     parser.add_argument("--what", choices=("both", "train", "sample"), default="both")
     args = parser.parse_args()
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(args.precision, "cpu") else contextlib.nullcontext()
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, context=args.context,
@@ -104,8 +106,9 @@ def main() -> None:
 
     rows = [("training step", plain_train, sm_train, "4/3 (target <= 1.35)"),
             (f"sampling step ({args.steps}-step runs)", plain_sample, sm_sample, "target <= 1.10")]
+    print(describe_cpu())
     print(f"model: {args.n_layer} layers, d {args.d_model}, context {args.context}, vocab {args.vocab}, batch "
-          f"{args.batch}, k {args.k}, precision {args.precision}, {torch.get_num_threads()} threads, "
+          f"{args.batch}, k {args.k}, precision {args.precision} ({'bf16' if use_bf16(args.precision, 'cpu') else 'float32'}), {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved repeats")
     print(f"| {'':34s} | plain (ms) | SM (ms) | SM / plain | theory / target |")
     print(f"|{'-' * 36}|-----------:|--------:|-----------:|-----------------|")

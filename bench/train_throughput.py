@@ -1,13 +1,17 @@
 """Training throughput: MDLM vs AR at equal size, and model FLOP utilisation (MFU) against the machine's
 measured matrix-multiply peak, for a plain PyTorch loop and for dlm's Lightning engine.
 
-    python bench/train_throughput.py                    # width 512, 8 layers, context 256, bf16 autocast
+    python bench/train_throughput.py                    # width 512, 8 layers, context 256, precision=auto
+    python bench/train_throughput.py --precision bf16 32  # both (bf16 on a CPU without bf16 instructions is slow)
     python bench/train_throughput.py --d-model 256 --n-layer 4 --context 128 --steps 6
 
 MFU = model FLOPs per step / step time / peak, with model FLOPs = 6 N_matmul tokens + 12 n_layer d T tokens
 (PaLM's formula: weights' matrix products forward + backward, plus attention scores), where MDLM's output
 layer counts only on the masked positions it actually scores (half of the tokens in expectation over t).
-The peak is the sustained throughput of back-to-back 2048^3 bf16 (or fp32) products, measured in the same run.
+The peak is the sustained throughput of back-to-back n^3 bf16 (or fp32) products, the best of n = 512, 1024, 2048,
+measured in the same run.
+The default precision is what training's precision=auto picks on this machine (dlm/precision.py): bf16 autocast
+on CPUs with bf16 instructions (AVX512-BF16, AMX), float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -21,21 +25,27 @@ import torch
 
 from dlm.config import ModelConfig, ProcessConfig, RunConfig
 from dlm.network import Transformer
+from dlm.precision import cpu_has_fast_bf16, describe_cpu
 from dlm.process import make_process
 from dlm.train.data_module import make_batch
 from dlm.train.lit_module import DiffusionLightningModule
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained GFLOP/s of back-to-back n x n x n products over about `seconds` (not a best-case burst)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t0) / 1e9
+def matmul_peak(dtype: torch.dtype, sizes=(512, 1024, 2048), seconds: float = 1.5) -> float:
+    """Sustained GFLOP/s of back-to-back n x n x n products, the best over `sizes` (each timed for about `seconds`,
+    not a best-case burst). Several sizes, because the fastest one depends on the CPU's caches: on a 2-core AVX2
+    EPYC, float32 ran at 55 GFLOP/s at 512 but 32 at 2048; with AMX, bf16 is fastest at 2048."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            count += 1
+        best = max(best, 2 * n**3 * count / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def model_flops_per_token(cfg: ModelConfig, process: str) -> float:
@@ -111,7 +121,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
-    parser.add_argument("--fp32", action="store_true", help="also measure without autocast")
+    parser.add_argument("--precision", nargs="+", choices=("bf16", "32"), default=None,
+                        help="bf16 autocast and/or float32 (default: what precision=auto picks on this machine)")
     args = parser.parse_args()
 
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, context=args.context,
@@ -120,8 +131,10 @@ def main() -> None:
     batch = make_batch(x, None)
     tokens = x.numel()
     flops = {p: model_flops_per_token(cfg, p) * tokens for p in ("mdlm", "ar")}
-    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    print(f"threads {torch.get_num_threads()} | matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
+    precisions = [{"bf16": "bf16", "32": "fp32"}[p] for p in (args.precision or ["bf16" if cpu_has_fast_bf16() else "32"])]
+    peaks = {p: matmul_peak(torch.bfloat16 if p == "bf16" else torch.float32) for p in precisions}
+    print(f"{describe_cpu()} | threads {torch.get_num_threads()} | matmul peak: "
+          + ", ".join(f"{p} {peak:.0f} GFLOP/s" for p, peak in peaks.items()))
     print(f"model: {args.n_layer} layers, width {args.d_model}, context {args.context}, vocab {args.vocab}, "
           f"batch {args.batch_size} ({tokens} tokens/step), {flops['ar'] / 1e9:.0f} GFLOP/step (AR), "
           f"{flops['mdlm'] / 1e9:.0f} (MDLM)")
@@ -129,7 +142,7 @@ def main() -> None:
     # thermally throttled machine a single pass in a fixed order biases whichever runs last.
     best: dict[tuple, float] = {}
     for _ in range(args.rounds):
-        for precision in (["bf16", "fp32"] if args.fp32 else ["bf16"]):
+        for precision in precisions:
             for engine, fn in (("plain loop", plain_loop_step_time), ("dlm/Lightning", lightning_step_time)):
                 for process in ("mdlm", "ar"):
                     dt = fn(cfg, process, batch, args.steps, precision == "bf16")

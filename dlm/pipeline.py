@@ -26,6 +26,7 @@ from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_stat
                             save_pretrained, tokenizer_from_state)
 from dlm.config import RunConfig
 from dlm.network import Transformer
+from dlm.precision import use_bf16
 from dlm.process import make_process
 from dlm.sampler import SampleOutput, Sampler, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
@@ -148,13 +149,10 @@ class DiffusionLM:
         return self.cfg.model.context
 
     def autocast(self, precision: str = "auto"):
-        """bf16 autocast on CPU and bf16-capable GPUs ("auto"/"bf16"), nothing for "32"."""
-        if precision == "32":
+        """bf16 autocast for "bf16", and for "auto" where the device runs bf16 fast (dlm/precision.py); else nothing."""
+        if not use_bf16(precision, self.device.type):
             return contextlib.nullcontext()
-        device_type = self.device.type
-        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
-            return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ------------------------------------------------------------------------------------ canvases
     def encode(self, text: str) -> list[int]:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
+from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
 from dlm.train.lit_module import DiffusionLightningModule
@@ -24,15 +25,16 @@ from dlm.train.lit_module import DiffusionLightningModule
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """"auto": bf16 autocast on CPU (bf16 matrix products measured ~3x faster here, see bench/) and on GPUs
-    that support bf16; full fp32 elsewhere."""
-    if precision == "bf16":
-        return "bf16-mixed"
-    if precision == "32":
-        return "32-true"
+    """Lightning's precision for trainer.precision: "auto" is bf16 autocast on GPUs that support it and on CPUs
+    with bf16 instructions (dlm/precision.py), full fp32 elsewhere."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed"
+        device_type = "cuda"
+    else:
+        device_type = "cpu"
+    if precision == "bf16" and device_type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch "
+                      "emulates bf16 there, many times slower than float32; use trainer.precision=auto", stacklevel=2)
+    return "bf16-mixed" if use_bf16(precision, device_type) else "32-true"
 
 
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
@@ -125,10 +127,14 @@ def train(cfg: RunConfig) -> Path:
         log_every_n_steps=1, default_root_dir=run_dir,
     )
     n_params = module.network.num_params(non_embedding=False)
+    on_cpu = trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    why = ""
+    if on_cpu and t.precision == "auto":
+        why = " (this CPU has bf16 instructions)" if cpu_has_fast_bf16() else " (this CPU has no bf16 instructions)"
     print(f"dlm: {'resuming' if resume else 'training'} {cfg.process.name} ({n_params / 1e6:.1f}M parameters, "
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
-          f"precision {trainer.precision}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
+          f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         export(module, run_dir / "model")
