@@ -84,7 +84,7 @@ class TrainerConfig:
     val_every: int = 250
     val_batches: int = 8
     ckpt_every: int = 250
-    precision: str = "auto"  # "auto" (bf16 autocast where measured faster), "bf16", "32"
+    precision: str = "auto"  # "auto" (bf16 autocast on GPUs and CPUs with bf16 instructions, dlm/precision.py), "bf16", "32"
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
