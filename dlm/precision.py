@@ -1,10 +1,10 @@
 """Which arithmetic "auto" precision means: bf16 autocast where the hardware runs it fast, float32 elsewhere.
 
 On a CPU, bf16 matrix products are fast only with bf16 instructions (AVX512-BF16, or AMX on Intel Sapphire
-Rapids and later): there oneDNN runs them ~3x faster than float32 (measured ~550 vs ~180 GFLOP/s on 2 cores).
-Without them (AVX2-only CPUs such as AMD Zen 1-3 or most laptops before 2023) PyTorch emulates bf16, and a
-product is far slower than in float32: `python bench/precision.py` measured 2 vs 35 GFLOP/s (17x) on a 2-core
-AMD EPYC (Zen 1). On GPUs, bf16 where `torch.cuda.is_bf16_supported()`.
+Rapids and later): with AMX, oneDNN ran them at 720-900 GFLOP/s on 2 cores (bench/train_throughput.py).
+Without them (AVX2-only CPUs such as AMD Zen 1-3 or most laptops before 2023) PyTorch emulates bf16, far slower
+than float32: `python bench/precision.py` measured 1.6 vs 55 GFLOP/s for 512^3 products and a tiny-model training
+step 15x slower on a 2-core AMD EPYC (Zen 1). On GPUs, bf16 where `torch.cuda.is_bf16_supported()`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ PRECISIONS = ("auto", "bf16", "32")
 
 
 @functools.lru_cache(maxsize=1)
+def _cpu_capabilities() -> dict:
+    """PyTorch's reading of this CPU (name, cache sizes, instruction sets as booleans)."""
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    caps = _cpu_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
@@ -36,6 +41,6 @@ def use_bf16(precision: str, device_type: str) -> bool:
 
 def describe_cpu() -> str:
     """One line for logs: the CPU's name, vector capability and whether "auto" uses bf16 there."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     bf16 = "bf16 autocast" if cpu_has_fast_bf16() else "float32 (no bf16 instructions)"
-    return f"{caps.get('cpu_name', 'cpu')}, {torch.backends.cpu.get_cpu_capability()}: precision=auto -> {bf16}"
+    name = _cpu_capabilities().get("cpu_name", "cpu")
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}: precision=auto -> {bf16}"
