@@ -14,6 +14,7 @@ Train a model. Arguments are config overrides, applied in order:
   KEY.FIELD=VALUE   set one field, e.g. trainer.max_steps=2000 optim.lr=3e-4 data.source=my_texts/
   init_from=PATH    start from another model's weights (continued training)
 Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint.
+trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.
 
 config groups and fields (defaults):
 """

@@ -79,6 +79,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
+    max_minutes: float = 0.0  # > 0: also stop when the run's training time (summed over resumes) reaches this
     batch_size: int = 32  # sequences per optimizer step on each device, before accumulation
     accumulate: int = 1
     val_every: int = 250
@@ -257,6 +258,7 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(t, name)
         _check(value > 0, f"trainer.{name}={value} must be a positive integer")
     _check(t.val_batches >= 0, "trainer.val_batches must be >= 0")
+    _check(t.max_minutes >= 0, f"trainer.max_minutes={t.max_minutes} must be >= 0 (0 = no time limit)")
     _check(t.precision in ("auto", "bf16", "32"), f"unknown trainer.precision '{t.precision}'; valid: auto, bf16, 32")
     _check(t.strategy in ("auto", "ddp", "ddp_spawn", "fsdp"), f"unknown trainer.strategy '{t.strategy}'; valid: auto, ddp, ddp_spawn, fsdp")
     _check(t.logger in ("csv", "tensorboard", "wandb"), f"unknown trainer.logger '{t.logger}'; valid: csv, tensorboard, wandb")

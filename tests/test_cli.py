@@ -108,6 +108,7 @@ BAD = [
     (["train", "model=huge"], "unknown model preset 'huge'; valid presets:"),
     (["train", "trainer.max_steps=0"], "trainer.max_steps=0 must be a positive integer"),
     (["train", "trainer.max_steps=-5"], "trainer.max_steps=-5 must be a positive integer"),
+    (["train", "trainer.max_minutes=-1"], "trainer.max_minutes=-1"),
     (["train", "{micro}", "data.source={bad}/no/such/folder/"], "no such file or folder"),
     (["train", "{micro}", "data.source={bad}/empty.txt"], "no text found"),
     (["sample", "{run}", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),

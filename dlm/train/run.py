@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -35,6 +36,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         warnings.warn("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16 or AMX): PyTorch "
                       "emulates bf16 there, many times slower than float32; use trainer.precision=auto", stacklevel=2)
     return "bf16-mixed" if use_bf16(precision, device_type) else "32-true"
+
+
+def training_minutes(ckpt: dict) -> float:
+    """Training time (minutes) that a checkpoint's run has used, from the state of Lightning's Timer callback
+    (present when the run had a trainer.max_minutes budget; 0 otherwise)."""
+    timer = (ckpt.get("callbacks") or {}).get("Timer") or {}
+    return float(timer.get("time_elapsed", {}).get("train", 0.0)) / 60.0
 
 
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
@@ -68,6 +76,12 @@ def train(cfg: RunConfig) -> Path:
     cfg.model.vocab_size = len(tokenizer)
     if resume:
         ckpt = read_checkpoint(last)
+        spent = training_minutes(ckpt)
+        if 0 < t.max_minutes <= spent:  # Lightning would run one more step before its timer stops it again
+            print(f"dlm: {last} has used its trainer.max_minutes={t.max_minutes:g} budget ({spent:.1f} min, step "
+                  f"{ckpt['global_step']} of {t.max_steps}); raise trainer.max_minutes (or set 0) to train on",
+                  flush=True)
+            return run_dir
         if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
             from dlm.process.clipped_schedule import adopt_saved_interval
 
@@ -119,6 +133,7 @@ def train(cfg: RunConfig) -> Path:
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
+        max_time=timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
         accumulate_grad_batches=accumulate, gradient_clip_val=cfg.optim.grad_clip or None,
         val_check_interval=val_interval if t.val_batches > 0 else None, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if t.val_batches > 0 else 0, num_sanity_val_steps=0,
@@ -136,6 +151,9 @@ def train(cfg: RunConfig) -> Path:
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if t.max_minutes > 0 and trainer.global_step < t.max_steps and not trainer.interrupted:
+        print(f"dlm: stopped by trainer.max_minutes={t.max_minutes:g} at step {trainer.global_step} of {t.max_steps}; "
+              "run the same command with a larger trainer.max_minutes (or 0) to continue", flush=True)
     if trainer.is_global_zero:
         export(module, run_dir / "model")
     return run_dir

@@ -124,3 +124,22 @@ def test_atomic_checkpoint_survives_a_failed_write(micro_run, tmp_path, monkeypa
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
     assert io.load_checkpoint(path)["global_step"] == good["global_step"]
+
+
+def test_time_budget_stops_early_is_kept_on_rerun_and_resumes_exactly(micro_run, micro_args, tmp_path, capsys):
+    """trainer.max_minutes stops a run at a step boundary and saves it; the same command again trains nothing
+    (the budget is spent, summed over resumes); without the budget it continues to the uninterrupted result."""
+    from dlm.train.run import training_minutes
+
+    run_b = tmp_path / "B"
+    budget = "trainer.max_minutes=0.0002"  # 12 ms: spent by the first step
+    train(build_config(micro_args(run_b, budget)))
+    first = last_ckpt(run_b)
+    assert 1 <= first["global_step"] < 12 and training_minutes(first) >= 0.0002
+    assert "stopped by trainer.max_minutes=0.0002" in capsys.readouterr().out
+    assert (run_b / "model").is_dir()  # exported like a finished run
+    train(build_config(micro_args(run_b, budget)))
+    assert "has used its trainer.max_minutes=0.0002 budget" in capsys.readouterr().out
+    assert last_ckpt(run_b)["global_step"] == first["global_step"]  # no step was added
+    train(build_config(micro_args(run_b)))  # no budget: on to max_steps, exactly as if never stopped
+    assert_identical_runs(micro_run, run_b)
