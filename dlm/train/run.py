@@ -76,17 +76,17 @@ def train(cfg: RunConfig) -> Path:
     cfg.model.vocab_size = len(tokenizer)
     if resume:
         ckpt = read_checkpoint(last)
+        if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
+            from dlm.process.clipped_schedule import adopt_saved_interval
+
+            adopt_saved_interval(cfg, ckpt["dlm"]["config"])
+        _check_resumable(cfg, ckpt, last)
         spent = training_minutes(ckpt)
         if 0 < t.max_minutes <= spent:  # Lightning would run one more step before its timer stops it again
             print(f"dlm: {last} has used its trainer.max_minutes={t.max_minutes:g} budget ({spent:.1f} min, step "
                   f"{ckpt['global_step']} of {t.max_steps}); raise trainer.max_minutes (or set 0) to train on",
                   flush=True)
             return run_dir
-        if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
-            from dlm.process.clipped_schedule import adopt_saved_interval
-
-            adopt_saved_interval(cfg, ckpt["dlm"]["config"])
-        _check_resumable(cfg, ckpt, last)
 
     from dlm.data.tokenizer import tokenizer_fingerprint
 
@@ -142,9 +142,8 @@ def train(cfg: RunConfig) -> Path:
         log_every_n_steps=1, default_root_dir=run_dir,
     )
     n_params = module.network.num_params(non_embedding=False)
-    on_cpu = trainer.accelerator.__class__.__name__ == "CPUAccelerator"
     why = ""
-    if on_cpu and t.precision == "auto":
+    if trainer.strategy.root_device.type == "cpu" and t.precision == "auto":
         why = " (this CPU has bf16 instructions)" if cpu_has_fast_bf16() else " (this CPU has no bf16 instructions)"
     print(f"dlm: {'resuming' if resume else 'training'} {cfg.process.name} ({n_params / 1e6:.1f}M parameters, "
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
