@@ -70,8 +70,10 @@ def main() -> None:
     parser.add_argument("--what", choices=("both", "train", "sample"), default="both")
     args = parser.parse_args()
 
+    bf16 = use_bf16(args.precision, "cpu")
+
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16(args.precision, "cpu") else contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, context=args.context,
@@ -108,7 +110,8 @@ def main() -> None:
             (f"sampling step ({args.steps}-step runs)", plain_sample, sm_sample, "target <= 1.10")]
     print(describe_cpu())
     print(f"model: {args.n_layer} layers, d {args.d_model}, context {args.context}, vocab {args.vocab}, batch "
-          f"{args.batch}, k {args.k}, precision {args.precision} ({'bf16' if use_bf16(args.precision, 'cpu') else 'float32'}), {torch.get_num_threads()} threads, "
+          f"{args.batch}, k {args.k}, precision {args.precision} ({'bf16' if bf16 else 'float32'}), "
+          f"{torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved repeats")
     print(f"| {'':34s} | plain (ms) | SM (ms) | SM / plain | theory / target |")
     print(f"|{'-' * 36}|-----------:|--------:|-----------:|-----------------|")

@@ -76,6 +76,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
+PRECISIONS = ("auto", "bf16", "32")  # trainer.precision; what "auto" means: dlm/precision.py
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
@@ -259,7 +262,7 @@ def validate(cfg: RunConfig) -> None:
         _check(value > 0, f"trainer.{name}={value} must be a positive integer")
     _check(t.val_batches >= 0, "trainer.val_batches must be >= 0")
     _check(t.max_minutes >= 0, f"trainer.max_minutes={t.max_minutes} must be >= 0 (0 = no time limit)")
-    _check(t.precision in ("auto", "bf16", "32"), f"unknown trainer.precision '{t.precision}'; valid: auto, bf16, 32")
+    _check(t.precision in PRECISIONS, f"unknown trainer.precision '{t.precision}'; valid: {', '.join(PRECISIONS)}")
     _check(t.strategy in ("auto", "ddp", "ddp_spawn", "fsdp"), f"unknown trainer.strategy '{t.strategy}'; valid: auto, ddp, ddp_spawn, fsdp")
     _check(t.logger in ("csv", "tensorboard", "wandb"), f"unknown trainer.logger '{t.logger}'; valid: csv, tensorboard, wandb")
     _check(0.0 <= t.ema < 1.0, f"trainer.ema={t.ema} must be in [0, 1) (0 disables EMA)")

@@ -3,8 +3,8 @@
 On a CPU, bf16 matrix products are fast only with bf16 instructions (AVX512-BF16, or AMX on Intel Sapphire
 Rapids and later): with AMX, oneDNN ran them at 720-900 GFLOP/s on 2 cores (bench/train_throughput.py).
 Without them (AVX2-only CPUs such as AMD Zen 1-3 or most laptops before 2023) PyTorch emulates bf16, far slower
-than float32: `python bench/precision.py` measured 1.6 vs 55 GFLOP/s for 512^3 products and a tiny-model training
-step 15x slower on a 2-core AMD EPYC (Zen 1). On GPUs, bf16 where `torch.cuda.is_bf16_supported()`.
+than float32: `python bench/precision.py` measured 1.4 vs 58 GFLOP/s for 512^3 products and a tiny-model training
+step 20x slower on a 2-core AMD EPYC (Zen 1). On GPUs, bf16 where `torch.cuda.is_bf16_supported()`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "32")
+from dlm.config import PRECISIONS
 
 
 @functools.lru_cache(maxsize=1)
