@@ -11,8 +11,9 @@ Rotary positions are applied before keys are cached, so cached keys can sit in t
 the dual cache holds [prefix ; suffix] and the block's queries bring their own positions. The attention
 mask of a cached step is the full canvas mask with its key columns put in the same order
 (`key_index`). For a bidirectional model the cache is approximate (the cached keys were computed when the
-block was all masks); for a model whose positions never attend to later blocks (block-causal) the prefix
-is exact and so is the dual cache, since the block's queries cannot see the suffix.
+block was all masks); for a model whose positions never attend to later blocks (block-causal) and that has
+no time conditioning, the prefix is exact and so is the dual cache, since the block's queries cannot see the
+suffix. (A time-conditioned network's cached keys keep the time of the block's first step: approximate.)
 """
 
 from __future__ import annotations

@@ -22,7 +22,11 @@ NFE is the number of steps, set by its slowest prompt in each block.
 
 Caches (`cache=`, dlm.sampler.fast_dllm): "prefix" or "dual", refreshed at every block's first step.
 `block_causal=True` samples a model whose blocks cannot see later blocks (a block-diffusion model); the
-caches are then exact.
+caches are then exact for a network without time conditioning (with it, the cached keys and values keep the
+time of the block's first step while the uncached forward sees each step's own time).
+
+A time-conditioned network is fed, at each step, the time t whose mask rate 1 - alpha_t equals the fraction of
+the row's generated positions still masked (the time its training paired with that many masks).
 
 Classifier-free guidance (cfg_scale s > 0): logits = u + (s + 1)(c - u), u from the same canvas with the
 prompt masked; both passes run as one doubled batch (counted as one network call). `suppress_ids_in_confidence`
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from dlm.network import KVCache
+from dlm.process.clipped_schedule import time_of_mask_rate
 from dlm.process.mdlm import subs_logits
 from dlm.sampler import fast_dllm
 from dlm.sampler.base import InputFeedback, SampleOutput, Sampler, Timer, masked_fraction
@@ -175,8 +180,10 @@ class LLaDASampler(Sampler):
                     else:  # only the rows still active: a finished row costs no compute and waits for the next block
                         if rows is None or rows.shape[0] != int(active.sum()):  # the first step, or a row finished
                             rows = active.nonzero().squeeze(1)  # (B_a,)
+                            # a guided cache holds 2B rows: the conditional ones, then the unconditional ones
+                            cache_rows = torch.cat((rows, rows + B)) if self.cfg_scale > 0 else rows
                             sub = (ctx, cache) if rows.shape[0] == B else (
-                                ctx.select(rows), None if cache is None else cache.select(rows))
+                                ctx.select(rows), None if cache is None else cache.select(cache_rows))
                         sub_ctx, sub_cache = sub
                         embeds = None if block_embeds is None else block_embeds[rows]
                         if sub_cache is None:  # no cache: the whole canvas
@@ -236,8 +243,9 @@ class LLaDASampler(Sampler):
         if mask is None and ctx.full_mask is not None:  # a whole-canvas forward
             mask = ctx.full_mask[:, :, qs:qe]
         t = None
-        if ctx.process.time_conditioning:  # time = fraction of generated positions still masked
-            t = (x[:, ctx.gen_start:] == ctx.mask_id).float().mean(1)
+        if ctx.process.time_conditioning:  # the time whose mask rate 1 - alpha_t is the fraction still masked
+            masked = (x[:, ctx.gen_start:] == ctx.mask_id).double().mean(1)  # (B,)
+            t = time_of_mask_rate(ctx.process.schedule, masked).to(torch.float32)
         if self.cfg_scale > 0:
             prompt = ctx.prompt[:, qs:qe]
             ids = torch.cat((ids, torch.where(prompt, ctx.mask_id, ids)))

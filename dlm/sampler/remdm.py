@@ -66,7 +66,7 @@ class ReMDMSampler(Sampler):
             times = torch.linspace(1.0, eps, self.steps + 1, dtype=torch.float64)
             return times, torch.ones(self.steps, dtype=torch.bool)
         tau_on = _time_of_alpha(process.schedule, self.alpha_on, eps)
-        n1 = max(1, round(self.steps * (1.0 - self.t_on)))
+        n1 = min(max(1, round(self.steps * (1.0 - self.t_on))), self.steps - 2)  # each phase gets >= 1 step
         n2 = max(1, min(self.steps - n1 - 1, round(self.steps * (self.t_on - self.t_off))))
         n3 = self.steps - n1 - n2
         times = torch.cat((torch.linspace(1.0, tau_on, n1 + 1, dtype=torch.float64),

@@ -94,21 +94,23 @@ def test_padding_invariance(net, process, cache, policy):
     assert len({tuple(r) for r in batch.tolist()}) > 1  # the prompts matter, so the test can fail
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 @pytest.mark.parametrize("policy", [ConfidenceThreshold(0.7), FactorRule(1.0)], ids=lambda p: p.name)
-def test_finished_rows_leave_the_batch(net, process, cache, policy):
-    """Each prompt takes part in exactly the calls it makes alone, and the network computes only those rows."""
+def test_finished_rows_leave_the_batch(net, process, cache, policy, cfg_scale):
+    """Each prompt takes part in exactly the calls it makes alone, and the network computes only those rows
+    (with guidance: those rows twice, conditional and unconditional, also in a cache of 2B rows)."""
     rows_fed = []
     hook = net.register_forward_pre_hook(
         lambda m, args, kw: rows_fed.append((args[0] if args and args[0] is not None else kw["inputs_embeds"]).shape[0]),
         with_kwargs=True)
-    kw = dict(gen_length=16, block_length=8, steps=16, policy=policy, cache=cache)
+    kw = dict(gen_length=16, block_length=8, steps=16, policy=policy, cache=cache, cfg_scale=cfg_scale)
     try:
         batch = generate_llada(net, process, PROMPTS, **kw)
     finally:
         hook.remove()
     per_row = batch.nfe_per_sequence
-    assert sum(rows_fed) == int(per_row.sum()) and len(rows_fed) == batch.nfe >= int(per_row.max())  # slowest per block
+    assert sum(rows_fed) == (2 if cfg_scale else 1) * int(per_row.sum()) and len(rows_fed) == batch.nfe >= int(per_row.max())  # slowest per block
     assert len(set(per_row.tolist())) > 1  # rows finish at different steps, so the test can fail
     for i, prompt in enumerate(PROMPTS):
         alone = generate_llada(net, process, [prompt], **kw)
@@ -200,6 +202,30 @@ def test_time_conditioned_network_runs(tiny_network):
     proc = MaskedDiffusion(make_schedule("loglinear", 1e-3), mask_id=MASK, time_conditioning=True)
     a = generate_llada(net, proc, PROMPTS, 8, 4, 4, cache="dual", cfg_scale=1.0)
     assert (a.tokens != MASK).all()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "loglinear"])
+def test_time_conditioned_network_gets_the_time_of_its_mask_rate(tiny_network, schedule):
+    """Each call's t is the time whose mask rate 1 - alpha_t is the row's fraction of generated positions still
+    masked (as in training), not the fraction itself (which is right for no schedule but log-linear's)."""
+    net = tiny_network(V, seed=0, time_conditioning=True)
+    proc = MaskedDiffusion(make_schedule(schedule, 1e-3), mask_id=MASK, time_conditioning=True)
+    seen = []
+    hook = net.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["t"].clone()), with_kwargs=True)
+    try:
+        out = generate_llada(net, proc, [PROMPTS[0]], 8, 8, 8, record_trajectory=True)
+    finally:
+        hook.remove()
+    canvases = [torch.tensor([PROMPTS[0] + [MASK] * 8])] + out.trajectory[:-1]  # what each call saw
+    assert len(seen) == len(canvases) == 8
+    for t, canvas in zip(seen, canvases):
+        rate = float((canvas[0, len(PROMPTS[0]):] == MASK).double().mean())
+        if rate == 1.0:  # all masked: t = 1 (where 1 - alpha_1 = 1 - eps)
+            assert float(t) == 1.0
+        else:
+            assert float(1 - proc.schedule.alpha(t.double())) == pytest.approx(rate, abs=1e-6)
+    if schedule == "cosine":
+        assert float(seen[0]) == pytest.approx(1.0) and abs(float(seen[4]) - 0.5) > 0.05  # half masked: not t = 0.5
 
 
 def test_bad_arguments(net, process):

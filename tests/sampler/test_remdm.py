@@ -63,6 +63,20 @@ def test_loop_time_grid():
     assert torch.allclose(alphas[loop + 1], torch.full((20,), 0.9, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("steps,t_on,t_off", [(3, 0.55, 0.05), (3, 0.1, 0.05), (10, 0.1, 0.05), (10, 0.95, 0.9),
+                                               (7, 0.99, 0.01)])
+def test_loop_time_grid_has_every_phase_for_any_valid_arguments(steps, t_on, t_off):
+    """MDLM down to alpha_on, at least one remasking step at constant alpha, then MDLM down to sampling_eps."""
+    times, remask = ReMDMSampler(steps, "loop", t_on=t_on, t_off=t_off).time_grid(process())
+    alphas = process().schedule.alpha(times)
+    assert times.shape == (steps + 1,) and remask.shape == (steps,)
+    assert float(times[0]) == 1.0 and float(times[-1]) == pytest.approx(1e-3)  # phase 3 reaches eps
+    assert bool((times[1:] <= times[:-1]).all()) and 1 <= int(remask.sum()) <= steps - 2
+    loop = remask.nonzero().squeeze(-1)
+    assert int(loop[0]) >= 1 and int(loop[-1]) <= steps - 2 and bool((loop.diff() == 1).all())  # one run, inside
+    assert torch.allclose(alphas[loop], torch.full((len(loop),), 0.9, dtype=torch.float64))
+
+
 def test_sigma_of_each_strategy():
     decoded = torch.tensor([[True, True, False, True]])
     confidence = torch.tensor([[0.9, 0.2, 1.0, 0.5]])
