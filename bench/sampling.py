@@ -6,6 +6,7 @@ step counts, and of the autoregressive baseline with its KV cache.
 
 The cached sampler skips the network call of every step that commits no token, so its NFE is bounded by the
 number of distinct commit events (at most the sequence length) however many steps are asked for.
+Peak memory: dlm.memory.PeakMemory (on a CPU the process's peak resident memory during that generation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from pathlib import Path
 import torch
 
 import dlm
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def main() -> None:
@@ -32,7 +37,7 @@ def main() -> None:
     length = args.length or model.context
     print(f"threads {torch.get_num_threads()} | {args.model}: {model.network.num_params(False):,} parameters | "
           f"{args.num_samples} samples x {length} tokens")
-    print(f"\n{'sampler':16s} {'steps':>6s} {'NFE':>6s} {'seconds':>8s} {'tokens/s':>9s} {'speed-up':>9s}")
+    print(f"\n{'sampler':16s} {'steps':>6s} {'NFE':>6s} {'seconds':>8s} {'tokens/s':>9s} {'speed-up':>9s} {'peak MiB':>9s}")
     for steps in [int(s) for s in args.steps.split(",")]:
         base = None
         for name in ("ancestral", "ancestral_cache"):
@@ -40,11 +45,12 @@ def main() -> None:
                                  batch_size=args.num_samples)
             base = base or gen.seconds
             print(f"{name:16s} {steps:6d} {gen.nfe:6d} {gen.seconds:8.2f} {gen.tokens_per_second:9.0f} "
-                  f"{base / gen.seconds:8.2f}x")
+                  f"{base / gen.seconds:8.2f}x {mib(gen.peak_memory_mib):>9s}")
     if Path(args.ar).exists():
         ar = dlm.load(args.ar)
         gen = ar.generate(num_samples=args.num_samples, length=length, seed=0, batch_size=args.num_samples)
-        print(f"{'AR + KV cache':16s} {'-':>6s} {gen.nfe:6d} {gen.seconds:8.2f} {gen.tokens_per_second:9.0f}")
+        print(f"{'AR + KV cache':16s} {'-':>6s} {gen.nfe:6d} {gen.seconds:8.2f} {gen.tokens_per_second:9.0f} "
+              f"{'-':>9s} {mib(gen.peak_memory_mib):>9s}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def cmd_sample(args) -> int:
                 f"{'KV cache' if model.process.name == 'bd3lm' and args.kv_cache is not False else 'no cache'})")
     kind += ", soft-masking" if args.softmask else ""
     print(f"[{len(gen.texts)} samples x {gen.tokens.shape[1]} tokens | {kind} | NFE {gen.nfe} | "
-          f"{gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s]")
+          f"{gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s{_peak(gen.peak_memory_mib)}]")
     if args.out:
         with open(args.out, "w") as f:
             for text, ids in zip(gen.texts, gen.tokens.tolist()):
@@ -104,9 +104,14 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _peak(mib: float | None) -> str:
+    """The summary line's memory field (dlm.memory.PeakMemory: peak resident memory of the process on a CPU)."""
+    return "" if mib is None else f" | peak memory {mib:.0f} MiB"
+
+
 def _sample_llada(model, args) -> int:
     """`dlm sample --sampler llada`: one continuation of gen_length tokens per --prompt (BOS alone x --num-samples
-    without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s and wall time."""
+    without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s, wall time and peak memory."""
     if args.template:
         raise ValueError("--sampler llada continues prompts; a --template (infilling) needs another sampler")
     prompts = args.prompt or [""] * args.num_samples
@@ -122,7 +127,7 @@ def _sample_llada(model, args) -> int:
     policy += ", soft-masking" if args.softmask else ""
     print(f"[{len(res.texts)} prompts x {args.gen_length} new tokens | llada, {policy}, cache {args.cache} | "
           f"NFE {res.nfe} (per prompt {res.row_calls / len(res.texts):.1f}) | {res.tokens_per_nfe:.2f} tokens/NFE | "
-          f"{res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s]")
+          f"{res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s{_peak(res.peak_memory_mib)}]")
     if args.out:
         with open(args.out, "w") as f:
             for prompt, text, ids in zip(prompts, res.texts, res.tokens.tolist()):

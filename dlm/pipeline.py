@@ -25,6 +25,7 @@ import torch
 from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint, read_checkpoint,
                             save_pretrained, tokenizer_from_state)
 from dlm.config import RunConfig
+from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.precision import use_bf16
 from dlm.process import make_process
@@ -43,6 +44,7 @@ class Generation:
     nfe: int
     seconds: float
     trajectory: list[torch.Tensor]
+    peak_memory_mib: float | None = None  # dlm.memory.PeakMemory: process peak RSS on a CPU, PyTorch's peak on a GPU
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,6 +62,7 @@ class PromptedGeneration:
     nfe: int
     seconds: float
     row_calls: int
+    peak_memory_mib: float | None = None  # as in Generation
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -252,7 +255,7 @@ class DiffusionLM:
             raise ValueError(f"length={length} exceeds the context ({self.context}) of this autoregressive model")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs: list[SampleOutput] = []
-        with self.autocast(precision):
+        with self.autocast(precision), PeakMemory(self.device) as memory:
             for start in range(0, num_samples, batch_size):
                 b = min(batch_size, num_samples - start)
                 c = canvas.to(self.device).expand(b, -1).clone()
@@ -264,7 +267,7 @@ class DiffusionLM:
                     outputs.append(sampler.sample(self.network, self.process, c, f, generator, record_trajectory))
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
         return Generation(self.decode(tokens), tokens, sum(o.nfe for o in outputs), sum(o.seconds for o in outputs),
-                          [t.cpu() for o in outputs for t in o.trajectory])
+                          [t.cpu() for o in outputs for t in o.trajectory], memory.mib)
 
     def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
         """The sampling feedback a `softmask=` argument asks for: None/False = plain masks; True or {} = the learned
@@ -326,7 +329,7 @@ class DiffusionLM:
         suppress = (self.tokenizer.eos_token_id,) if suppress_eos else ()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs = []
-        with self.autocast(precision):
+        with self.autocast(precision), PeakMemory(self.device) as memory:
             for start in range(0, len(ids), batch_size):
                 outputs.append(generate_llada(
                     self.network, self.process, ids[start:start + batch_size], gen_length, block_length, steps,
@@ -334,7 +337,8 @@ class DiffusionLM:
                     pad_id=self.tokenizer.pad_token_id))
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
         return PromptedGeneration(self.decode(tokens), tokens, sum(o.nfe for o in outputs),
-                                  sum(o.seconds for o in outputs), sum(int(o.nfe_per_sequence.sum()) for o in outputs))
+                                  sum(o.seconds for o in outputs), sum(int(o.nfe_per_sequence.sum()) for o in outputs),
+                                  memory.mib)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""
