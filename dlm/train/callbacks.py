@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
 
 class Throughput(L.Callback):
@@ -28,6 +28,31 @@ class Throughput(L.Callback):
 
     def on_validation_end(self, trainer, module):
         self._t0 = None  # do not count validation time as training time
+
+
+class StepTimer(Timer):
+    """Lightning's Timer (training time kept in the checkpoint and summed over resumes; with a duration, a time
+    budget) that looks at the clock only after an optimizer step. Lightning's own checks after every micro-batch,
+    so with gradient accumulation it could stop inside an accumulation window, and the run would then resume
+    out of step with the uninterrupted one."""
+
+    def __init__(self, duration=None):
+        super().__init__(duration=duration, interval="step")
+        self._step_seen = None
+
+    @property
+    def state_key(self) -> str:
+        return "Timer"  # the checkpoint key of Lightning's Timer, so earlier runs keep their time
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_seen = trainer.global_step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self._step_seen:  # inside an accumulation window: no optimizer step yet
+            return
+        self._step_seen = trainer.global_step
+        super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 class ProgressBar(TQDMProgressBar):

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.precision import cpu_has_fast_bf16, use_bf16
-from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, Throughput
+from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
 from dlm.train.lit_module import DiffusionLightningModule
 
@@ -39,8 +39,8 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def training_minutes(ckpt: dict) -> float:
-    """Training time (minutes) that a checkpoint's run has used, from the state of Lightning's Timer callback
-    (present when the run had a trainer.max_minutes budget; 0 otherwise)."""
+    """Training time (minutes) that a checkpoint's run has used, summed over resumes, from the state of
+    Lightning's Timer callback (every run keeps one; 0 for a checkpoint without it)."""
     timer = (ckpt.get("callbacks") or {}).get("Timer") or {}
     return float(timer.get("time_elapsed", {}).get("train", 0.0)) / 60.0
 
@@ -124,6 +124,8 @@ def train(cfg: RunConfig) -> Path:
         Throughput(),
         SaveLast(last),
         LossCurvePlot(run_dir / "logs", run_dir / "loss_curve.png"),
+        # Training time, kept in the checkpoint and summed over resumes; with trainer.max_minutes also the budget.
+        StepTimer(timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None),
     ]
     if t.val_batches > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
@@ -133,7 +135,6 @@ def train(cfg: RunConfig) -> Path:
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
-        max_time=timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None,
         accumulate_grad_batches=accumulate, gradient_clip_val=cfg.optim.grad_clip or None,
         val_check_interval=val_interval if t.val_batches > 0 else None, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if t.val_batches > 0 else 0, num_sanity_val_steps=0,
@@ -150,6 +151,10 @@ def train(cfg: RunConfig) -> Path:
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
+    if trainer.is_global_zero:
+        print(f"dlm: step {trainer.global_step} of {t.max_steps}, {timer.time_elapsed('train') / 60:.1f} min of training "
+              "in all (summed over resumes)", flush=True)
     if t.max_minutes > 0 and trainer.global_step < t.max_steps and not trainer.interrupted:
         print(f"dlm: stopped by trainer.max_minutes={t.max_minutes:g} at step {trainer.global_step} of {t.max_steps}; "
               "run the same command with a larger trainer.max_minutes (or 0) to continue", flush=True)

@@ -126,7 +126,8 @@ def test_atomic_checkpoint_survives_a_failed_write(micro_run, tmp_path, monkeypa
     assert io.load_checkpoint(path)["global_step"] == good["global_step"]
 
 
-def test_time_budget_stops_early_is_kept_on_rerun_and_resumes_exactly(micro_run, micro_args, tmp_path, capsys):
+def test_time_budget_stops_early_is_kept_on_rerun_and_resumes_exactly(micro_run, micro_args, tmp_path, capsys,
+                                                                      recwarn):
     """trainer.max_minutes stops a run at a step boundary and saves it; the same command again trains nothing
     (the budget is spent, summed over resumes); without the budget it continues to the uninterrupted result."""
     from dlm.train.run import training_minutes
@@ -143,3 +144,27 @@ def test_time_budget_stops_early_is_kept_on_rerun_and_resumes_exactly(micro_run,
     assert last_ckpt(run_b)["global_step"] == first["global_step"]  # no step was added
     train(build_config(micro_args(run_b)))  # no budget: on to max_steps, exactly as if never stopped
     assert_identical_runs(micro_run, run_b)
+    # Every run keeps its Timer, so resuming without the budget finds the callback the checkpoint was made with.
+    assert not [w for w in recwarn if "Timer" in str(w.message)]
+    assert training_minutes(last_ckpt(run_b)) > training_minutes(first)
+    assert "12 of 12, " in capsys.readouterr().out  # the closing line: steps and training time in all
+
+
+def test_every_run_records_its_training_time(micro_run):
+    from dlm.train.run import training_minutes
+
+    assert training_minutes(last_ckpt(micro_run)) > 0
+
+
+def test_time_budget_with_gradient_accumulation_stops_between_optimizer_steps(micro_args, tmp_path):
+    """The budget is looked at only after an optimizer step: a run stopped by it is at a window boundary and
+    resumes to exactly the uninterrupted run (stopping inside a window would shift every later window)."""
+    accumulate = "trainer.accumulate=2"
+    run_a, run_b = tmp_path / "A2", tmp_path / "B2"
+    train(build_config(micro_args(run_a, accumulate)))
+    train(build_config(micro_args(run_b, accumulate, "trainer.max_minutes=0.0002")))  # spent by the first micro-batch
+    stopped = last_ckpt(run_b)
+    micro_batches = stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert 1 <= stopped["global_step"] < 12 and micro_batches == 2 * stopped["global_step"]
+    train(build_config(micro_args(run_b, accumulate)))
+    assert_identical_runs(run_a, run_b)
