@@ -62,8 +62,30 @@ class DiffusionLightningModule(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         return out.loss
 
-    def on_before_zero_grad(self, optimizer):  # right after each optimizer step
-        if self.ema is not None:
+    def on_before_optimizer_step(self, optimizer):
+        """A finite loss can still give non-finite gradients (an overflow in the backward): stop before they reach
+        the weights, so that no checkpoint, EMA or later step ever holds a NaN."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if not torch.isfinite(norm):
+            raise TrainingDiverged(
+                f"the gradient norm is {norm.item()} at step {self.global_step} (the loss was finite); training "
+                f"stopped before the weights changed, and the last good checkpoint is kept in "
+                f"{self.cfg.trainer.out_dir}/checkpoints. Lower optim.lr, or use trainer.precision=32"
+            )
+
+    def on_train_start(self):
+        # A resumed run restores its schedule with the total it was started with; trainer.max_steps may have been
+        # raised since (the only optimizer setting a resume may change), so the schedule follows the current one.
+        scheduler = self.lr_schedulers()
+        for fn in scheduler.lr_lambdas:
+            fn.total = self.cfg.trainer.max_steps
+        for group, base, fn in zip(self.trainer.optimizers[0].param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:  # right after each optimizer step, before any callback can save a checkpoint
             self.ema.update(self.network)
 
     def configure_optimizers(self):

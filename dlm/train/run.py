@@ -45,15 +45,24 @@ def training_minutes(ckpt: dict) -> float:
     return float(timer.get("time_elapsed", {}).get("train", 0.0)) / 60.0
 
 
+# What a resumed run must share with the run that wrote the checkpoint: the network, the objective, the data and
+# the optimizer (their state is restored as it was), and everything the data order depends on (the batch of step k
+# is a function of the seed, the batch size, the accumulation and the number of devices). trainer.max_steps may
+# change (the learning-rate schedule follows it), and so may validation, checkpointing, logging and the budget.
+RESUME_MUST_MATCH = {"model": None, "process": None, "data": None, "softmask": None, "optim": None,
+                     "trainer": ("batch_size", "accumulate", "seed", "devices", "num_nodes")}
+
+
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
     saved = RunConfig.from_dict(ckpt["dlm"]["config"])
-    for group in ("model", "process", "data", "softmask"):
+    for group, fields in RESUME_MUST_MATCH.items():
         a, b = dataclasses.asdict(getattr(saved, group)), dataclasses.asdict(getattr(cfg, group))
-        diff = [k for k in a if a[k] != b[k]]
+        diff = [k for k in (fields or a) if a[k] != b[k]]
         if diff:
             k = diff[0]
             raise ConfigError(f"{path} was trained with {group}.{k}={a[k]!r} but this run asks for {b[k]!r}; "
-                              "resume with the same settings, or start a new run with another trainer.out_dir")
+                              "resume with the same settings, or start a new run with another trainer.out_dir "
+                              "(init_from=<this run> starts one from its weights)")
 
 
 def train(cfg: RunConfig) -> Path:
@@ -76,6 +85,8 @@ def train(cfg: RunConfig) -> Path:
     cfg.model.vocab_size = len(tokenizer)
     if resume:
         ckpt = read_checkpoint(last)
+        if cfg.init_from:  # the network was taken from the init model when the run started: keep it
+            cfg.model = RunConfig.from_dict(ckpt["dlm"]["config"]).model
         if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
             from dlm.process.clipped_schedule import adopt_saved_interval
 

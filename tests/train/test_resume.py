@@ -2,6 +2,7 @@
 bit-identical to the uninterrupted run A (the `micro_run` fixture): weights, EMA, optimizer state, logged losses."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from dlm.checkpoint import AtomicCheckpointIO, read_checkpoint
-from dlm.config import build_config
+from dlm.config import ConfigError, build_config
 from dlm.train.callbacks import read_metrics
 from dlm.train.run import train
 
@@ -168,3 +169,40 @@ def test_time_budget_with_gradient_accumulation_stops_between_optimizer_steps(mi
     assert 1 <= stopped["global_step"] < 12 and micro_batches == 2 * stopped["global_step"]
     train(build_config(micro_args(run_b, accumulate)))
     assert_identical_runs(run_a, run_b)
+
+
+@pytest.mark.parametrize("override", ["trainer.batch_size=8", "trainer.accumulate=2", "trainer.seed=5",
+                                      "trainer.devices=2", "optim.lr=0.01", "optim.decay=cosine"])
+def test_resume_refuses_what_would_change_the_restored_state_or_the_data_order(micro_run, micro_args, tmp_path,
+                                                                               override):
+    run = tmp_path / "copy"
+    shutil.copytree(micro_run, run)
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"trained with {key}=.* but this run asks for '?{value}"):
+        train(build_config(micro_args(run, override, "trainer.max_steps=14")))
+    assert last_ckpt(run)["global_step"] == 12  # nothing was trained
+
+
+def test_a_larger_max_steps_on_resume_stretches_the_schedule(micro_args, tmp_path):
+    """The schedule is restored with the total the run started with; raised max_steps, it follows the new total."""
+    from dlm.train.lit_module import LRSchedule
+
+    run = tmp_path / "cos"
+    schedule = ["optim.decay=cosine", "optim.warmup_steps=2", "optim.lr=0.001"]
+    train(build_config(micro_args(run, *schedule, "trainer.max_steps=6")))
+    train(build_config(micro_args(run, *schedule, "trainer.max_steps=10")))
+    ckpt = last_ckpt(run)
+    assert ckpt["global_step"] == 10 and ckpt["lr_schedulers"][0]["lr_lambdas"][0]["total"] == 10
+    expected = 0.001 * LRSchedule(2, 10, "cosine", 0.1)(10)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(expected)
+
+
+def test_a_continued_training_run_resumes_with_the_same_command(micro_run, micro_args, tmp_path):
+    """init_from takes the network from the init model; a resume of that run keeps it (the command line's model
+    preset is not the run's)."""
+    run = tmp_path / "cont"
+    args = [a for a in micro_args(run, f"init_from={micro_run}/model") if not a.startswith("model.")]
+    train(build_config([*args, "trainer.max_steps=4"]))
+    train(build_config([*args, "trainer.max_steps=8"]))
+    ckpt = last_ckpt(run)
+    assert ckpt["global_step"] == 8 and ckpt["dlm"]["config"]["model"]["n_layer"] == 2
