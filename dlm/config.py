@@ -209,8 +209,10 @@ def _unknown_key(obj: Any, key: str, prefix: str) -> str:
 def _coerce(value: Any, current: Any, name: str) -> Any:
     """Convert `value` to the type of the field's current value, with a clear error."""
     kind = type(current)
-    if value is None or kind is type(None):
+    if kind is type(None):
         return value
+    if value is None:  # YAML's null / ~ / an empty value: no field of the config may be unset
+        raise ConfigError(f"'{name}' must be a {kind.__name__}, got null; give a value (default {current!r})")
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -257,6 +259,12 @@ def validate(cfg: RunConfig) -> None:
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _check(o.decay in ("constant", "cosine"), f"unknown optim.decay '{o.decay}'; valid: constant, cosine")
     _check(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _check(0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0,
+           f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be in [0, 1) (AdamW's moment decays)")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the cosine's floor "
+           "as a fraction of optim.lr)")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (a gradient-norm limit; 0 = no clipping)")
     for name in ("max_steps", "batch_size", "accumulate", "val_every", "ckpt_every", "devices", "num_nodes"):
         value = getattr(t, name)
         _check(value > 0, f"trainer.{name}={value} must be a positive integer")

@@ -61,6 +61,25 @@ def test_corrupt_safetensors(micro_run, tmp_path, damage):
         dlm.load(folder)
 
 
+def test_a_flipped_byte_is_detected_in_checkpoints_and_exports(micro_run, tmp_path):
+    """torch.load and safetensors load a file with a damaged tensor byte without complaint; dlm checks the zip
+    archive's CRC-32s (checkpoints) and the SHA-256 recorded at export (model folders)."""
+    data = bytearray((micro_run / "checkpoints" / "last.ckpt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the tensor records, far from the archive's directory
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    torch.load(flipped, map_location="cpu", weights_only=True)  # what would have happened: it loads
+    with pytest.raises(CheckpointError, match=r"flipped\.ckpt is corrupt: .* fails its CRC check"):
+        read_checkpoint(flipped)
+    folder = shutil.copytree(micro_run / "model", tmp_path / "model")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a byte of the last tensor's data
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt: its SHA-256 differs"):
+        dlm.load(folder)
+
+
 def test_missing_weights_file_and_corrupt_config(micro_run, tmp_path):
     folder = shutil.copytree(micro_run / "model", tmp_path / "model")
     (folder / "config.json").write_text("{not json")

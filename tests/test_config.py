@@ -53,6 +53,9 @@ def test_overrides_are_coerced_to_the_field_type():
     ("trainer.progress=3", "trainer.progress"),
     ("model.dropout=high", "model.dropout"),
     ("optim.lr=true", "optim.lr"),
+    ("trainer.max_steps=null", "trainer.max_steps"),
+    ("softmask.p_sm=~", "softmask.p_sm"),
+    ("trainer.out_dir=null", "trainer.out_dir"),
 ])
 def test_values_of_the_wrong_type_name_the_field(override, field):
     with pytest.raises(ConfigError, match=f"'{field}' must be a"):
@@ -96,6 +99,11 @@ def test_unknown_preset_lists_the_valid_presets():
     ("data.vocab_size=100", "data.vocab_size"),
     ("trainer.precision=16", "trainer.precision"),
     ("model.context=2", "model.context"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),  # clip_grad_norm_ would flip the gradients: gradient ascent
+    ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.beta1=1.5", "optim.beta1"),
+    ("optim.beta2=1.0", "optim.beta2"),
 ])
 def test_bad_values_raise_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -144,7 +144,10 @@ class BlockDiffusion:
         logits = self.forward_logits(network, z, t, batch)
         ce = F.cross_entropy(subs_logits(logits, self.mask_id).flatten(0, 1), x.flatten(), reduction="none").view_as(x)
         masked = (z == self.mask_id) & loss_mask
-        return torch.where(masked, ce, 0.0) * self.schedule.loss_weight(t_tok)
+        # The weight only where a token is masked: at t = 0 it is infinite (or NaN), and 0 * inf would poison the sum
+        # and the gradient. Nothing is masked at t = 0, so this changes no term.
+        weight = torch.where(masked, self.schedule.loss_weight(t_tok), 0.0)
+        return torch.where(masked, ce, 0.0) * weight
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None) -> LossOutput:
         """Training loss: the NELBO per scored token with one (clipped) time per block; t (B, nb) or (B,) to fix it."""

@@ -153,8 +153,13 @@ class DiffusionLightningModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint):
-        if self.ema is not None and checkpoint["dlm"].get("ema"):
-            self.ema.load_state_dict(checkpoint["dlm"]["ema"])
+        if self.ema is None:
+            return
+        saved = checkpoint["dlm"].get("ema")
+        if not saved:  # EMA switched on at this resume: it starts from the restored weights, not the initial ones
+            saved = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()
+                     if k.startswith("network.")}
+        self.ema.load_state_dict(saved)
 
 
 class LRSchedule:

@@ -115,8 +115,8 @@ def train(cfg: RunConfig) -> Path:
         from dlm.process.clipped_schedule import run_clip_search
 
         run_clip_search(cfg, module, tokenizer, run_dir)
-    if t.compile:
-        module.network = torch.compile(module.network)
+    if t.compile:  # in place: parameter names (EMA, checkpoints, export) stay those of the plain network
+        module.network.compile()
     data = TextDataModule(cfg, tokenizer)
 
     strategy = t.strategy

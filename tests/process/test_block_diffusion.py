@@ -53,6 +53,20 @@ def causal_mask_readout_nll(net, x: torch.Tensor, full_attention: bool = False) 
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "linear"])
+def test_a_block_at_time_zero_adds_nothing_and_stays_finite(tiny_network, schedule):
+    """At t = 0 no token is masked and the NELBO weight is infinite (log-linear) or NaN (cosine): the loss and its
+    gradient must stay finite, equal to the loss without that block's (empty) terms."""
+    net = tiny_network(V)
+    batch = batch_of(2, 16)
+    bd = BlockDiffusion(make_schedule(schedule, 1e-3), MASK, block_size=4)
+    t = torch.tensor([[0.0, 0.5, 0.7, 0.9], [0.3, 0.0, 0.0, 0.6]])
+    out = bd.loss(net, batch, torch.Generator().manual_seed(0), t=t)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
 def test_block_size_one_is_an_autoregressive_factorisation(tiny_network):
     """B = 1, alpha_1 = 0 and t = 1 for every block: every scored token is masked with weight 1/t = 1, so the
     NELBO is exactly sum_l -log p(x_l | x_<l), each conditional read from a [MASK] placeholder at l after a causal

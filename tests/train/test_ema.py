@@ -18,3 +18,15 @@ def test_ema_takes_in_every_optimizer_step_including_the_last(micro_args, tmp_pa
     assert ema.keys() == live.keys()
     for name, value in live.items():
         torch.testing.assert_close(ema[name], value.float(), rtol=0, atol=1e-9, msg=name)
+
+
+def test_ema_switched_on_at_a_resume_starts_from_the_restored_weights(micro_args, tmp_path):
+    run = tmp_path / "late_ema"
+    train(build_config(micro_args(run, "trainer.ema=0", "trainer.max_steps=4")))
+    before = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    train(build_config(micro_args(run, "trainer.ema=0.5", "trainer.max_steps=5")))
+    after = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    ema = after["dlm"]["ema"]
+    for name, value in ema.items():  # one update: 0.5 * (step-4 weights) + 0.5 * (step-5 weights)
+        expected = 0.5 * before[f"network.{name}"].float() + 0.5 * after["state_dict"][f"network.{name}"].float()
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=name)
