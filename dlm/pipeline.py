@@ -45,10 +45,13 @@ class Generation:
     seconds: float
     trajectory: list[torch.Tensor]
     peak_memory_mib: float | None = None  # dlm.memory.PeakMemory: process peak RSS on a CPU, PyTorch's peak on a GPU
+    generated_tokens: int | None = None  # tokens the sampler produced: the given ones (BOS, prompt, template) excluded
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens.numel() / max(self.seconds, 1e-9)
+        """Generated tokens (BOS, prompt and template text excluded) per second of wall time."""
+        n = self.tokens.numel() if self.generated_tokens is None else self.generated_tokens
+        return n / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -267,7 +270,8 @@ class DiffusionLM:
                     outputs.append(sampler.sample(self.network, self.process, c, f, generator, record_trajectory))
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
         return Generation(self.decode(tokens), tokens, sum(o.nfe for o in outputs), sum(o.seconds for o in outputs),
-                          [t.cpu() for o in outputs for t in o.trajectory], memory.mib)
+                          [t.cpu() for o in outputs for t in o.trajectory], memory.mib,
+                          generated_tokens=tokens.numel() - num_samples * int(fixed.sum()))
 
     def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
         """The sampling feedback a `softmask=` argument asks for: None/False = plain masks; True or {} = the learned

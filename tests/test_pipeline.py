@@ -92,3 +92,11 @@ def test_nelbo_and_perplexity(model, text_folder):
     assert math.isclose(ppl["ppl"], math.exp(ppl["nll_per_token"]))
     # A 12-step model is still close to uniform over its 300 tokens; the bound cannot be far below that.
     assert 30 < ppl["ppl"] < 3000
+
+
+def test_tokens_per_second_counts_only_generated_tokens(model):
+    canvas, fixed = model.build_canvas(24, prompt="And the king said")
+    gen = model.generate(num_samples=3, length=24, prompt="And the king said", steps=4)
+    given = int(fixed.sum())  # BOS and the prompt's tokens
+    assert given >= 3 and gen.generated_tokens == 3 * (24 - given)
+    assert gen.tokens_per_second == pytest.approx(gen.generated_tokens / gen.seconds)
