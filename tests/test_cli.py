@@ -146,3 +146,19 @@ def test_python_m_dlm_cli_in_a_subprocess(micro_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dlm.cli", "sample", str(micro_run), "--top-p", "1.5"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "top_p=1.5 must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None
+                    or __import__("importlib").util.find_spec("tensorboardX") is not None,
+                    reason="tensorboard is installed here")
+def test_a_logger_whose_package_is_missing_is_a_clear_error(micro_args, tmp_path, capsys):
+    assert main(["train", *micro_args(tmp_path / "tb", "trainer.logger=tensorboard")]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.logger=tensorboard needs the 'tensorboard' package" in err and "Traceback" not in err
+
+
+def test_abbreviated_options_are_refused(micro_run, capsys):
+    """Only the options --help lists are accepted (argparse would otherwise take --num for --num-samples)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(micro_run), "--num", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --num" in capsys.readouterr().err

@@ -195,13 +195,18 @@ def _make_logger(name: str, run_dir: Path):
         # overwrite the metrics of the part before it. Readers merge the parts, later ones winning.
         part = len(list((run_dir / "logs").glob("part-*")))
         return CSVLogger(run_dir, name="logs", version=f"part-{part:03d}")
-    if name == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
+    try:
+        if name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(run_dir, name="logs", version="")
-    from lightning.pytorch.loggers import WandbLogger
+            return TensorBoardLogger(run_dir, name="logs", version="")
+        from lightning.pytorch.loggers import WandbLogger
 
-    return WandbLogger(save_dir=str(run_dir), project="dlm")
+        return WandbLogger(save_dir=str(run_dir), project="dlm")
+    except ModuleNotFoundError as e:  # Lightning's loggers import their package lazily
+        package = "tensorboard" if name == "tensorboard" else "wandb"
+        raise ConfigError(f"trainer.logger={name} needs the '{package}' package, which is not installed: "
+                          f"pip install -c constraints.txt {package} (or use trainer.logger=csv)") from e
 
 
 __all__ = ["train", "export", "resolve_precision", "CheckpointError"]
