@@ -209,11 +209,12 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlm", allow_abbrev=False, description="Diffusion language models: train, sample, evaluate.")
+    parser = argparse.ArgumentParser(prog="dlm", allow_abbrev=False,
+                                     description="Diffusion language models: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", allow_abbrev=False, help="train or resume a model", description=TRAIN_HELP + _field_listing(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", allow_abbrev=False, help="train or resume a model",
+                       description=TRAIN_HELP + _field_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="GROUP=PRESET or KEY=VALUE overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)

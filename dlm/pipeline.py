@@ -118,7 +118,10 @@ class DiffusionLM:
         else:
             raise CheckpointError(f"no model at {path}: give a run folder, an exported model folder or a .ckpt file")
         cfg = RunConfig.from_dict(meta["config"])
-        sm_state = _softmask_state(weights if path.is_dir() else ckpt["state_dict"])
+        if path.is_dir():
+            sm_state = _softmask_state(weights)
+        else:  # the EMA w beside the EMA network (training checkpoints from before they were kept: the live w)
+            sm_state = (use_ema and meta.get("ema") and meta.get("ema_softmask")) or _softmask_state(ckpt["state_dict"])
         weights = {k: v for k, v in weights.items() if not k.startswith("softmask.")}
         softmask = None
         if sm_state:

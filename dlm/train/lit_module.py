@@ -37,6 +37,8 @@ class DiffusionLightningModule(L.LightningModule):
         self.ema = EMA(self.network, cfg.trainer.ema) if cfg.trainer.ema > 0 else None
         sm = cfg.softmask  # a submodule, so its three scalars are saved in every checkpoint
         self.softmask = SoftMaskMixer(sm.k, sm.omega_s, sm.omega_a, sm.omega_b) if sm.enabled else None
+        # The learned w are weights of the model too: validation, sampling and export pair EMA weights with EMA w.
+        self.ema_softmask = EMA(self.softmask, cfg.trainer.ema) if self.ema is not None and self.softmask else None
         self._val_sums = [0.0, 0]
 
     # ------------------------------------------------------------------ training
@@ -85,8 +87,22 @@ class DiffusionLightningModule(L.LightningModule):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.ema is not None:  # right after each optimizer step, before any callback can save a checkpoint
-            self.ema.update(self.network)
+        for ema, module in self._emas():  # right after each optimizer step, before any callback can save a checkpoint
+            ema.update(module)
+
+    def _emas(self) -> list[tuple[EMA, torch.nn.Module]]:
+        """(EMA, the module it follows): the network's, and the soft-masking mixer's when it is trained."""
+        pairs = [(self.ema, self.network), (self.ema_softmask, self.softmask)]
+        return [(ema, module) for ema, module in pairs if ema is not None]
+
+    def swap_in_ema(self) -> None:
+        """Load the EMA weights (network and w) into the live modules; `swap_out_ema` restores the live ones."""
+        for ema, module in self._emas():
+            ema.swap_in(module)
+
+    def swap_out_ema(self) -> None:
+        for ema, module in self._emas():
+            ema.swap_out(module)
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -120,8 +136,7 @@ class DiffusionLightningModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation (EMA weights)
     def on_validation_epoch_start(self):
-        if self.ema is not None:
-            self.ema.swap_in(self.network)
+        self.swap_in_ema()
         self._val_sums = [0.0, 0]
 
     def validation_step(self, batch, batch_idx):
@@ -134,8 +149,7 @@ class DiffusionLightningModule(L.LightningModule):
         self._val_sums[1] += int(out.num_tokens)
 
     def on_validation_epoch_end(self):
-        if self.ema is not None:
-            self.ema.swap_out(self.network)
+        self.swap_out_ema()
         sums = torch.tensor(self._val_sums, dtype=torch.float64, device=self.device)
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         nll = float(sums[0] / sums[1].clamp(min=1))
@@ -150,16 +164,17 @@ class DiffusionLightningModule(L.LightningModule):
             "tokenizer": tokenizer_state(self.tokenizer),
             "tokenizer_fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema_softmask": self.ema_softmask.state_dict() if self.ema_softmask is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint):
-        if self.ema is None:
-            return
-        saved = checkpoint["dlm"].get("ema")
-        if not saved:  # EMA switched on at this resume: it starts from the restored weights, not the initial ones
-            saved = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items()
-                     if k.startswith("network.")}
-        self.ema.load_state_dict(saved)
+        for ema, key, prefix in ((self.ema, "ema", "network."), (self.ema_softmask, "ema_softmask", "softmask.")):
+            if ema is None:
+                continue
+            saved = checkpoint["dlm"].get(key)
+            if not saved:  # EMA switched on at this resume: it starts from the restored weights, not the initial ones
+                saved = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+            ema.load_state_dict(saved)
 
 
 class LRSchedule:

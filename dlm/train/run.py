@@ -109,8 +109,10 @@ def train(cfg: RunConfig) -> Path:
         module.network.load_state_dict(init_model.network.state_dict())
         if module.softmask is not None and init_model.softmask is not None:  # continue from learned w too
             module.softmask.load_state_dict(init_model.softmask.state_dict())
-        if module.ema is not None:
+        if module.ema is not None:  # the EMA starts from the weights the run starts from
             module.ema = type(module.ema)(module.network, t.ema)
+        if module.ema_softmask is not None:
+            module.ema_softmask = type(module.ema_softmask)(module.softmask, t.ema)
     if cfg.process.clip_search:  # bd3lm: the training mask-rate interval, chosen on validation batches
         from dlm.process.clipped_schedule import run_clip_search
 
@@ -125,7 +127,7 @@ def train(cfg: RunConfig) -> Path:
 
         if module.ema is not None:
             warnings.warn("EMA weights are not kept under FSDP (parameters are sharded); trainer.ema is ignored")
-            module.ema = None
+            module.ema = module.ema_softmask = None
         strategy = FSDPStrategy()
     accumulate = t.accumulate
     val_interval = min(t.val_every, t.max_steps) * accumulate
@@ -175,16 +177,13 @@ def train(cfg: RunConfig) -> Path:
 
 
 def export(module: DiffusionLightningModule, folder: Path) -> Path:
-    """Export the EMA weights (or the live ones without EMA) with config and tokenizer."""
-    network = module.network
-    if module.ema is not None:
-        module.ema.swap_in(network)
+    """Export the EMA weights and w (or the live ones without EMA) with config and tokenizer."""
+    module.swap_in_ema()
     try:
-        return save_pretrained(folder, network, module.cfg.to_dict(), module.tokenizer,
+        return save_pretrained(folder, module.network, module.cfg.to_dict(), module.tokenizer,
                                extra={"tokenizer_fingerprint": module.fingerprint}, softmask=module.softmask)
     finally:
-        if module.ema is not None:
-            module.ema.swap_out(network)
+        module.swap_out_ema()
 
 
 def _make_logger(name: str, run_dir: Path):

@@ -137,11 +137,17 @@ def test_softmask_training_logs_saves_and_exports_omega_and_continues_from_an_md
     assert sorted(series["softmask/omega_s"]) == [0, 1, 2, 3] and set(series["softmask/applied"].values()) <= {0, 1}
     omega_s = [series["softmask/omega_s"][step] for step in range(4)]
     assert omega_s[0] == pytest.approx(0.3, rel=1e-5) and omega_s[-1] != omega_s[0]  # logged and learning
-    state = read_checkpoint(sm_run / "checkpoints" / "last.ckpt")["state_dict"]
+    ckpt = read_checkpoint(sm_run / "checkpoints" / "last.ckpt")
+    state, ema = ckpt["state_dict"], ckpt["dlm"]["ema_softmask"]
+    # The w are weights of the model: an EMA follows them as it follows the network's, and the export, the
+    # evaluation and dlm.load pair EMA weights with EMA w (use_ema=False: the live ones of both).
+    assert not torch.equal(ema["raw_s"], state["softmask.raw_s"])
     model = dlm.load(sm_run)
     ckpt_model = dlm.load(sm_run / "checkpoints" / "last.ckpt")
-    assert torch.equal(model.softmask.raw_s.detach(), state["softmask.raw_s"])
-    assert torch.equal(ckpt_model.softmask.raw_b.detach(), state["softmask.raw_b"])
+    live = dlm.load(sm_run / "checkpoints" / "last.ckpt", use_ema=False)
+    assert torch.equal(model.softmask.raw_s.detach(), ema["raw_s"])
+    assert torch.equal(ckpt_model.softmask.raw_b.detach(), ema["raw_b"])
+    assert torch.equal(live.softmask.raw_s.detach(), state["softmask.raw_s"])
     assert model.perplexity(max_rows=2, num_t_samples=1)["softmask"]
     assert dlm.load(micro_run).softmask is None
 
@@ -159,6 +165,8 @@ def test_softmask_training_resumes_exactly(sm_run, micro_run, micro_args, tmp_pa
     for key in ("softmask/applied", "softmask/omega_s", "train/loss"):
         assert a[key] == b[key], key
     assert 0 < sum(a["softmask/applied"].values()) < 4  # p_sm = 0.5: both kinds of step occur
-    sa = read_checkpoint(sm_run / "checkpoints" / "last.ckpt")["state_dict"]
-    sb = read_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    ca, cb = read_checkpoint(sm_run / "checkpoints" / "last.ckpt"), read_checkpoint(out / "checkpoints" / "last.ckpt")
+    sa, sb = ca["state_dict"], cb["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
+    ea, eb = ca["dlm"]["ema_softmask"], cb["dlm"]["ema_softmask"]
+    assert ea.keys() == eb.keys() and all(torch.equal(v, eb[k]) for k, v in ea.items())
