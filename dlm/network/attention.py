@@ -24,17 +24,25 @@ SCORE_BYTES = 1 << 22  # float32 scores per chunk: heads (and, for long sequence
 def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
     """Attention of q (B, nh, T, hd) over k, v (B, nh, S, hd) -> (B, nh, T, hd).
 
-    attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend; or None. causal: query i (of the last T
-    positions) sees keys 0 .. S - T + i (with a KV cache prefix, S > T).
+    attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend; or an additive float mask (0 / -inf); or
+    None. causal: query i (of the last T positions) sees keys 0 .. S - T + i (with a KV cache prefix, S > T).
     """
     cpu_path = q.device.type == "cpu" and dropout_p == 0.0 and (attn_mask is None or attn_mask.dtype == torch.bool)
     # Plain causal self-attention stays with the fused kernel, which skips the masked half of the products.
     plain_causal = causal and attn_mask is None and k.shape[2] == q.shape[2] and q.shape[2] > 128
     if cpu_path and not plain_causal:
         return chunked_attention(q, k, v, attn_mask, causal)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)  # SDPA silently misreads an additive mask of another dtype
     if causal and (k.shape[2] != q.shape[2] or attn_mask is not None):  # SDPA's is_causal takes no mask and aligns
         causal_mask = _causal_mask(q.shape[2], k.shape[2], q.device)  # to the top-left corner
-        attn_mask, causal = (causal_mask if attn_mask is None else attn_mask & causal_mask), False
+        if attn_mask is None:
+            attn_mask = causal_mask
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal_mask
+        else:  # an additive (float) mask
+            attn_mask = attn_mask.masked_fill(~causal_mask, float("-inf"))
+        causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, dropout_p=dropout_p)
 
 
@@ -119,6 +127,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives are not implemented: say so clearly
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         BH, T, D = q.shape

@@ -61,9 +61,6 @@ class KVCache:
         """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
         return KVCache([(k[rows], v[rows]) for k, v in self.layers])
 
-    def keep_last(self, length: int) -> None:
-        self.layers = [(k[:, :, -length:], v[:, :, -length:]) for k, v in self.layers] if length > 0 else []
-
 
 # ------------------------------------------------------------------------------------------ modules
 class Attention(nn.Module):
@@ -141,7 +138,8 @@ class TimeEmbedding(nn.Module):
         half = self.n_freq // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         angles = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half); 1000x so t in [0,1] spans the frequencies
-        return self.mlp(torch.cat((angles.cos(), angles.sin()), dim=-1))
+        features = torch.cat((angles.cos(), angles.sin()), dim=-1)  # float32 angles, then the network's dtype
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -196,11 +194,24 @@ class Transformer(nn.Module):
         cache_update: bool = False,
         return_hidden: bool = False,
     ) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give the network either input_ids (B, T) or inputs_embeds (B, T, C), not both or neither")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length); got shape {tuple(input_ids.shape)} "
+                             "(a single sequence: input_ids[None])")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"inputs_embeds must be (batch, length, {self.cfg.d_model}); got {tuple(x.shape)}")
         B, T, _ = x.shape
         if positions is None:
             start = kv_cache.length if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device)
+        elif positions.shape not in ((T,), (B, T)):
+            raise ValueError(f"positions must be ({T},) or ({B}, {T}) for this input; got {tuple(positions.shape)}")
+        if t is not None and t.dim() == 0:
+            t = t.expand(B)  # one time for every row
+        if t is not None and t.shape != (B,):
+            raise ValueError(f"t must be one diffusion time per row, shape ({B},); got {tuple(t.shape)}")
         cos, sin = rotary_cos_sin(positions, self.cfg.d_model // self.cfg.n_head)
         cond = None
         if self.time_embed is not None:

@@ -103,6 +103,25 @@ def test_sdpa_path_takes_causal_with_a_mask_or_a_prefix():
         assert torch.allclose(got, reference(q, k, v, m, True), atol=1e-6)
 
 
+@torch.no_grad()
+def test_an_additive_float_mask_works_with_causal():
+    """A float mask (0 / -inf) goes to SDPA; with causal=True the causal rule is added to it, not and-ed."""
+    q, k, v = inputs(2, 2, 4, 10, 8)
+    keep = MASKS["key padding"](2, 4, 10)
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    for T, S in ((4, 10), (10, 10)):
+        got = attention.attend(q[:, :, :T], k[:, :, :S], v[:, :, :S], additive[..., :S], causal=True)
+        assert torch.allclose(got, reference(q[:, :, :T], k[:, :, :S], v[:, :, :S], keep[..., :S], True), atol=1e-6)
+
+
+def test_second_derivatives_say_they_are_not_supported():
+    q, k, v = (x.double().requires_grad_() for x in inputs(1, 2, 4, 6, 8))
+    out = attention.chunked_attention(q, k, v, None, causal=False)
+    (grad_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|doesn't require grad|does not require grad"):
+        grad_q.sum().backward()
+
+
 def sdpa_everywhere(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
     return reference(q, k, v, attn_mask, causal)
 

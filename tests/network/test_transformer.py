@@ -85,3 +85,28 @@ def test_tie_weights_shares_the_tensor(tiny_network):
         net.embed.weight[3].fill_(0.5)
     assert bool((net.head.weight[3] == 0.5).all())
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in tiny_network(V, std=0).parameters()) - V * 32
+
+
+def test_time_conditioning_in_the_network_dtype(tiny_network):
+    """The time features are computed in float32 and handed to the MLP in the network's own dtype."""
+    net = tiny_network(V, time_conditioning=True).double()
+    x, t = ids(0), torch.tensor([0.3, 0.8], dtype=torch.float64)
+    assert net(x, t=t).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda e: net(inputs_embeds=e, t=t), (net.embed(x).detach().requires_grad_(),),
+                                    eps=1e-6, atol=1e-5, nondet_tol=1e-12)
+
+
+def test_bad_inputs_are_named(tiny_network):
+    net = tiny_network(V, time_conditioning=True)
+    x = ids(0)
+    with pytest.raises(ValueError, match="either input_ids .* or inputs_embeds"):
+        net(x, inputs_embeds=net.embed(x))
+    with pytest.raises(ValueError, match="either input_ids"):
+        net(None)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\).*input_ids\[None\]"):
+        net(x[0])
+    with pytest.raises(ValueError, match="positions must be"):
+        net(x, positions=torch.arange(3))
+    with pytest.raises(ValueError, match=r"t must be one diffusion time per row, shape \(2,\)"):
+        net(x, t=torch.zeros(2, 1))
+    assert torch.equal(net(x, t=torch.tensor(0.4)), net(x, t=torch.tensor([0.4, 0.4])))  # a 0-d t: every row
