@@ -368,12 +368,17 @@ class DiffusionLM:
     # ------------------------------------------------------------------------------------ likelihood
     @torch.no_grad()
     def nelbo(self, batch: dict, num_t_samples: int = 8, seed: int = 0, precision: str = "auto",
-              softmask: bool | None = None) -> tuple[float, int]:
+              softmask: bool | None = None, first_row: int = 0) -> tuple[float, int]:
         """(summed NELBO in nats, scored tokens) of a batch (see dlm.train.data_module.make_batch); exact NLL for
-        an autoregressive model. Deterministic for a given seed. softmask: bound the two-pass soft-masked
-        denoiser (default: when the model was trained with SM); the same times and masks either way."""
+        an autoregressive model. Deterministic for a given seed: row r's times and masks come from its own
+        generator, seeded by (seed, first_row + r), so a row's bound does not depend on the batch it is in.
+        softmask: bound the two-pass soft-masked denoiser (default: when the model was trained with SM); the
+        same times and masks either way."""
+        if num_t_samples < 1:
+            raise ValueError(f"num_t_samples={num_t_samples} must be a positive integer")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generator = [torch.Generator(device=self.device).manual_seed(row_seed(seed, first_row + r))
+                     for r in range(batch["input_ids"].shape[0])]
         use_sm = self.softmask is not None if softmask is None else softmask
         if use_sm and self.softmask is None:
             raise ValueError("this model was trained without soft-masking: it has no learned w to bound with")
@@ -400,6 +405,9 @@ class DiffusionLM:
             texts = load_texts(source, split=split, text_field=self.cfg.data.text_field)
         data = build_token_dataset(texts, self.tokenizer, self.context, packing=self.cfg.data.packing,
                                    cache_dir=self.cfg.data.cache_dir or None)
+        if num_t_samples < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
+            raise ValueError(f"num_t_samples={num_t_samples}, batch_size={batch_size} and max_rows={max_rows} must "
+                             "be positive (max_rows=None: every row)")
         ids, am = data["input_ids"], data.get("attention_mask")
         if max_rows is not None:
             ids, am = ids[:max_rows], None if am is None else am[:max_rows]
@@ -409,11 +417,13 @@ class DiffusionLM:
             from tqdm import tqdm
 
             starts = tqdm(starts, desc="perplexity", unit="batch")
-        for i, start in enumerate(starts):
+        for start in starts:
             batch = make_batch(ids[start:start + batch_size].long(), None if am is None else am[start:start + batch_size])
-            s, n = self.nelbo(batch, num_t_samples, seed + i, precision, softmask)
+            s, n = self.nelbo(batch, num_t_samples, seed, precision, softmask, first_row=start)
             total, count = total + s, count + n
-        nll = total / max(count, 1)
+        if count == 0:
+            raise ValueError("no token to score: the text is empty")
+        nll = total / count
         return {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": count, "num_rows": int(ids.shape[0]),
                 "bound": not self.is_autoregressive, "num_t_samples": 0 if self.is_autoregressive else num_t_samples,
                 "seed": seed, "split": "texts" if given_texts else split,
@@ -440,6 +450,11 @@ class DiffusionLM:
                 return SimpleNamespace(logits=self.network.head(hidden), hidden_states=(hidden,))
 
         return EvalLM(CausalWrapper(), self.tokenizer, name, max_length=self.context)
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of one evaluation row's generator (times and masks of its NELBO)."""
+    return (seed * 1_000_003 + row * 7_919 + 17) % (2**63 - 1)
 
 
 def _softmask_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

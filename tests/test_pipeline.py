@@ -100,3 +100,17 @@ def test_tokens_per_second_counts_only_generated_tokens(model):
     given = int(fixed.sum())  # BOS and the prompt's tokens
     assert given >= 3 and gen.generated_tokens == 3 * (24 - given)
     assert gen.tokens_per_second == pytest.approx(gen.generated_tokens / gen.seconds)
+
+
+def test_perplexity_does_not_depend_on_the_batch_size(model, text_folder):
+    """Each row's times and masks come from its own generator (seed, row), so batching changes nothing."""
+    kw = dict(source=str(text_folder), split="val", num_t_samples=2, max_rows=8, seed=3)
+    a, b = model.perplexity(batch_size=2, **kw), model.perplexity(batch_size=8, **kw)
+    assert a["num_tokens"] == b["num_tokens"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+    assert model.perplexity(batch_size=8, **{**kw, "seed": 4})["ppl"] != pytest.approx(a["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [dict(num_t_samples=0), dict(max_rows=0), dict(max_rows=-1), dict(batch_size=0)])
+def test_perplexity_arguments_must_be_positive(model, text_folder, bad):
+    with pytest.raises(ValueError, match="must be positive"):
+        model.perplexity(source=str(text_folder), split="val", **{"num_t_samples": 1, "max_rows": 4, **bad})

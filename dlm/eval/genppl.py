@@ -82,11 +82,13 @@ class EvalLM:
     def from_pretrained(cls, path_or_id: str | Path, device: str | torch.device = "cpu", **kw) -> EvalLM:
         """Any Hugging Face causal LM: a local folder (works offline) or a hub id.
 
-        **kw go to both `from_pretrained` calls (e.g. revision, gguf_file).
+        **kw go to both `from_pretrained` calls (e.g. revision, gguf_file); the model loads in float32 unless
+        kw gives another dtype.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kw)
+        kw.setdefault("dtype", torch.float32)  # not the folder's dtype: bf16 logits, and emulated bf16 on most CPUs
         model = AutoModelForCausalLM.from_pretrained(path_or_id, **kw).to(device)
         return cls(model, tokenizer, name=str(path_or_id))
 
@@ -107,8 +109,9 @@ class EvalLM:
             return torch.device("cpu")
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` without special tokens (the prefix is added by the callers)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Token ids of `text` without special tokens (the prefix is added by the callers). Text that spells a
+        special token ("<|endoftext|>", "[MASK]") is tokenised as text, as in training, not as that token."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, output_hidden_states: bool = False):
         """Run the model on input_ids (B, T) with attention_mask (B, T) (1 = real token).

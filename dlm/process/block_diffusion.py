@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from dlm.process.block_mask import training_mask
 from dlm.process.clipped_schedule import time_of_mask_rate
-from dlm.process.mdlm import LossOutput, evaluation_times, subs_logits
+from dlm.process.mdlm import LossOutput, evaluation_times, subs_logits, uniform
 from dlm.process.schedules import NoiseSchedule
 
 MAX_RESAMPLES = 100
@@ -85,7 +85,7 @@ class BlockDiffusion:
         (t_tok (B, L)). With `resample`, blocks whose masked fraction falls outside [clip_low, clip_high] are
         redrawn (up to MAX_RESAMPLES times)."""
         p_mask = 1.0 - self.schedule.alpha(t_tok)
-        z = torch.where((torch.rand(x.shape, generator=generator, device=x.device) < p_mask) & loss_mask, self.mask_id, x)
+        z = torch.where((uniform(x.shape, generator, x.device) < p_mask) & loss_mask, self.mask_id, x)
         if not self.resample:
             return z
         B, L = x.shape

@@ -42,6 +42,17 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch
     return torch.where(clean.unsqueeze(-1), carry, log_probs)
 
 
+def uniform(shape: tuple[int, ...], generator, device) -> torch.Tensor:
+    """torch.rand(shape); `generator` may also be a list of one generator per row (shape[0] of them), so that
+    each row's draws do not depend on the batch it is in (evaluation: the bound of a text is the same at any
+    batch size)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} per-row generators for {shape[0]} rows")
+        return torch.cat([torch.rand((1, *shape[1:]), generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def antithetic_times(batch: int, sampling_eps: float, generator: torch.Generator | None, device, antithetic=True):
     """t (B,) in [sampling_eps, 1]: t_i = (u + i/B) mod 1 for one shared u (low-discrepancy), then rescaled."""
     if antithetic:
@@ -56,7 +67,7 @@ def evaluation_times(shape: tuple[int, ...], num_t_samples: int, sampling_eps: f
                      generator: torch.Generator | None, device) -> torch.Tensor:
     """(*shape, n) times for a Monte Carlo NELBO: each unit (a sequence, or a block) gets n antithetic times
     (u + j/n) mod 1 from its own u, rescaled to [sampling_eps, 1]."""
-    u = torch.rand(*shape, 1, generator=generator, device=device)
+    u = uniform((*shape, 1), generator, device)  # generator: one, or a list of one per row
     times = (u + torch.arange(num_t_samples, device=device) / num_t_samples) % 1.0
     return (1.0 - sampling_eps) * times + sampling_eps
 
@@ -89,7 +100,7 @@ class MaskedDiffusion:
     def add_noise(self, x: torch.Tensor, t: torch.Tensor, loss_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """z_t (B, L): each position in loss_mask becomes [MASK] with probability 1 - alpha_t (t is (B,))."""
         p_mask = 1.0 - self.schedule.alpha(t)[:, None]  # (B, 1)
-        u = torch.rand(x.shape, generator=generator, device=x.device)
+        u = uniform(x.shape, generator, x.device)  # generator: one, or a list of one per row
         return torch.where((u < p_mask) & loss_mask, self.mask_id, x)
 
     def network_time(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -134,7 +145,8 @@ class MaskedDiffusion:
 
     @torch.no_grad()
     def nelbo(self, network, batch: dict, num_t_samples: int, generator: torch.Generator, embed_fn=None) -> LossOutput:
-        """Monte Carlo NELBO of each sequence with `num_t_samples` antithetic times per sequence (evaluation)."""
+        """Monte Carlo NELBO of each sequence with `num_t_samples` antithetic times per sequence (evaluation).
+        generator: one, or a list of one per row (each row's times and masks then depend on its own only)."""
         x = batch["input_ids"]
         times = evaluation_times((x.shape[0],), num_t_samples, self.sampling_eps, generator, x.device)  # (B, n)
         nll_sum = torch.zeros((), device=x.device, dtype=torch.float64)
