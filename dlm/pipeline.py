@@ -135,9 +135,9 @@ class DiffusionLM:
         except RuntimeError as e:
             raise CheckpointError(f"the weights in {path} do not fit the network its config describes: {str(e)[:300]}") from e
         if tokenizer is not None:
-            from dlm.data.tokenizer import tokenizer_fingerprint
+            from dlm.data.tokenizer import same_tokenizer
 
-            if fingerprint and tokenizer_fingerprint(tokenizer) != fingerprint:
+            if fingerprint and not same_tokenizer(tokenizer, fingerprint):
                 raise CheckpointError(f"the tokenizer given does not match the one {path} was trained with "
                                       "(different vocabulary or special tokens); use the model's own tokenizer")
             stored_tok = tokenizer

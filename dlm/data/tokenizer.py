@@ -126,10 +126,16 @@ def load_tokenizer(
     return ensure_special_tokens(tok)
 
 
-def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
-    """A 16-hex-digit hash of what decides token ids: the vocabulary (with added tokens), the BPE merges
-    and the special tokens. Two tokenizers with the same fingerprint encode text identically."""
-    model = json.loads(tok.backend_tokenizer.to_str()).get("model", {})
+FINGERPRINT_VERSION = "2"
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast, version: str = FINGERPRINT_VERSION) -> str:
+    """A hash of everything that decides token ids: the vocabulary (with added tokens), the BPE merges and the
+    model's options, the normalizer, pre-tokenizer and post-processor, and the special tokens. Two tokenizers
+    with the same fingerprint encode text identically. "2:<16 hex digits>"; version "1" (a bare 16-digit hash
+    of vocabulary, merges and special tokens only) is what checkpoints written before it hold."""
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model = spec.get("model", {})
     # Merges are serialised as "a b" strings by older tokenizers and as [a, b] pairs by newer ones.
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     names = ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")
@@ -139,4 +145,15 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
         "merges": merges,
         "special": specials,
     }
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    if version != "1":
+        payload["model_options"] = {k: v for k, v in model.items() if k not in ("vocab", "merges")}
+        payload["pipeline"] = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}
+    text = json.dumps(payload, ensure_ascii=False, sort_keys=version != "1")  # version 1: as it was written
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return digest if version == "1" else f"{version}:{digest}"
+
+
+def same_tokenizer(tok: PreTrainedTokenizerFast, stored_fingerprint: str) -> bool:
+    """Whether `tok` has the fingerprint a model stored (of whichever version it was written with)."""
+    version = stored_fingerprint.split(":")[0] if ":" in stored_fingerprint else "1"
+    return tokenizer_fingerprint(tok, version) == stored_fingerprint

@@ -1,4 +1,7 @@
+import copy
+import hashlib
 import importlib.util
+import json
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -13,6 +16,7 @@ from dlm.data import (
     tokenizer_fingerprint,
     train_bpe,
 )
+from dlm.data.tokenizer import same_tokenizer
 
 TRICKY = [
     "Hello , world .  Two spaces, a\ttab; “curly quotes” — an em dash… and é, 日本語, 🙂!\n\n  indented\n",
@@ -109,8 +113,35 @@ def test_load_tokenizer_adds_missing_special_tokens(tmp_path):
 
 def test_fingerprint_tells_tokenizers_apart(bpe, gpt2):
     assert tokenizer_fingerprint(bpe) == tokenizer_fingerprint(bpe)
-    assert len(tokenizer_fingerprint(bpe)) == 16
+    assert tokenizer_fingerprint(bpe).startswith("2:") and len(tokenizer_fingerprint(bpe)) == 18
     assert tokenizer_fingerprint(bpe) != tokenizer_fingerprint(gpt2)
     other = gpt2_tokenizer()
     other.add_tokens(["zzz-new-token"])
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(gpt2)
+
+
+def test_fingerprint_covers_the_normalizer_and_pre_tokenizer(bpe):
+    """Same vocabulary and merges, different ids: a lowercasing normalizer, or a prefix space, must change it."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    lower, spaced = copy.deepcopy(bpe), copy.deepcopy(bpe)
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    spaced.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert lower.encode("And THE King") != bpe.encode("And THE King") or spaced.encode("And") != bpe.encode("And")
+    prints = {tokenizer_fingerprint(t) for t in (bpe, lower, spaced)}
+    assert len(prints) == 3
+    # Version 1 (what older checkpoints store) saw none of it, and is still recognised as such.
+    assert tokenizer_fingerprint(lower, "1") == tokenizer_fingerprint(bpe, "1")
+    assert same_tokenizer(bpe, tokenizer_fingerprint(bpe, "1")) and same_tokenizer(bpe, tokenizer_fingerprint(bpe))
+    assert not same_tokenizer(lower, tokenizer_fingerprint(bpe))
+
+
+def test_version_1_fingerprint_is_the_one_older_checkpoints_hold(bpe):
+    """The formula checkpoints were written with, recomputed here: it must not drift."""
+    model = json.loads(bpe.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    specials = {n: str(getattr(bpe, n)) for n in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")}
+    payload = {"vocab": sorted(bpe.get_vocab().items(), key=lambda kv: (kv[1], kv[0])), "merges": merges,
+               "special": specials}
+    legacy = hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    assert tokenizer_fingerprint(bpe, "1") == legacy
