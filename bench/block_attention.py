@@ -1,10 +1,11 @@
-"""SDPA with a boolean mask vs FlexAttention for the block-diffusion training mask, on this machine.
+"""dlm's attention (what training runs), SDPA and FlexAttention for the block-diffusion training mask, here.
 
     OMP_NUM_THREADS=1 python bench/block_attention.py [--quick]
 
 Times one attention call (forward and forward+backward) on [z_t ; x] (length 2L) with the mask of
-dlm.process.block_mask, for SDPA (dense boolean mask), eager FlexAttention and compiled FlexAttention,
-checks they agree, and prints milliseconds per call.
+dlm.process.block_mask, for dlm.network.attention.attend (on a CPU its chunked kernel, on a GPU SDPA: what
+training calls), SDPA (dense boolean mask), eager FlexAttention and compiled FlexAttention, checks they agree,
+and prints milliseconds per call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from dlm.network.attention import attend
 from dlm.process.block_mask import flex_available, flex_block_mask, training_mask
 
 
@@ -41,7 +43,8 @@ def main() -> None:
         q, k, v = (torch.randn(batch, heads, 2 * L, hd, requires_grad=True) for _ in range(3))
         mask = training_mask(L, block)
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        kernels = {"sdpa (bool mask)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+        kernels = {"dlm attend (bool)": lambda q, k, v: attend(q, k, v, mask),
+                   "sdpa (bool mask)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
         if flex_available():
             from torch.nn.attention.flex_attention import flex_attention
 

@@ -1,12 +1,15 @@
 """Scaled dot-product attention, with a faster path for CPUs.
 
 `attend(q, k, v, mask, causal)` computes softmax(q k^T / sqrt(hd) [masked]) v. On GPUs (and with dropout, or
-float masks, or plain causal self-attention longer than 128 tokens, where the fused kernel skips the masked half)
-it is PyTorch's `scaled_dot_product_attention`. Otherwise, on CPUs, it is `chunked_attention`: PyTorch's fused
-CPU kernel runs its inner products at ~125 GFLOP/s in bf16 (2 cores, 256 tokens), and the plain three-op version
+float masks, or float32 inputs, or plain causal self-attention longer than 128 tokens, where the fused kernel skips
+the masked half) it is PyTorch's `scaled_dot_product_attention`. Otherwise, for bf16 (or fp16) inputs on a CPU, it
+is `chunked_attention`: PyTorch's fused CPU kernel runs its inner products at ~125 GFLOP/s in bf16 (2 cores, 256
+tokens, a CPU with AMX), and the plain three-op version
 (matmul, softmax, matmul) spends its time moving the (B, nh, T, S) score tensors through memory. Here the heads
 are processed a few at a time, so each group's scores (~4 MiB in float32) stay in cache, and the backward pass
-recomputes them from q and k (as FlashAttention does) instead of storing them: see bench/attention.py.
+recomputes them from q and k (as FlashAttention does) instead of storing them: see bench/attention.py. In float32
+the fused kernel is the faster one (a 2-core AVX2 EPYC, forward + backward at 128-256 tokens: 1.25-1.8x), so
+float32 inputs stay with it (`CHUNKED_DTYPES`).
 
 Arithmetic: scores q k^T are rounded to the input dtype (bf16 under autocast, like every autocast matmul), then
 everything up to the probabilities is float32; the probabilities are cast to the input dtype for the product
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 SCORE_BYTES = 1 << 22  # float32 scores per chunk: heads (and, for long sequences, query rows) are grouped to this
+CHUNKED_DTYPES = (torch.bfloat16, torch.float16)  # input dtypes for which a CPU uses chunked_attention
 
 
 def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
@@ -27,7 +31,8 @@ def attend(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
     attn_mask: bool, broadcastable to (B, nh, T, S), True = may attend; or an additive float mask (0 / -inf); or
     None. causal: query i (of the last T positions) sees keys 0 .. S - T + i (with a KV cache prefix, S > T).
     """
-    cpu_path = q.device.type == "cpu" and dropout_p == 0.0 and (attn_mask is None or attn_mask.dtype == torch.bool)
+    cpu_path = (q.device.type == "cpu" and q.dtype in CHUNKED_DTYPES and dropout_p == 0.0
+                and (attn_mask is None or attn_mask.dtype == torch.bool))
     # Plain causal self-attention stays with the fused kernel, which skips the masked half of the products.
     plain_causal = causal and attn_mask is None and k.shape[2] == q.shape[2] and q.shape[2] > 128
     if cpu_path and not plain_causal:

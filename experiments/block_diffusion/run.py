@@ -66,9 +66,14 @@ def train_run(name: str, overrides: list[str], out: Path) -> dict:
     from dlm.config import build_config
     from dlm.train.run import train
 
+    run_dir = out / "runs" / name
+    timing = run_dir / "train_seconds.txt"  # the wall time of the run that trained it, clip search included
+    if (run_dir / "model" / "config.json").is_file() and timing.is_file():  # finished earlier: reuse, keep its time
+        return {"run": str(run_dir), "train_seconds": float(timing.read_text())}
     start = time.perf_counter()
-    run_dir = train(build_config([*overrides, f"trainer.out_dir={out / 'runs' / name}"]))
-    return {"run": str(run_dir), "train_seconds": time.perf_counter() - start}
+    run_dir = train(build_config([*overrides, f"trainer.out_dir={run_dir}"]))
+    timing.write_text(f"{time.perf_counter() - start:.1f}")
+    return {"run": str(run_dir), "train_seconds": float(timing.read_text())}
 
 
 def run_overrides(scale: dict, source: str) -> tuple[list[str], list[str]]:
@@ -265,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[scale_name]
     out = Path(args.out or REPO / "runs" / "block_diffusion").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    settings = out / "settings.json"  # finished runs in `out` are reused: only for the scale that trained them
+    if settings.is_file() and json.loads(settings.read_text()).get("scale") != scale_name:
+        raise SystemExit(f"{out} holds the runs of the '{json.loads(settings.read_text()).get('scale')}' scale, not "
+                         f"'{scale_name}'; use another --out, or delete that folder to start over")
+    settings.write_text(json.dumps({"scale": scale_name}))
     start = time.perf_counter()
     source = str(quick_corpus(out)) if args.quick else "embedded"
     if args.estimate:

@@ -72,6 +72,25 @@ def train_run(out_dir: Path, overrides: list[str]) -> tuple[Path, float]:
     return out_dir, float(timing.read_text())
 
 
+RESULT_SETTINGS = ("quick", "base", "data", "p_sm", "remdm", "top_p", "train_free_omega_s")
+
+
+def check_settings(work: Path, args) -> None:
+    """The cached runs and results in `work` are reused only for the settings that made them: a re-run with other
+    settings would otherwise report old numbers under new labels. The first run records them."""
+    path = work / "settings.json"
+    settings = {k: getattr(args, k) for k in RESULT_SETTINGS}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = [k for k in RESULT_SETTINGS if saved.get(k) != settings[k]]
+        if changed:
+            raise SystemExit(f"{work} holds the runs and results of other settings ("
+                             + ", ".join(f"{k}: {saved.get(k)!r} there, {settings[k]!r} now" for k in changed)
+                             + "); use another --work folder, or delete that one to start over")
+    else:
+        path.write_text(json.dumps(settings, indent=1))
+
+
 def quick_corpus(folder: Path) -> str:
     """A small text folder (slices of the embedded corpus) so that --quick trains its tokenizer in a blink."""
     from dlm.data import load_embedded_corpus
@@ -202,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else (out / "work" if args.quick else ROOT / "runs" / "softmask")
     work.mkdir(parents=True, exist_ok=True)
+    check_settings(work, args)
     if args.quick and args.data == "embedded":
         args.data = quick_corpus(work / "data")
     from experiments.softmask.report import write_report

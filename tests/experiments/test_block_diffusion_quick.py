@@ -29,3 +29,13 @@ def test_quick_run_writes_table_plot_and_results(tmp_path):
     report = (tmp_path / "block_diffusion.md").read_text()
     assert "| BD3-LM (B=8) |" in report and "Published ordering" in report
     assert (tmp_path / "block_diffusion.png").stat().st_size > 10_000
+    # Finished runs are reused with the training times they took (not the seconds a no-op resume takes) ...
+    finished = [d for d in (tmp_path / "runs").iterdir() if (d / "model").is_dir()]
+    assert len(finished) >= 5 and all((d / "train_seconds.txt").is_file() for d in finished)
+    # ... and only for the scale that trained them.
+    try:
+        experiment.main(["--out", str(tmp_path)])
+    except SystemExit as e:
+        assert "holds the runs of the 'quick' scale, not 'full'" in str(e.code)
+    else:
+        raise AssertionError("a full run must refuse a folder of quick runs")

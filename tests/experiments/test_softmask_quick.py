@@ -28,3 +28,11 @@ def test_softmask_experiment_quick(tmp_path, monkeypatch):
     # human text + 7 perplexity rows (base, 3 variants x 2 seeds)
     # + (first seed: 5 settings, second seed: the 2 headline ones) x 2 samplers x 2 NFE
     assert len(results) == 1 + 7 + (5 + 2) * 2 * 2
+    # The cached runs and results are reused only for the settings that made them.
+    monkeypatch.setattr(sys, "argv", ["run.py", "--quick", "--out", str(tmp_path), "--p-sm", "0.3"])
+    try:
+        runpy.run_path(str(ROOT / "experiments" / "softmask" / "run.py"), run_name="__main__")
+    except SystemExit as e:
+        assert "holds the runs and results of other settings (p_sm: 0.8 there, 0.3 now)" in str(e.code)
+    else:
+        raise AssertionError("a re-run with other settings must refuse the cached results")

@@ -69,29 +69,31 @@ def test_fully_masked_rows_give_zeros():
     q, k, v = inputs(1, 1, 4, 4, 8)
     mask = torch.ones(4, 4, dtype=torch.bool)
     mask[2] = False  # query 2 may see nothing
-    out = attention.attend(q, k, v, mask)
+    out = attention.chunked_attention(q, k, v, mask)
     assert torch.equal(out[0, 0, 2], torch.zeros(8, dtype=q.dtype))
     assert torch.allclose(out[0, 0, :2], reference(q, k, v, mask, False)[0, 0, :2])
 
 
 def test_routing(monkeypatch):
-    """CPU attention without dropout and with boolean (or no) masks is the chunked one, except plain causal
-    self-attention over more than 128 tokens; the rest is SDPA."""
+    """bf16 CPU attention without dropout and with boolean (or no) masks is the chunked one, except plain causal
+    self-attention over more than 128 tokens; the rest (float32 inputs too) is SDPA."""
     calls = []
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append(1) or q)
-    q = torch.randn(1, 1, 4, 8)
+    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
     attention.attend(q, q, q)
     attention.attend(q, q, q, torch.ones(4, 4, dtype=torch.bool), causal=True)
     assert calls == []
     attention.attend(q, q, q, dropout_p=0.1)
     attention.attend(q, q, q, torch.zeros(4, 4))  # an additive float mask
     assert calls == [1, 1]
-    long = torch.randn(1, 1, 200, 8)
+    long = torch.randn(1, 1, 200, 8, dtype=torch.bfloat16)
     attention.attend(long, long, long, causal=True)  # plain causal self-attention: the fused kernel skips half
     assert calls == [1, 1, 1]
     attention.attend(long, long, long)
     attention.attend(q, long, long, causal=True)  # causal with a KV-cache prefix
     assert calls == [1, 1, 1]
+    attention.attend(q.float(), q.float(), q.float())  # float32: the fused kernel is faster there
+    assert calls == [1, 1, 1, 1]
 
 
 def test_sdpa_path_takes_causal_with_a_mask_or_a_prefix():
@@ -128,6 +130,7 @@ def sdpa_everywhere(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_network_same_logits_either_implementation(monkeypatch, causal):
+    monkeypatch.setattr(attention, "CHUNKED_DTYPES", (torch.float32,))  # the chunked kernel, in float32 here
     torch.manual_seed(0)
     net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64)).eval()
     ids = torch.randint(0, 50, (3, 40))
@@ -136,7 +139,10 @@ def test_network_same_logits_either_implementation(monkeypatch, causal):
     assert torch.allclose(ours, net(ids, causal=causal), atol=1e-5)
 
 
-def test_kv_cache_decoding():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_kv_cache_decoding(monkeypatch, chunked):
+    if chunked:
+        monkeypatch.setattr(attention, "CHUNKED_DTYPES", (torch.float32,))
     torch.manual_seed(0)
     net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64)).eval()
     ids = torch.randint(0, 50, (2, 20))
