@@ -393,7 +393,8 @@ class DiffusionLM:
                    num_t_samples: int = 8, seed: int = 0, batch_size: int = 16, max_rows: int | None = None,
                    precision: str = "auto", progress: bool = False, softmask: bool | None = None) -> dict:
         """Validation perplexity: exp of the per-token NELBO (an upper bound) for diffusion models, the exact
-        perplexity for autoregressive ones, on a split of `source` or on given `texts`, packed like training.
+        perplexity for autoregressive ones, on a split of `source` or on given `texts`, packed like training
+        (given texts: every token, the last row padded, so even one short sentence can be scored).
         softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM)."""
         from dlm.data.packing import build_token_dataset
         from dlm.train.data_module import make_batch
@@ -403,8 +404,16 @@ class DiffusionLM:
             from dlm.data.corpus import load_texts
 
             texts = load_texts(source, split=split, text_field=self.cfg.data.text_field)
-        data = build_token_dataset(texts, self.tokenizer, self.context, packing=self.cfg.data.packing,
-                                   cache_dir=self.cfg.data.cache_dir or None)
+        if given_texts and self.cfg.data.packing == "wrap":  # score every token of the given text, however short
+            from dlm.data.packing import pack_wrap_all, tokenize_texts
+
+            tok = self.tokenizer
+            ids, am = pack_wrap_all(tokenize_texts(texts, tok), self.context, tok.bos_token_id, tok.eos_token_id,
+                                    tok.pad_token_id)
+            data = {"input_ids": ids, "attention_mask": am}
+        else:
+            data = build_token_dataset(texts, self.tokenizer, self.context, packing=self.cfg.data.packing,
+                                       cache_dir=self.cfg.data.cache_dir or None)
         if num_t_samples < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
             raise ValueError(f"num_t_samples={num_t_samples}, batch_size={batch_size} and max_rows={max_rows} must "
                              "be positive (max_rows=None: every row)")

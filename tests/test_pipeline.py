@@ -114,3 +114,12 @@ def test_perplexity_does_not_depend_on_the_batch_size(model, text_folder):
 def test_perplexity_arguments_must_be_positive(model, text_folder, bad):
     with pytest.raises(ValueError, match="must be positive"):
         model.perplexity(source=str(text_folder), split="val", **{"num_t_samples": 1, "max_rows": 4, **bad})
+
+
+def test_perplexity_of_a_short_text_scores_every_token(model):
+    text = "And the king said unto the people."
+    n = len(model.encode(text)) + 1  # its tokens and the EOS that ends it
+    ppl = model.perplexity(texts=[text], num_t_samples=2)
+    assert ppl["num_tokens"] == n and ppl["num_rows"] == 1 and math.isfinite(ppl["ppl"])
+    long = model.perplexity(texts=[LONG_TEXT], num_t_samples=1)
+    assert long["num_tokens"] == len(model.encode(LONG_TEXT)) + 1  # the tail row is scored too

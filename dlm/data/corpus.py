@@ -123,10 +123,13 @@ def embedded_group(doc: Document) -> str:
 def _split_contiguous(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
     """For sources with fewer than 3 documents: contiguous ranges, like text8's split by position:
     the first lines for train, then val, then the last lines for test (words instead of lines when
-    the text has fewer than 20 lines, as text8 has one). The three parts concatenate to ``text``."""
+    the text has fewer than 20 lines, as text8 has one; 64-character runs when it has fewer than 20 words
+    too). The three parts concatenate to ``text``."""
     units = text.splitlines(keepends=True)
     if len(units) < 20:
         units = re.split(r"(?<= )", text)  # words, each keeping its trailing space
+    if len(units) < 20:  # text without spaces (Chinese, Japanese, ...): runs of 64 characters
+        units = [text[i:i + 64] for i in range(0, len(text), 64)]
     n = len(units)
     n_test = max(1, round(n * test_fraction)) if n >= 3 and test_fraction > 0 else 0
     n_val = max(1, round(n * val_fraction)) if n >= 3 and val_fraction > 0 else 0
@@ -310,5 +313,8 @@ def load_texts(source: str, split: str = "train", text_field: str = "text") -> l
             raise ValueError(f"no text found in {path} (the file is empty)")
         return _select_split([Document(path.name, "file", path.stem, text)], split, str(path))
     if suffix in (".txt", ".md", ".jsonl", ".json") or "/" in source or source.startswith("."):
-        raise FileNotFoundError(f"no such file or folder: {source!r} (check the path, relative to {Path.cwd()})")
+        hint = (f"; for the Hugging Face dataset of that name write hf:{source}" if "/" in source
+                and not source.startswith((".", "/", "~")) and not Path(source.split(":")[0]).parent.exists() else "")
+        raise FileNotFoundError(f"no such file or folder: {source!r} (check the path, relative to {Path.cwd()})"
+                                + hint)
     return _load_hf(source, split, text_field)

@@ -61,6 +61,24 @@ def pack_wrap(token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: i
     return torch.from_numpy(np.concatenate([bos, rows], axis=1))  # (N, seq_len)
 
 
+def pack_wrap_all(token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: int,
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_wrap` that keeps every token, for scoring given text: the last partial row is padded, with an
+    attention mask (N, seq_len) that is False on the padding. Texts of any length, even one short sentence."""
+    _check_seq_len(seq_len)
+    stream = [t for ids in token_lists if ids for t in (*ids, eos_id)]
+    if not stream:
+        raise ValueError("no text to score: every text is empty")
+    chunk = seq_len - 1
+    rows = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, 0], ids[r, 1:len(row) + 1] = bos_id, torch.tensor(row)
+        mask[r, :len(row) + 1] = True
+    return ids, mask
+
+
 def pack_pad(
     token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: int, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

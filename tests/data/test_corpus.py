@@ -96,6 +96,15 @@ def test_single_text_file_is_split_by_lines(tmp_path):
     (tmp_path / "tiny.txt").write_text("two words")
     with pytest.raises(ValueError, match="too short to split"):
         load_texts(str(tmp_path / "tiny.txt"), "val")
+    no_spaces = tmp_path / "zh.txt"  # one line without spaces: split into runs of characters
+    no_spaces.write_text("起初神创造天地。" * 1000)
+    parts = [load_texts(str(no_spaces), s) for s in ("train", "val", "test")]
+    assert "".join(p[0] for p in parts) == no_spaces.read_text() and all(p[0] for p in parts)
+
+
+def test_a_hub_name_without_the_prefix_that_looks_like_a_path_gets_a_hint():
+    with pytest.raises(FileNotFoundError, match="write hf:someone/some_dataset"):
+        load_texts("someone/some_dataset:config")
 
 
 def test_folder_of_documents(tmp_path):
