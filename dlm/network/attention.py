@@ -56,25 +56,24 @@ def chunked_attention(q, k, v, attn_mask=None, causal=False):
     B, H, T, D = q.shape
     S = k.shape[2]
     bias = _additive_bias(attn_mask, causal, B, H, T, S, _wide(q.dtype), q.device)
-    out = _ChunkedAttention.apply(q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D), bias)
+    out = _ChunkedAttention.apply(q.reshape(B * H, T, D), k.reshape(B * H, S, D), v.reshape(B * H, S, D), bias, H)
     return out.view(B, H, T, D)
 
 
 def _additive_bias(attn_mask, causal, B, H, T, S, dtype, device):
     """The mask and the causal rule as one additive bias (0 or -inf), as small as its broadcast allows:
-    (T or 1, S) when shared by every head and row of the batch, else (B * nh, T or 1, S); None without either."""
+    (T or 1, S) when shared by every head and row of the batch, else (B or 1, nh or 1, T or 1, S), never expanded
+    to every head (a per-row mask of 1 MiB would be 48 MiB of float32 at 12 heads); None without either."""
     bias = None
     if attn_mask is not None:
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
         if mask.shape[0] == mask.shape[1] == 1:
             mask = mask[0, 0]
-        else:
-            mask = mask.expand(B, H, *mask.shape[2:]).reshape(B * H, *mask.shape[2:])
         bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
     if causal:  # query i (of the last T) sees keys 0 .. S - T + i
         causal_bias = torch.zeros(T, S, dtype=dtype, device=device).masked_fill_(~_causal_mask(T, S, device),
                                                                                 float("-inf"))
-        bias = causal_bias if bias is None else bias + causal_bias
+        bias = causal_bias if bias is None else bias + causal_bias  # broadcasts (T, S) over the batch and heads
     return bias
 
 
@@ -98,15 +97,26 @@ def _chunks(BH: int, T: int, S: int):
             yield slice(h, min(h + heads, BH)), slice(r, min(r + rows, T))
 
 
-def _probabilities(q, k, bias, hs, rs, scale, lse=None):
+def _chunk_bias(bias, hs, rs, heads: int):
+    """This chunk's part of the bias: bias (T or 1, S) -> its query rows; (B or 1, nh or 1, T or 1, S) -> (h, r or
+    1, S) for the flattened (batch, head) indices hs."""
+    rows = rs if bias.shape[-2] > 1 else slice(None)
+    if bias.dim() == 2:
+        return bias[rows]
+    bh = torch.arange(hs.start, hs.stop, device=bias.device)
+    b = bh // heads if bias.shape[0] > 1 else torch.zeros_like(bh)
+    h = bh % heads if bias.shape[1] > 1 else torch.zeros_like(bh)
+    return bias[b, h][:, rows]
+
+
+def _probabilities(q, k, bias, hs, rs, scale, heads, lse=None):
     """Softmax probabilities (h, r, S) of one chunk in float32 (float64 for float64 inputs), and their
-    log-normalisers (h, r)."""
+    log-normalisers (h, r). heads: nh, to map the flattened (batch, head) index to the bias."""
     product = torch.bmm(q[hs, rs], k[hs].transpose(1, 2))  # (h, r, S) in the input dtype
     if bias is None:
         s = product.to(_wide(q.dtype)).mul_(scale)
-    else:  # bias (T or 1, S) or (BH, T or 1, S): this chunk's rows, broadcast over the rest
-        rows = rs if bias.shape[-2] > 1 else slice(None)
-        s = torch.add(bias[rows] if bias.dim() == 2 else bias[hs, rows], product, alpha=scale)
+    else:  # this chunk's bias, broadcast over the rest
+        s = torch.add(_chunk_bias(bias, hs, rs, heads), product, alpha=scale)
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)  # (h, r)
         lse = lse.masked_fill(lse == float("-inf"), 0.0)  # fully masked rows: exp(-inf - 0) = 0
@@ -114,21 +124,21 @@ def _probabilities(q, k, bias, hs, rs, scale, lse=None):
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """q (BH, T, D), k and v (BH, S, D), bias (see `_additive_bias`) or None. Saves q, k, v, the output and the
-    log-normalisers (BH, T); the backward recomputes the probabilities chunk by chunk."""
+    """q (BH, T, D), k and v (BH, S, D), bias (see `_additive_bias`) or None, heads = nh. Saves q, k, v, the output
+    and the log-normalisers (BH, T); the backward recomputes the probabilities chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias):
+    def forward(ctx, q, k, v, bias, heads):
         BH, T, D = q.shape
         S = k.shape[1]
         scale = D ** -0.5
         out = q.new_empty(BH, T, D)
         lse = torch.empty(BH, T, dtype=_wide(q.dtype), device=q.device)
         for hs, rs in _chunks(BH, T, S):
-            p, lse[hs, rs] = _probabilities(q, k, bias, hs, rs, scale)
+            p, lse[hs, rs] = _probabilities(q, k, bias, hs, rs, scale, heads)
             out[hs, rs] = torch.bmm(p.to(v.dtype), v[hs])
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.bias = bias
+        ctx.bias, ctx.heads = bias, heads
         return out
 
     @staticmethod
@@ -145,11 +155,11 @@ class _ChunkedAttention(torch.autograd.Function):
         dk = torch.zeros(BH, S, D, dtype=wide, device=q.device)  # summed over query chunks
         dv = torch.zeros_like(dk)
         for hs, rs in _chunks(BH, T, S):
-            p, _ = _probabilities(q, k, ctx.bias, hs, rs, scale, lse[hs, rs])  # (h, r, S)
+            p, _ = _probabilities(q, k, ctx.bias, hs, rs, scale, ctx.heads, lse[hs, rs])  # (h, r, S)
             g = grad_out[hs, rs]  # (h, r, D)
             dv[hs] += torch.bmm(p.to(q.dtype).transpose(1, 2), g)
             dp = torch.bmm(g, v[hs].transpose(1, 2)).to(wide)  # (h, r, S)
             ds = p.mul_(dp.sub_(delta[hs, rs].unsqueeze(-1))).mul_(scale).to(q.dtype)  # softmax backward
             dq[hs, rs] = torch.bmm(ds, k[hs])
             dk[hs] += torch.bmm(ds.transpose(1, 2), q[hs, rs])
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None

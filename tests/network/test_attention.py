@@ -152,3 +152,11 @@ def test_kv_cache_decoding(monkeypatch, chunked):
     for i in range(12, 20):
         steps.append(net(ids[:, i:i + 1], causal=True, kv_cache=cache, cache_update=True))
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_a_per_row_mask_is_not_expanded_to_every_head():
+    """The additive bias keeps the mask's own broadcast shape: (B, 1, 1, S) for key padding, not (B * nh, T, S)."""
+    keep = MASKS["key padding"](2, 16, 16)
+    bias = attention._additive_bias(keep, False, 2, 12, 16, 16, torch.float32, "cpu")
+    assert bias.shape == (2, 1, 1, 16)
+    assert attention._additive_bias(keep, True, 2, 12, 16, 16, torch.float32, "cpu").shape == (2, 1, 16, 16)
