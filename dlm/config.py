@@ -158,7 +158,8 @@ def build_config(overrides: list[str] | None = None, base: RunConfig | None = No
     """Build a RunConfig from `base` (default: defaults) and a list of `key=value` strings.
 
     `group=name` applies a preset (groups: the folders in dlm/configs); `a.b=value` sets a field. Values are
-    parsed as YAML scalars (`true`, `3e-4`, `null`). Presets apply first, in order, then field overrides.
+    parsed as YAML scalars (`true`, `3e-4`; `null` is refused: every field has a value). Presets apply first, in
+    order, then field overrides.
     """
     cfg = base or RunConfig()
     overrides = overrides or []
@@ -212,7 +213,7 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     if kind is type(None):
         return value
     if value is None:  # YAML's null / ~ / an empty value: no field of the config may be unset
-        raise ConfigError(f"'{name}' must be a {kind.__name__}, got null; give a value (default {current!r})")
+        raise ConfigError(f"'{name}' must be a {kind.__name__}, got null; give a value (it is now {current!r})")
     try:
         if kind is bool:
             if isinstance(value, bool):

@@ -139,7 +139,8 @@ class DiffusionLM:
 
             if fingerprint and not same_tokenizer(tokenizer, fingerprint):
                 raise CheckpointError(f"the tokenizer given does not match the one {path} was trained with "
-                                      "(different vocabulary or special tokens); use the model's own tokenizer")
+                                      "(different vocabulary, merges, special tokens, normalizer or "
+                                      "pre-tokenizer); use the model's own tokenizer")
             stored_tok = tokenizer
         return cls(network, cfg, stored_tok, device, softmask)
 

@@ -145,12 +145,22 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast, version: str = FINGERPRI
         "merges": merges,
         "special": specials,
     }
-    if version != "1":
-        payload["model_options"] = {k: v for k, v in model.items() if k not in ("vocab", "merges")}
-        payload["pipeline"] = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")}
+    if version != "1":  # unset options (None, False) are left out, so a field a newer `tokenizers` adds with
+        # its default does not change the fingerprint of a stored model
+        payload["model_options"] = _set_fields({k: v for k, v in model.items() if k not in ("vocab", "merges")})
+        payload["pipeline"] = _set_fields({k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor")})
     text = json.dumps(payload, ensure_ascii=False, sort_keys=version != "1")  # version 1: as it was written
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     return digest if version == "1" else f"{version}:{digest}"
+
+
+def _set_fields(value):
+    """`value` (JSON data) without the dict entries that are None or False, recursively."""
+    if isinstance(value, dict):
+        return {k: _set_fields(v) for k, v in value.items() if v is not None and v is not False}
+    if isinstance(value, list):
+        return [_set_fields(v) for v in value]
+    return value
 
 
 def same_tokenizer(tok: PreTrainedTokenizerFast, stored_fingerprint: str) -> bool:

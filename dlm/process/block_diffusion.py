@@ -73,6 +73,8 @@ class BlockDiffusion:
         """t (B, num_blocks) in the clipped time interval, one per block. Antithetic: N = B * num_blocks strata
         (u + i/N) mod 1 for one shared u, spread so that each sequence's blocks cover the whole range."""
         n = batch * num_blocks
+        if isinstance(generator, (list, tuple)):
+            raise ValueError("per-row generators need explicit block times (t); pass t, as nelbo does")
         if self.antithetic:
             u = torch.rand(1, generator=generator, device=device)
             u = ((u + torch.arange(n, device=device) / n) % 1.0).view(num_blocks, batch).T  # (B, nb)
@@ -96,8 +98,7 @@ class BlockDiffusion:
             bad = (scored > 0) & ((frac < self.clip_low) | (frac > self.clip_high))  # (B, nb)
             if not bad.any():
                 break
-            fresh = torch.where((torch.rand(x.shape, generator=generator, device=x.device) < p_mask) & loss_mask,
-                                self.mask_id, x)
+            fresh = torch.where((uniform(x.shape, generator, x.device) < p_mask) & loss_mask, self.mask_id, x)
             z = torch.where(bad.repeat_interleave(self.block_size, dim=1), fresh, z)
         return z
 

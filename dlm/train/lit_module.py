@@ -69,7 +69,10 @@ class DiffusionLightningModule(L.LightningModule):
         the weights, so that no checkpoint, EMA or later step ever holds a NaN."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if not torch.isfinite(norm):
+        finite = torch.isfinite(norm).float()
+        if self._sharded:  # each rank holds a shard of the gradients: all ranks must stop together, or they hang
+            finite = self.trainer.strategy.reduce(finite.to(self.device), reduce_op="min")
+        if not bool(finite):
             raise TrainingDiverged(
                 f"the gradient norm is {norm.item()} at step {self.global_step} (the loss was finite); training "
                 f"stopped before the weights changed, and the last good checkpoint is kept in "

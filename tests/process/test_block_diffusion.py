@@ -192,3 +192,16 @@ def test_bad_configurations_raise_clear_errors():
         BlockDiffusion(sched, MASK, block_size=4, time_conditioning=True)
     with pytest.raises(ValueError, match="can never succeed"):
         BlockDiffusion(sched, MASK, block_size=1, clip_low=0.3, clip_high=0.8, resample=True)
+
+
+def test_per_row_generators_with_resampling_and_without_times(tiny_network):
+    """Lists of per-row generators (evaluation) work through every draw of add_noise, resampling included; block
+    times cannot be drawn per row, which says so."""
+    net = tiny_network(V)
+    batch = batch_of(2, 16)
+    bd = BlockDiffusion(make_schedule("loglinear", 1e-3), MASK, block_size=4, clip_low=0.3, clip_high=0.5, resample=True)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = bd.loss(net, batch, gens, t=torch.full((2, 4), 0.5))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(ValueError, match="per-row generators need explicit block times"):
+        bd.loss(net, batch, gens)
