@@ -81,8 +81,9 @@ class PromptedGeneration:
 
 class DiffusionLM:
     def __init__(self, network: Transformer, cfg: RunConfig, tokenizer, device: str | torch.device = "cpu",
-                 softmask: SoftMaskMixer | None = None):
+                 softmask: SoftMaskMixer | None = None, trained_steps: int | None = None):
         self.network = network.eval().to(device)
+        self.trained_steps = trained_steps  # optimizer steps the weights had (None when unknown)
         self.softmask = None if softmask is None else softmask.eval().to(device)  # learned w, if trained with SM
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -142,13 +143,16 @@ class DiffusionLM:
                                       "(different vocabulary, merges, special tokens, normalizer or "
                                       "pre-tokenizer); use the model's own tokenizer")
             stored_tok = tokenizer
-        return cls(network, cfg, stored_tok, device, softmask)
+        steps = meta.get("trained_steps") if path.is_dir() else ckpt.get("global_step")
+        return cls(network, cfg, stored_tok, device, softmask, steps)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from dlm.data.tokenizer import tokenizer_fingerprint
 
-        return save_pretrained(folder, self.network, self.cfg.to_dict(), self.tokenizer,
-                               extra={"tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)},
+        extra = {"tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}
+        if self.trained_steps is not None:
+            extra["trained_steps"] = self.trained_steps
+        return save_pretrained(folder, self.network, self.cfg.to_dict(), self.tokenizer, extra=extra,
                                softmask=self.softmask)
 
     @property

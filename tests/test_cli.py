@@ -69,6 +69,9 @@ def test_eval_perplexity_matches_the_api(micro_run, text_folder, tmp_path, capsy
     want = dlm.load(micro_run).perplexity(source=str(text_folder), split="val", num_t_samples=2, max_rows=8, seed=1)
     assert row["val_ppl"] == want["ppl"] and row["val_num_tokens"] == want["num_tokens"] == 8 * 31
     assert "gen_ppl" not in row
+    # The steps the weights were trained for, from the export (and from a checkpoint): a budget-stopped run shows it.
+    assert row["steps"] == 12 and "steps" in stdout.splitlines()[0]
+    assert dlm.load(micro_run / "checkpoints" / "last.ckpt").trained_steps == 12
 
 
 def test_export_then_load_generates_the_same(micro_run, tmp_path, capsys):

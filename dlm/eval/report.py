@@ -30,6 +30,8 @@ def evaluate_models(args) -> list[dict]:
     for path in args.models:
         model = dlm.load(path)
         row = {"model": str(path), "process": model.process.name, "params": model.network.num_params(False)}
+        if model.trained_steps is not None:  # a run a time budget stopped early is not comparable at face value
+            row["steps"] = model.trained_steps
         t0 = time.perf_counter()
         ppl = model.perplexity(source=args.source, split=args.split, num_t_samples=args.num_t_samples,
                                seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=True)
@@ -57,6 +59,7 @@ def evaluate_models(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "model", "{}"), ("process", "process", "{}"), ("params", "params", "{:,}"),
+            ("steps", "steps", "{:,}"),
             ("val_ppl", "val ppl", "{:.2f}"), ("val_bound", "bound", "{}"), ("val_num_tokens", "tokens", "{:,}"),
             ("gen_ppl", "gen ppl", "{:.1f}"), ("entropy", "entropy", "{:.2f}"), ("mauve", "MAUVE", "{:.3f}"),
             ("nfe", "NFE", "{}"),

@@ -181,7 +181,8 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
     module.swap_in_ema()
     try:
         return save_pretrained(folder, module.network, module.cfg.to_dict(), module.tokenizer,
-                               extra={"tokenizer_fingerprint": module.fingerprint}, softmask=module.softmask)
+                               extra={"tokenizer_fingerprint": module.fingerprint,
+                                      "trained_steps": int(module.global_step)}, softmask=module.softmask)
     finally:
         module.swap_out_ema()
 
