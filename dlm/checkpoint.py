@@ -114,13 +114,26 @@ def tokenizer_from_state(state: dict):
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"])
 
 
+def state_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a state dict under `prefix` ("network.", "softmask."), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def network_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The network's weights from a training checkpoint: the EMA weights when present, else the live ones."""
     ema = ckpt["dlm"].get("ema")
     if use_ema and ema:
         return ema
-    prefix = "network."
-    return {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return state_under(ckpt["state_dict"], "network.")
+
+
+def softmask_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The soft-masking mixer's w from a training checkpoint ({} without SM), paired with the network's weights:
+    the EMA w beside the EMA network, else (no EMA, or a checkpoint from before the w had one) the live w."""
+    meta = ckpt["dlm"]
+    if use_ema and meta.get("ema") and meta.get("ema_softmask"):
+        return meta["ema_softmask"]
+    return state_under(ckpt["state_dict"], "softmask.")
 
 
 # ------------------------------------------------------------------------------------- exported folders

@@ -54,13 +54,6 @@ class PeakMemory:
         self.mib: float | None = None
         self._ok = False
 
-    @property
-    def what(self) -> str:
-        """What `mib` measures, for table captions."""
-        if self.device.type == "cuda":
-            return "peak memory allocated by PyTorch on the GPU"
-        return "peak resident memory of the process"
-
     def __enter__(self) -> "PeakMemory":
         global _depth
         outermost = _depth == 0

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint, read_checkpoint,
-                            save_pretrained, tokenizer_from_state)
+                            save_pretrained, softmask_state_from_checkpoint, state_under, tokenizer_from_state)
 from dlm.config import RunConfig
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
@@ -119,10 +119,7 @@ class DiffusionLM:
         else:
             raise CheckpointError(f"no model at {path}: give a run folder, an exported model folder or a .ckpt file")
         cfg = RunConfig.from_dict(meta["config"])
-        if path.is_dir():
-            sm_state = _softmask_state(weights)
-        else:  # the EMA w beside the EMA network (training checkpoints from before they were kept: the live w)
-            sm_state = (use_ema and meta.get("ema") and meta.get("ema_softmask")) or _softmask_state(ckpt["state_dict"])
+        sm_state = state_under(weights, "softmask.") if path.is_dir() else softmask_state_from_checkpoint(ckpt, use_ema)
         weights = {k: v for k, v in weights.items() if not k.startswith("softmask.")}
         softmask = None
         if sm_state:
@@ -469,11 +466,6 @@ class DiffusionLM:
 def row_seed(seed: int, row: int) -> int:
     """The seed of one evaluation row's generator (times and masks of its NELBO)."""
     return (seed * 1_000_003 + row * 7_919 + 17) % (2**63 - 1)
-
-
-def _softmask_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The mixer's entries (prefix `softmask.`) of an exported or a training state dict, prefix removed."""
-    return {k[len("softmask."):]: v for k, v in state.items() if k.startswith("softmask.")}
 
 
 def load(path: str | Path, device: str = "cpu", **kw) -> DiffusionLM:

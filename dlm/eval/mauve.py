@@ -19,7 +19,8 @@ def text_features(texts: list[str], eval_lm: EvalLM, max_len: int = 256, batch_s
     """Features (N, D) float32: last-layer hidden state at the final real token of each text.
 
     Each text is tokenised with the evaluator's tokenizer, cut to its first `max_len` tokens (as MAUVE
-    does; fewer if the evaluator's context is shorter) and prefixed with `eval_lm.prefix_id`. Empty texts are not allowed here (see `mauve_score`).
+    does; fewer if the evaluator's context is shorter) and prefixed with `eval_lm.prefix_id`. Empty texts are not
+    allowed here (see `mauve_score`).
     """
     if eval_lm.max_length is not None:  # the prefix and the text must fit the evaluator's context
         max_len = min(max_len, eval_lm.max_length - 1)

@@ -7,7 +7,7 @@ import math
 import lightning as L
 import torch
 
-from dlm.checkpoint import FORMAT_VERSION, tokenizer_state
+from dlm.checkpoint import FORMAT_VERSION, state_under, tokenizer_state
 from dlm.config import RunConfig
 from dlm.network import Transformer
 from dlm.process import make_process
@@ -176,7 +176,7 @@ class DiffusionLightningModule(L.LightningModule):
                 continue
             saved = checkpoint["dlm"].get(key)
             if not saved:  # EMA switched on at this resume: it starts from the restored weights, not the initial ones
-                saved = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+                saved = state_under(checkpoint["state_dict"], prefix)
             ema.load_state_dict(saved)
 
 
