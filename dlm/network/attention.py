@@ -8,8 +8,9 @@ tokens, a CPU with AMX), and the plain three-op version
 (matmul, softmax, matmul) spends its time moving the (B, nh, T, S) score tensors through memory. Here the heads
 are processed a few at a time, so each group's scores (~4 MiB in float32) stay in cache, and the backward pass
 recomputes them from q and k (as FlashAttention does) instead of storing them: see bench/attention.py. In float32
-the fused kernel is the faster one (a 2-core AVX2 EPYC, forward + backward at 128-256 tokens: 1.25-1.8x), so
-float32 inputs stay with it (`CHUNKED_DTYPES`).
+the fused kernel is as fast or faster (a 2-core AVX2 EPYC, forward + backward at 128-256 tokens,
+`python bench/attention.py --dtype float32 --lengths 128 256 --heads 4`: 1.35-1.6x faster at the tiny preset's
+4 heads; a wash at 8 heads), so float32 inputs stay with it (`CHUNKED_DTYPES`).
 
 Arithmetic: scores q k^T are rounded to the input dtype (bf16 under autocast, like every autocast matmul), then
 everything up to the probabilities is float32; the probabilities are cast to the input dtype for the product
