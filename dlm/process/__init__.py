@@ -1,23 +1,19 @@
-"""Processes: how data is noised and the training objective (MDLM, the autoregressive baseline)."""
+"""Processes: how data is noised, the parameterisation and the training objective, one file each behind the
+contract of `dlm.process.base.Process`; each registers itself in `PROCESSES`."""
 
 from dlm.process.autoregressive import Autoregressive
+from dlm.process.base import PROCESSES, LossOutput, Process, register_process
 from dlm.process.block_diffusion import BlockDiffusion
-from dlm.process.mdlm import LossOutput, MaskedDiffusion, nelbo_terms, subs_log_probs, subs_logits
+from dlm.process.mdlm import MaskedDiffusion, nelbo_terms, subs_log_probs, subs_logits
 from dlm.process.schedules import NoiseSchedule, make_schedule
 
 
-def make_process(cfg, mask_id: int, time_conditioning: bool = False):
-    """Build the process named by a ProcessConfig."""
-    if cfg.name == "ar":
-        return Autoregressive()
-    if cfg.name == "mdlm":
-        return MaskedDiffusion(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.sampling_eps, cfg.antithetic,
-                               time_conditioning)
-    if cfg.name == "bd3lm":
-        return BlockDiffusion(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.block_size, cfg.sampling_eps,
-                              cfg.antithetic, time_conditioning, cfg.clip_low, cfg.clip_high, cfg.resample)
-    raise ValueError(f"unknown process '{cfg.name}'; valid: mdlm, ar, bd3lm")
+def make_process(cfg, mask_id: int | None, time_conditioning: bool = False) -> Process:
+    """Build the registered process named by a ProcessConfig (`cfg.name`)."""
+    if cfg.name not in PROCESSES:
+        raise ValueError(f"unknown process '{cfg.name}'; valid: {', '.join(sorted(PROCESSES))}")
+    return PROCESSES[cfg.name].from_config(cfg, mask_id, time_conditioning)
 
 
-__all__ = ["Autoregressive", "BlockDiffusion", "LossOutput", "MaskedDiffusion", "NoiseSchedule", "make_process", "make_schedule",
-           "nelbo_terms", "subs_log_probs", "subs_logits"]
+__all__ = ["PROCESSES", "Autoregressive", "BlockDiffusion", "LossOutput", "MaskedDiffusion", "NoiseSchedule", "Process",
+           "make_process", "make_schedule", "nelbo_terms", "register_process", "subs_log_probs", "subs_logits"]

@@ -5,15 +5,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlm.process.mdlm import LossOutput
+from dlm.process.base import LossOutput, Process, register_process
 
 
-class Autoregressive:
+@register_process
+class Autoregressive(Process):
     """Predict token l from tokens < l. Scores the same positions as MDLM (`loss_mask`: not BOS, not padding)."""
 
     name = "ar"
-    causal = True
-    mask_id = None
+    corruption = "none"
+    autoregressive = True
+    default_sampler = "autoregressive"
+    exact_caches = frozenset({"causal"})
+
+    def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
+        super().__init__(None, False)  # nothing is masked and no time is fed
+
+    @classmethod
+    def from_config(cls, cfg, mask_id=None, time_conditioning=False):
+        return cls()
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
         x, loss_mask = batch["input_ids"], batch["loss_mask"]

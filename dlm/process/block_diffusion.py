@@ -21,10 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from dlm.process.base import LossOutput, Process, register_process
 from dlm.process.block_mask import training_mask
-from dlm.process.clipped_schedule import time_of_mask_rate
-from dlm.process.mdlm import LossOutput, evaluation_times, subs_logits, uniform
-from dlm.process.schedules import NoiseSchedule
+from dlm.process.mdlm import evaluation_times, subs_logits, uniform
+from dlm.process.schedules import NoiseSchedule, make_schedule, time_of_mask_rate
 
 MAX_RESAMPLES = 100
 
@@ -37,11 +37,13 @@ def check_block_size(block_size: int, length: int) -> None:
                          f"valid block sizes: {', '.join(map(str, divisors))}")
 
 
-class BlockDiffusion:
+@register_process
+class BlockDiffusion(Process):
     """The BD3-LM process: per-block noising, the one-pass training loss and the (full-range) NELBO."""
 
     name = "bd3lm"
-    causal = False
+    corruption = "absorbing"
+    exact_caches = frozenset({"blockwise"})  # a finished block's keys never change: its KV cache is exact
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, block_size: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False, clip_low: float = 0.0,
@@ -56,12 +58,28 @@ class BlockDiffusion:
         if resample and not any(clip_low <= k / block_size <= clip_high for k in range(block_size + 1)):
             raise ValueError(f"process.resample=true can never succeed: no fraction k/{block_size} of a block lies in "
                              f"[{clip_low}, {clip_high}]; widen the interval or turn resampling off")
-        self.schedule, self.mask_id, self.block_size = schedule, mask_id, block_size
-        self.sampling_eps, self.antithetic, self.time_conditioning = sampling_eps, antithetic, time_conditioning
+        super().__init__(mask_id, time_conditioning)
+        self.schedule, self.block_size = schedule, block_size
+        self.sampling_eps, self.antithetic = sampling_eps, antithetic
         self.clip_low, self.clip_high, self.resample = clip_low, clip_high, resample
         # Mask-rate interval -> time interval (exact inversion of the schedule); (0, 1) gives [sampling_eps, 1].
         self.t_low = max(sampling_eps, float(time_of_mask_rate(schedule, clip_low)))
         self.t_high = float(time_of_mask_rate(schedule, clip_high))
+
+    @classmethod
+    def from_config(cls, cfg, mask_id, time_conditioning=False):
+        return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.block_size, cfg.sampling_eps, cfg.antithetic,
+                   time_conditioning, cfg.clip_low, cfg.clip_high, cfg.resample)
+
+    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
+        """SUBS zero-masking, as MDLM."""
+        return subs_logits(logits, self.mask_id)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.alpha(t)
+
+    def time_of_mask_rate(self, rate):
+        return time_of_mask_rate(self.schedule, rate)
 
     def with_clip(self, clip_low: float, clip_high: float) -> "BlockDiffusion":
         """The same process training on mask rates in [clip_low, clip_high]."""

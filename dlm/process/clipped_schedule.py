@@ -19,24 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dlm.process.schedules import NoiseSchedule
+from dlm.process.schedules import time_of_mask_rate  # noqa: F401  (re-exported: the clip search uses it)
 
 log = logging.getLogger("dlm")
-
-
-def time_of_mask_rate(schedule: NoiseSchedule, rate: torch.Tensor | float, iters: int = 60) -> torch.Tensor:
-    """The time t in [0, 1] at which the mask rate 1 - alpha_t equals `rate` (any shape), by bisection.
-
-    alpha_t is decreasing in t for every schedule, so the mask rate is increasing; rates at or above the largest
-    one (1 - alpha_1 = 1 - eps) map to t = 1, rates <= 0 to t = 0.
-    """
-    rate = torch.as_tensor(rate, dtype=torch.float64)
-    lo, hi = torch.zeros_like(rate), torch.ones_like(rate)
-    for _ in range(iters):  # 2^-60: exact to float64 precision
-        mid = (lo + hi) / 2
-        below = (1.0 - schedule.alpha(mid)) < rate
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return torch.where(rate >= 1.0 - schedule.alpha(torch.ones_like(rate)), 1.0, hi)
 
 
 def clip_grid(widths=(0.5, 0.6, 0.7, 0.8, 0.9), step: float = 0.05) -> list[tuple[float, float]]:

@@ -10,19 +10,11 @@ scored (not BOS, not padding) — plus an optional `attention_mask` (B, L) bool 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from dlm.process.schedules import NoiseSchedule
-
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar to minimise: NELBO (or NLL) per scored token
-    nll_sum: torch.Tensor  # scalar, detached: the summed bound in nats
-    num_tokens: torch.Tensor  # scalar, detached: scored tokens
+from dlm.process.base import LossOutput, Process, register_process
+from dlm.process.schedules import NoiseSchedule, make_schedule, time_of_mask_rate
 
 
 def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -83,28 +75,40 @@ def nelbo_terms(logits, x, z, t, schedule: NoiseSchedule, mask_id: int, loss_mas
     return torch.where(masked, ce, 0.0) * schedule.loss_weight(t)[:, None]
 
 
-class MaskedDiffusion:
+@register_process
+class MaskedDiffusion(Process):
     """The MDLM process: noising, the training loss and the NELBO used for evaluation."""
 
     name = "mdlm"
-    causal = False
+    corruption = "absorbing"
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False):
+        super().__init__(mask_id, time_conditioning)
         self.schedule = schedule
-        self.mask_id = mask_id
         self.sampling_eps = sampling_eps
         self.antithetic = antithetic
-        self.time_conditioning = time_conditioning
+
+    @classmethod
+    def from_config(cls, cfg, mask_id, time_conditioning=False):
+        return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.sampling_eps, cfg.antithetic, time_conditioning)
+
+    # ------------------------------------------------------------------ what samplers ask (dlm.process.base)
+    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
+        """SUBS zero-masking: x_theta never predicts [MASK] (carry-over is the samplers' rule: clean tokens stay)."""
+        return subs_logits(logits, self.mask_id)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.alpha(t)
+
+    def time_of_mask_rate(self, rate):
+        return time_of_mask_rate(self.schedule, rate)
 
     def add_noise(self, x: torch.Tensor, t: torch.Tensor, loss_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """z_t (B, L): each position in loss_mask becomes [MASK] with probability 1 - alpha_t (t is (B,))."""
         p_mask = 1.0 - self.schedule.alpha(t)[:, None]  # (B, 1)
         u = uniform(x.shape, generator, x.device)  # generator: one, or a list of one per row
         return torch.where((u < p_mask) & loss_mask, self.mask_id, x)
-
-    def network_time(self, t: torch.Tensor) -> torch.Tensor | None:
-        return t if self.time_conditioning else None
 
     def forward_logits(self, network, z, t, batch, inputs_embeds=None) -> torch.Tensor:
         """Raw network logits (B, L, V) on z_t (or on `inputs_embeds` (B, L, C) standing for z_t)."""

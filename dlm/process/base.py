@@ -1,0 +1,165 @@
+"""The process contract: how data is corrupted, what the network's output means, and the objective.
+
+A process is an `nn.Module` (parameter-free by default), so that learnable parts — soft-masking's w, a learnable
+noise schedule — are saved, EMA'd and exported with the network, with no special case anywhere else.
+
+What a sampler may ask of a process (and nothing else; no sampler imports a process module's internals):
+
+    corruption           "absorbing" (tokens become `mask_id`), "uniform" (tokens become uniform random tokens)
+                         or "none" (an autoregressive model: nothing is corrupted)
+    prior(canvas, to_generate, generator)   the canvas with the positions to generate filled from the prior
+    is_noise(canvas)     (B, L) bool: positions that still hold noise (absorbing: == mask_id)
+    forward_logits(network, z, t, batch, inputs_embeds)   raw network logits (B, L, V) on z_t
+    denoise(logits)      raw logits (..., V) -> logits of x_theta, the denoising distribution over clean tokens
+                         (SUBS for MDLM / BD3-LM: [MASK] can never be predicted); float32
+    alpha(t), time_of_mask_rate(rate), network_time(t)    the noise schedule's helpers
+    autoregressive, block_size, default_sampler, exact_caches       capabilities
+    supports(sampler) / check_sampler(sampler)   whether a sampler can sample this process, with the reason
+
+and what training and evaluation ask: `loss(network, batch, generator)` and `nelbo(network, batch,
+num_t_samples, generator)`, both returning a `LossOutput`. Batches are dicts with `input_ids` (B, L), `loss_mask`
+(B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
+
+A new process is one file: subclass `Process`, decorate it with `@register_process`, give it a `from_config`, and
+the shared contract tests (tests/process/test_contract.py) check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+CORRUPTIONS = ("absorbing", "uniform", "none")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to minimise: NELBO (or NLL) per scored token
+    nll_sum: torch.Tensor  # scalar, detached: the summed bound in nats
+    num_tokens: torch.Tensor  # scalar, detached: scored tokens
+
+
+class Process(nn.Module):
+    """Base class of every process. Subclasses set the class attributes and implement `loss` and `nelbo`."""
+
+    name: ClassVar[str] = "base"
+    corruption: ClassVar[str] = "absorbing"
+    autoregressive: ClassVar[bool] = False
+    default_sampler: ClassVar[str] = "ancestral_cache"
+    # KV reuse that gives exactly the uncached tokens: "blockwise" (finished blocks' keys never change, a
+    # block-causal process), "causal" (left-to-right decoding). Fast-dLLM's prefix/dual caches are approximate
+    # for every bidirectional process and are allowed anyway (they are a speed/quality choice).
+    exact_caches: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
+        super().__init__()
+        self.mask_id = mask_id
+        self.time_conditioning = time_conditioning
+        self.block_size: int | None = None  # tokens per block of a block-causal process; None: the whole sequence
+
+    # ------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg, mask_id: int | None, time_conditioning: bool = False) -> "Process":
+        """Build from a ProcessConfig (dlm.config) and the model description's mask id."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise dlm.config.ConfigError for a RunConfig this process cannot train (called by config validation)."""
+
+    # ------------------------------------------------------------------------------------ objective
+    def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    def nelbo(self, network, batch: dict, num_t_samples: int, generator) -> LossOutput:
+        """Monte Carlo NELBO (exact NLL for an autoregressive process); generator: one, or a list of one per row."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ corruption
+    def prior(self, canvas: torch.Tensor, to_generate: torch.Tensor, generator: torch.Generator | None = None
+              ) -> torch.Tensor:
+        """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor)."""
+        if self.corruption == "absorbing":
+            return torch.where(to_generate, self.mask_id, canvas)
+        if self.corruption == "uniform":
+            vocab = self.vocab_size
+            noise = torch.randint(vocab, canvas.shape, generator=generator, device=canvas.device)
+            return torch.where(to_generate, noise, canvas)
+        return canvas.clone()  # an autoregressive canvas: positions to generate are overwritten left to right
+
+    def is_noise(self, canvas: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: positions that still hold noise. Only an absorbing process can tell by looking."""
+        if self.corruption != "absorbing":
+            raise ValueError(f"a '{self.corruption}' process cannot tell noise from tokens by looking at the canvas")
+        return canvas == self.mask_id
+
+    @property
+    def vocab_size(self) -> int:
+        raise ValueError(f"process '{self.name}' needs the vocabulary size for a uniform prior")
+
+    # ------------------------------------------------------------------------------------ parameterisation
+    def forward_logits(self, network, z: torch.Tensor, t: torch.Tensor | None, batch: dict | None = None,
+                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw network logits (B, L, V) on z_t (B, L) (or on `inputs_embeds` (B, L, C) standing for z_t)."""
+        am = (batch or {}).get("attention_mask")
+        return network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
+                       t=None if t is None else self.network_time(t), attn_mask=None if am is None else am[:, None, None, :],
+                       causal=self.autoregressive)
+
+    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of x_theta, the denoising distribution over clean tokens, from raw network logits; float32."""
+        return logits.float()
+
+    # ------------------------------------------------------------------------------------ time
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Probability that a token is still clean at time t."""
+        raise ValueError(f"process '{self.name}' has no noise schedule")
+
+    def time_of_mask_rate(self, rate: torch.Tensor | float) -> torch.Tensor:
+        """The time t at which the noise rate 1 - alpha_t equals `rate` (any shape; float64)."""
+        raise ValueError(f"process '{self.name}' has no noise schedule")
+
+    def network_time(self, t: torch.Tensor) -> torch.Tensor | None:
+        """What the network is fed as its time input: t with time conditioning, else None."""
+        return t if self.time_conditioning else None
+
+    # ------------------------------------------------------------------------------------ capabilities
+    def supports(self, sampler) -> bool:
+        return self.unsupported_reason(sampler) is None
+
+    def unsupported_reason(self, sampler) -> str | None:
+        """Why `sampler` cannot sample this process, or None. A sampler declares `corruptions` (the kinds it can
+        denoise) and `autoregressive` (left-to-right decoding)."""
+        kinds = getattr(sampler, "corruptions", ("absorbing",))
+        if getattr(sampler, "autoregressive", False) != self.autoregressive:
+            return ("an autoregressive model samples left to right" if self.autoregressive else
+                    "this sampler decodes left to right and needs an autoregressive model")
+        if self.corruption not in kinds:
+            return f"it denoises {'/'.join(kinds)} corruption, and this process's corruption is '{self.corruption}'"
+        return None
+
+    def check_sampler(self, sampler) -> None:
+        """Raise a ValueError naming the process, the sampler and the reason, unless it `supports` the sampler."""
+        reason = self.unsupported_reason(sampler)
+        if reason is not None:
+            raise ValueError(f"sampler '{getattr(sampler, 'name', type(sampler).__name__)}' cannot sample a "
+                             f"'{self.name}' model: {reason}")
+
+    def extra_repr(self) -> str:
+        return f"corruption={self.corruption}, mask_id={self.mask_id}"
+
+
+PROCESSES: dict[str, type[Process]] = {}
+
+
+def register_process(cls: type[Process]) -> type[Process]:
+    """Class decorator: make a process available by its `name` (config `process=NAME`, the CLI, the docs)."""
+    if cls.corruption not in CORRUPTIONS:
+        raise ValueError(f"process '{cls.name}': corruption must be one of {CORRUPTIONS}, not '{cls.corruption}'")
+    if cls.name in PROCESSES and PROCESSES[cls.name] is not cls:
+        raise ValueError(f"two processes are registered as '{cls.name}': {PROCESSES[cls.name]} and {cls}")
+    PROCESSES[cls.name] = cls
+    return cls
