@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-FORMAT_VERSION = 1
+# 2: a process's learnable parts are stored under "process." (soft-masking's w: "process.mixer.*", with its EMA as
+#    "ema_process"); format 1 kept them under "softmask." / "ema_softmask" and is migrated on load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -90,10 +93,10 @@ def check_format(meta: dict | None, path) -> None:
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise CheckpointError(f"{path} is not a dlm checkpoint (it has no 'dlm' metadata)")
     version = meta["format_version"]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = version > FORMAT_VERSION
         raise CheckpointError(
-            f"{path} uses checkpoint format {version}, this dlm reads format {FORMAT_VERSION}: "
+            f"{path} uses checkpoint format {version}, this dlm reads formats {min(READABLE_VERSIONS)}-{FORMAT_VERSION}: "
             + ("upgrade dlm (pip install -U dlm)" if newer else "it comes from an older, incompatible dlm; "
                "re-export it with that version or retrain")
         )
@@ -119,6 +122,23 @@ def state_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _renamed_softmask(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Format 1 -> 2: soft-masking's w moved from "softmask.*" to "<prefix>mixer.*" (the process owns its mixer)."""
+    return {(prefix + "mixer." + k[len("softmask."):] if k.startswith("softmask.") else k): v for k, v in state.items()}
+
+
+def migrate_checkpoint(ckpt: dict) -> dict:
+    """Bring a training checkpoint of an older format to the current one, in place (and return it)."""
+    meta = ckpt.get("dlm") or {}
+    if meta.get("format_version", FORMAT_VERSION) < 2:
+        if "state_dict" in ckpt:
+            ckpt["state_dict"] = _renamed_softmask(ckpt["state_dict"], "process.")
+        old_ema = meta.pop("ema_softmask", None)
+        meta["ema_process"] = {f"mixer.{k}": v for k, v in old_ema.items()} if old_ema else None
+        meta["format_version"] = FORMAT_VERSION
+    return ckpt
+
+
 def network_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The network's weights from a training checkpoint: the EMA weights when present, else the live ones."""
     ema = ckpt["dlm"].get("ema")
@@ -127,21 +147,23 @@ def network_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str,
     return state_under(ckpt["state_dict"], "network.")
 
 
-def softmask_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The soft-masking mixer's w from a training checkpoint ({} without SM), paired with the network's weights:
-    the EMA w beside the EMA network, else (no EMA, or a checkpoint from before the w had one) the live w."""
-    meta = ckpt["dlm"]
-    if use_ema and meta.get("ema") and meta.get("ema_softmask"):
-        return meta["ema_softmask"]
-    return state_under(ckpt["state_dict"], "softmask.")
+def process_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The process's learnable parts from a (migrated) training checkpoint ({} for a parameter-free process), paired
+    with the network's weights: the EMA ones beside the EMA network, else (no EMA, or a checkpoint from before the
+    process had one) the live ones."""
+    meta = migrate_checkpoint(ckpt)["dlm"]
+    if use_ema and meta.get("ema") and meta.get("ema_process"):
+        return meta["ema_process"]
+    return state_under(ckpt["state_dict"], "process.")
 
 
 # ------------------------------------------------------------------------------------- exported folders
 def save_pretrained(folder: str | Path, network: torch.nn.Module, config: dict, tokenizer, extra: dict | None = None,
-                    softmask: torch.nn.Module | None = None) -> Path:
+                    process: torch.nn.Module | None = None) -> Path:
     """Write `config.json`, `model.safetensors` and the tokenizer files into `folder`.
 
-    softmask: a trained `SoftMaskMixer`, stored beside the network's weights under the prefix `softmask.`."""
+    process: its learnable parts (soft-masking's w), if any, are stored beside the network's weights under the
+    prefix `process.`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -149,8 +171,8 @@ def save_pretrained(folder: str | Path, network: torch.nn.Module, config: dict, 
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     if network.cfg.tie_weights:
         state.pop("head.weight", None)  # safetensors refuses shared storage; re-tied on load
-    if softmask is not None:
-        state.update({f"softmask.{k}": v.detach().cpu().contiguous() for k, v in softmask.state_dict().items()})
+    if process is not None:
+        state.update({f"process.{k}": v.detach().cpu().contiguous() for k, v in process.state_dict().items()})
     tmp = folder / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "dlm_format_version": str(FORMAT_VERSION)})
     os.replace(tmp, folder / "model.safetensors")
@@ -183,4 +205,6 @@ def load_pretrained_files(folder: str | Path) -> tuple[dict, dict[str, torch.Ten
     if "weights_sha256" in meta and _sha256(weights_path) != meta["weights_sha256"]:  # a damaged tensor byte
         raise CheckpointError(f"{weights_path} is corrupt: its SHA-256 differs from the one recorded in config.json "
                               "when it was exported; re-export the model (dlm train exports it at the end)")
+    if meta.get("dlm_format_version", FORMAT_VERSION) < 2:
+        weights = _renamed_softmask(weights, "process.")
     return meta, weights

@@ -41,7 +41,8 @@ class ModelConfig:
 class ProcessConfig:
     """How data is noised and the training objective."""
 
-    name: str = "mdlm"  # "mdlm" | "ar" | "bd3lm"
+    name: str = "mdlm"  # a registered process: dlm.process.PROCESSES (mdlm, ar, bd3lm)
+    mask_id: int = -1  # the [MASK] token id, recorded when training starts (-1: the tokenizer's)
     schedule: str = "loglinear"  # "loglinear" | "cosine" | "linear"
     eps: float = 1e-3  # alpha_1 = eps: the schedule's end point
     sampling_eps: float = 1e-3  # t is drawn from [sampling_eps, 1]

@@ -23,17 +23,19 @@ from types import SimpleNamespace
 
 import torch
 
-from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint, read_checkpoint,
-                            save_pretrained, softmask_state_from_checkpoint, state_under, tokenizer_from_state)
+from dlm.build import build_network, build_process, mask_id_of
+from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint,
+                            process_state_from_checkpoint, read_checkpoint, save_pretrained, state_under,
+                            tokenizer_from_state)
 from dlm.config import RunConfig
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.precision import use_bf16
-from dlm.process import make_process
+from dlm.process import Process
 from dlm.sampler import SampleOutput, Sampler, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
 from dlm.sampler.registry import make_sampler
-from dlm.softmask import SoftMaskFeedback, SoftMaskMixer, build_feedback, softmask_nelbo
+from dlm.softmask import SoftMaskFeedback, build_feedback
 
 MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
 
@@ -80,16 +82,17 @@ class PromptedGeneration:
 
 
 class DiffusionLM:
-    def __init__(self, network: Transformer, cfg: RunConfig, tokenizer, device: str | torch.device = "cpu",
-                 softmask: SoftMaskMixer | None = None, trained_steps: int | None = None):
+    """A model built from its parts: a network (dlm.network), a process (dlm.process; soft-masking is a process too)
+    and a tokenizer. cfg: the RunConfig it was trained with (saved with it; None for a model assembled by hand)."""
+
+    def __init__(self, network: Transformer, process: Process, tokenizer, cfg: RunConfig | None = None,
+                 device: str | torch.device = "cpu", trained_steps: int | None = None):
         self.network = network.eval().to(device)
+        self.process = process.eval().to(device)
         self.trained_steps = trained_steps  # optimizer steps the weights had (None when unknown)
-        self.softmask = None if softmask is None else softmask.eval().to(device)  # learned w, if trained with SM
-        self.cfg = cfg
+        self.cfg = cfg if cfg is not None else RunConfig(model=network.cfg)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.process = make_process(cfg.process, mask_id=tokenizer.mask_token_id,
-                                    time_conditioning=cfg.model.time_conditioning)
         if network.cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                                   f"{network.cfg.vocab_size}: this tokenizer does not belong to this model")
@@ -109,23 +112,19 @@ class DiffusionLM:
             from transformers import PreTrainedTokenizerFast
 
             stored_tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-            fingerprint = meta.get("tokenizer_fingerprint", "")
+            process_state = state_under(weights, "process.")
         elif path.is_file():
             ckpt = read_checkpoint(path)
             meta = ckpt["dlm"]
             weights = network_state_from_checkpoint(ckpt, use_ema)
+            process_state = process_state_from_checkpoint(ckpt, use_ema)
             stored_tok = tokenizer_from_state(meta["tokenizer"])
-            fingerprint = meta.get("tokenizer_fingerprint", "")
         else:
             raise CheckpointError(f"no model at {path}: give a run folder, an exported model folder or a .ckpt file")
+        fingerprint = meta.get("tokenizer_fingerprint", "")
         cfg = RunConfig.from_dict(meta["config"])
-        sm_state = state_under(weights, "softmask.") if path.is_dir() else softmask_state_from_checkpoint(ckpt, use_ema)
-        weights = {k: v for k, v in weights.items() if not k.startswith("softmask.")}
-        softmask = None
-        if sm_state:
-            softmask = SoftMaskMixer(cfg.softmask.k)
-            softmask.load_state_dict(sm_state)
-        network = Transformer(cfg.model)
+        weights = {k: v for k, v in weights.items() if not k.startswith("process.")}
+        network = build_network(cfg)
         if cfg.model.tie_weights:
             weights.setdefault("head.weight", weights["embed.weight"])
         try:
@@ -140,8 +139,13 @@ class DiffusionLM:
                                       "(different vocabulary, merges, special tokens, normalizer or "
                                       "pre-tokenizer); use the model's own tokenizer")
             stored_tok = tokenizer
+        process = build_process(cfg, mask_id_of(cfg, stored_tok))
+        try:
+            process.load_state_dict(process_state)
+        except RuntimeError as e:
+            raise CheckpointError(f"the process weights in {path} do not fit its config: {str(e)[:300]}") from e
         steps = meta.get("trained_steps") if path.is_dir() else ckpt.get("global_step")
-        return cls(network, cfg, stored_tok, device, softmask, steps)
+        return cls(network, process, stored_tok, cfg, device, steps)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from dlm.data.tokenizer import tokenizer_fingerprint
@@ -150,11 +154,16 @@ class DiffusionLM:
         if self.trained_steps is not None:
             extra["trained_steps"] = self.trained_steps
         return save_pretrained(folder, self.network, self.cfg.to_dict(), self.tokenizer, extra=extra,
-                               softmask=self.softmask)
+                               process=self.process)
 
     @property
     def is_autoregressive(self) -> bool:
-        return self.process.name == "ar"
+        return self.process.autoregressive
+
+    @property
+    def softmask(self):
+        """The learned soft-masking mixer, or None for a model trained without soft-masking."""
+        return getattr(self.process, "mixer", None)
 
     @property
     def context(self) -> int:
@@ -289,7 +298,10 @@ class DiffusionLM:
             raise ValueError("soft-masking needs a masked diffusion model; this model is autoregressive")
         if isinstance(softmask, SoftMaskFeedback):
             return softmask
-        return build_feedback(self.softmask, self.tokenizer.mask_token_id, **({} if softmask is True else dict(softmask)))
+        overrides = {} if softmask is True else dict(softmask)
+        if hasattr(self.process, "feedback"):  # a soft-masking process: its learned w
+            return self.process.feedback(**overrides)
+        return build_feedback(None, self.process.mask_id, **overrides)  # training-free: w chosen here
 
     def _blockwise_options(self, sampler: str, options: dict, block_length: int | None) -> dict:
         """Options of the "blockwise" sampler for this model: `sampler` (unless "blockwise") is the inner sampler;
@@ -381,14 +393,11 @@ class DiffusionLM:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         generator = [torch.Generator(device=self.device).manual_seed(row_seed(seed, first_row + r))
                      for r in range(batch["input_ids"].shape[0])]
-        use_sm = self.softmask is not None if softmask is None else softmask
-        if use_sm and self.softmask is None:
+        if softmask and self.softmask is None:
             raise ValueError("this model was trained without soft-masking: it has no learned w to bound with")
+        process = self.process if softmask is None or softmask else self.process.plain
         with self.autocast(precision):
-            if use_sm:
-                out = softmask_nelbo(self.process, self.network, self.softmask, batch, num_t_samples, generator)
-            else:
-                out = self.process.nelbo(self.network, batch, num_t_samples, generator)
+            out = process.nelbo(self.network, batch, num_t_samples, generator)
         return float(out.nll_sum), int(out.num_tokens)
 
     def perplexity(self, source: str = "embedded", split: str = "test", texts: list[str] | None = None,

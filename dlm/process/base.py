@@ -126,6 +126,20 @@ class Process(nn.Module):
         """What the network is fed as its time input: t with time conditioning, else None."""
         return t if self.time_conditioning else None
 
+    # ------------------------------------------------------------------------------------ training hooks
+    def log_values(self) -> dict[str, float]:
+        """Scalars to log after a training step (e.g. soft-masking's w); none by default."""
+        return {}
+
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW parameter groups of the process's learnable parts (their own lr, no weight decay); none by default."""
+        return []
+
+    @property
+    def plain(self) -> "Process":
+        """The process without optional extras (soft-masking's second pass): itself by default."""
+        return self
+
     # ------------------------------------------------------------------------------------ capabilities
     def supports(self, sampler) -> bool:
         return self.unsupported_reason(sampler) is None

@@ -7,11 +7,9 @@ import math
 import lightning as L
 import torch
 
-from dlm.checkpoint import FORMAT_VERSION, state_under, tokenizer_state
+from dlm.build import build_network, build_process, mask_id_of
+from dlm.checkpoint import FORMAT_VERSION, migrate_checkpoint, state_under, tokenizer_state
 from dlm.config import RunConfig
-from dlm.network import Transformer
-from dlm.process import make_process
-from dlm.softmask import SoftMaskMixer, softmask_loss, softmask_nelbo
 from dlm.train.ema import EMA
 
 
@@ -31,14 +29,13 @@ class DiffusionLightningModule(L.LightningModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
-        self.network = Transformer(cfg.model)
-        self.process = make_process(cfg.process, mask_id=tokenizer.mask_token_id,
-                                    time_conditioning=cfg.model.time_conditioning)
+        self.network = build_network(cfg)
+        self.process = build_process(cfg, mask_id_of(cfg, tokenizer))  # a submodule: learnable parts are saved
         self.ema = EMA(self.network, cfg.trainer.ema) if cfg.trainer.ema > 0 else None
-        sm = cfg.softmask  # a submodule, so its three scalars are saved in every checkpoint
-        self.softmask = SoftMaskMixer(sm.k, sm.omega_s, sm.omega_a, sm.omega_b) if sm.enabled else None
-        # The learned w are weights of the model too: validation, sampling and export pair EMA weights with EMA w.
-        self.ema_softmask = EMA(self.softmask, cfg.trainer.ema) if self.ema is not None and self.softmask else None
+        # A process's learnable parts (soft-masking's w) are weights of the model too: validation, sampling and
+        # export pair the EMA network with the EMA process.
+        has_params = any(True for _ in self.process.parameters())
+        self.ema_process = EMA(self.process, cfg.trainer.ema) if self.ema is not None and has_params else None
         self._val_sums = [0.0, 0]
 
     # ------------------------------------------------------------------ training
@@ -47,14 +44,10 @@ class DiffusionLightningModule(L.LightningModule):
         seed = step_seed(self.cfg.trainer.seed, micro_step, self.global_rank)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=self.device).manual_seed(seed)  # noise: t and masks
-        if self.softmask is None:
-            out = self.process.loss(self.network, batch, generator)
-        else:  # the p_sm coin comes from the step's generator too, so a resumed run makes the same choices
-            out, used_sm = softmask_loss(self.process, self.network, self.softmask, batch, generator,
-                                         self.cfg.softmask.p_sm)
-            self.log_dict({f"softmask/{k}": v for k, v in self.softmask.omegas().items()}, on_step=True,
-                          on_epoch=False, sync_dist=False)
-            self.log("softmask/applied", float(used_sm), on_step=True, on_epoch=False, sync_dist=False)
+        out = self.process.loss(self.network, batch, generator)  # every random draw from the step's generator
+        logged = self.process.log_values()
+        if logged:
+            self.log_dict(logged, on_step=True, on_epoch=False, sync_dist=False)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
                 f"the training loss is {out.loss.item()} at step {self.global_step}; training stopped and the last "
@@ -94,8 +87,8 @@ class DiffusionLightningModule(L.LightningModule):
             ema.update(module)
 
     def _emas(self) -> list[tuple[EMA, torch.nn.Module]]:
-        """(EMA, the module it follows): the network's, and the soft-masking mixer's when it is trained."""
-        pairs = [(self.ema, self.network), (self.ema_softmask, self.softmask)]
+        """(EMA, the module it follows): the network's, and the process's when it has learnable parts."""
+        pairs = [(self.ema, self.network), (self.ema_process, self.process)]
         return [(ema, module) for ema, module in pairs if ema is not None]
 
     def swap_in_ema(self) -> None:
@@ -113,8 +106,7 @@ class DiffusionLightningModule(L.LightningModule):
         for name, p in self.network.named_parameters():
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if self.softmask is not None:  # w_s, w_a, w_b: their own learning rate, no weight decay
-            groups.append({"params": list(self.softmask.parameters()), "lr": self.cfg.softmask.lr, "weight_decay": 0.0})
+        groups += self.process.optimizer_groups()  # e.g. soft-masking's w: their own learning rate, no decay
         optimizer = torch.optim.AdamW(
             groups,
             lr=o.lr, betas=(o.beta1, o.beta2),
@@ -144,10 +136,7 @@ class DiffusionLightningModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         generator = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same bound every time
-        if self.softmask is None:
-            out = self.process.nelbo(self.network, batch, num_t_samples=1, generator=generator)
-        else:  # the bound of the soft-masked (two-pass) denoiser, on the same times and masks
-            out = softmask_nelbo(self.process, self.network, self.softmask, batch, 1, generator)
+        out = self.process.nelbo(self.network, batch, num_t_samples=1, generator=generator)
         self._val_sums[0] += float(out.nll_sum)
         self._val_sums[1] += int(out.num_tokens)
 
@@ -167,11 +156,12 @@ class DiffusionLightningModule(L.LightningModule):
             "tokenizer": tokenizer_state(self.tokenizer),
             "tokenizer_fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "ema_softmask": self.ema_softmask.state_dict() if self.ema_softmask is not None else None,
+            "ema_process": self.ema_process.state_dict() if self.ema_process is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint):
-        for ema, key, prefix in ((self.ema, "ema", "network."), (self.ema_softmask, "ema_softmask", "softmask.")):
+        migrate_checkpoint(checkpoint)  # older formats (soft-masking's w under "softmask.") in place, before the load
+        for ema, key, prefix in ((self.ema, "ema", "network."), (self.ema_process, "ema_process", "process.")):
             if ema is None:
                 continue
             saved = checkpoint["dlm"].get(key)

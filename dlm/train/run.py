@@ -55,6 +55,8 @@ RESUME_MUST_MATCH = {"model": None, "process": None, "data": None, "softmask": N
 
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
     saved = RunConfig.from_dict(ckpt["dlm"]["config"])
+    if saved.process.mask_id < 0:  # written before the mask id was recorded: it was the tokenizer's
+        saved.process.mask_id = cfg.process.mask_id
     for group, fields in RESUME_MUST_MATCH.items():
         a, b = dataclasses.asdict(getattr(saved, group)), dataclasses.asdict(getattr(cfg, group))
         diff = [k for k in (fields or a) if a[k] != b[k]]
@@ -83,6 +85,8 @@ def train(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, run_dir)  # the run's own tokenizer once it has one (resume, init_from)
     cfg.model.vocab_size = len(tokenizer)
+    if cfg.process.mask_id < 0:  # recorded with the model from now on: loading never asks the tokenizer for it
+        cfg.process.mask_id = tokenizer.mask_token_id
     if resume:
         ckpt = read_checkpoint(last)
         if cfg.init_from:  # the network was taken from the init model when the run started: keep it
@@ -107,12 +111,12 @@ def train(cfg: RunConfig) -> Path:
     module = DiffusionLightningModule(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
     if init_model is not None:
         module.network.load_state_dict(init_model.network.state_dict())
-        if module.softmask is not None and init_model.softmask is not None:  # continue from learned w too
-            module.softmask.load_state_dict(init_model.softmask.state_dict())
-        if module.ema is not None:  # the EMA starts from the weights the run starts from
-            module.ema = type(module.ema)(module.network, t.ema)
-        if module.ema_softmask is not None:
-            module.ema_softmask = type(module.ema_softmask)(module.softmask, t.ema)
+        init_process = init_model.process.state_dict()  # e.g. learned soft-masking w: continue from them too
+        if init_process and init_process.keys() == module.process.state_dict().keys():
+            module.process.load_state_dict(init_process)
+        for name, target in (("ema", module.network), ("ema_process", module.process)):
+            if getattr(module, name) is not None:  # the EMA starts from the weights the run starts from
+                setattr(module, name, type(module.ema)(target, t.ema))
     if cfg.process.clip_search:  # bd3lm: the training mask-rate interval, chosen on validation batches
         from dlm.process.clipped_schedule import run_clip_search
 
@@ -127,7 +131,7 @@ def train(cfg: RunConfig) -> Path:
 
         if module.ema is not None:
             warnings.warn("EMA weights are not kept under FSDP (parameters are sharded); trainer.ema is ignored")
-            module.ema = module.ema_softmask = None
+            module.ema = module.ema_process = None
         strategy = FSDPStrategy()
     accumulate = t.accumulate
     val_interval = min(t.val_every, t.max_steps) * accumulate
@@ -182,7 +186,7 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
     try:
         return save_pretrained(folder, module.network, module.cfg.to_dict(), module.tokenizer,
                                extra={"tokenizer_fingerprint": module.fingerprint,
-                                      "trained_steps": int(module.global_step)}, softmask=module.softmask)
+                                      "trained_steps": int(module.global_step)}, process=module.process)
     finally:
         module.swap_out_ema()
 

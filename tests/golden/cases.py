@@ -43,9 +43,11 @@ def network(vocab_size: int, seed: int):
 
 def models() -> dict:
     """name -> DiffusionLM: mdlm, bd3lm (block 8), ar, sm (MDLM with a learned soft-masking mixer)."""
+    from dlm.build import build_process
     from dlm.config import build_config
     from dlm.pipeline import DiffusionLM
     from dlm.softmask import SoftMaskMixer
+    from dlm.softmask.process import SoftMaskedDiffusion
 
     tok = tokenizer()
     out = {}
@@ -54,8 +56,10 @@ def models() -> dict:
         cfg = build_config(["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32",
                             "data.vocab_size=300", *overrides])
         cfg.model.vocab_size = len(tok)
-        mixer = SoftMaskMixer(3, 0.6, 1.0, -8.0) if name == "sm" else None
-        out[name] = DiffusionLM(network(len(tok), seed), cfg, tok, softmask=mixer)
+        process = build_process(cfg, tok.mask_token_id)
+        if name == "sm":
+            process = SoftMaskedDiffusion(process.plain, SoftMaskMixer(3, 0.6, 1.0, -8.0))
+        out[name] = DiffusionLM(network(len(tok), seed), process, tok, cfg)
     return out
 
 

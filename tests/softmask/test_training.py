@@ -106,11 +106,11 @@ def test_disabled_softmask_training_step_is_exactly_the_mdlm_loss():
     want = plain.process.loss(plain.network, b, torch.Generator().manual_seed(step_seed(cfg.trainer.seed, 0, 0)))
     assert torch.equal(got, want.loss)
     assert torch.equal(sm.training_step(b, 0), want.loss)
-    assert plain.softmask is None and len(plain.configure_optimizers()["optimizer"].param_groups) == 2
+    assert not list(plain.process.parameters()) and len(plain.configure_optimizers()["optimizer"].param_groups) == 2
     groups = sm.configure_optimizers()["optimizer"].param_groups
     assert groups[-1]["initial_lr"] == 1e-2 and groups[-1]["weight_decay"] == 0.0  # lr itself starts warmed up
-    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in sm.softmask.parameters()}
-    assert {"softmask.raw_s", "softmask.raw_a", "softmask.raw_b"} <= set(sm.state_dict())
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in sm.process.mixer.parameters()}
+    assert {"process.mixer.raw_s", "process.mixer.raw_a", "process.mixer.raw_b"} <= set(sm.state_dict())
 
 
 SM_RUN = ("softmask.enabled=true", "softmask.omega_s=0.3", "softmask.omega_b=-6.0", "softmask.p_sm=0.5",
@@ -138,16 +138,16 @@ def test_softmask_training_logs_saves_and_exports_omega_and_continues_from_an_md
     omega_s = [series["softmask/omega_s"][step] for step in range(4)]
     assert omega_s[0] == pytest.approx(0.3, rel=1e-5) and omega_s[-1] != omega_s[0]  # logged and learning
     ckpt = read_checkpoint(sm_run / "checkpoints" / "last.ckpt")
-    state, ema = ckpt["state_dict"], ckpt["dlm"]["ema_softmask"]
+    state, ema = ckpt["state_dict"], ckpt["dlm"]["ema_process"]
     # The w are weights of the model: an EMA follows them as it follows the network's, and the export, the
     # evaluation and dlm.load pair EMA weights with EMA w (use_ema=False: the live ones of both).
-    assert not torch.equal(ema["raw_s"], state["softmask.raw_s"])
+    assert not torch.equal(ema["mixer.raw_s"], state["process.mixer.raw_s"])
     model = dlm.load(sm_run)
     ckpt_model = dlm.load(sm_run / "checkpoints" / "last.ckpt")
     live = dlm.load(sm_run / "checkpoints" / "last.ckpt", use_ema=False)
-    assert torch.equal(model.softmask.raw_s.detach(), ema["raw_s"])
-    assert torch.equal(ckpt_model.softmask.raw_b.detach(), ema["raw_b"])
-    assert torch.equal(live.softmask.raw_s.detach(), state["softmask.raw_s"])
+    assert torch.equal(model.softmask.raw_s.detach(), ema["mixer.raw_s"])
+    assert torch.equal(ckpt_model.softmask.raw_b.detach(), ema["mixer.raw_b"])
+    assert torch.equal(live.softmask.raw_s.detach(), state["process.mixer.raw_s"])
     assert model.perplexity(max_rows=2, num_t_samples=1)["softmask"]
     assert dlm.load(micro_run).softmask is None
 
@@ -168,5 +168,5 @@ def test_softmask_training_resumes_exactly(sm_run, micro_run, micro_args, tmp_pa
     ca, cb = read_checkpoint(sm_run / "checkpoints" / "last.ckpt"), read_checkpoint(out / "checkpoints" / "last.ckpt")
     sa, sb = ca["state_dict"], cb["state_dict"]
     assert sa.keys() == sb.keys() and all(torch.equal(v, sb[k]) for k, v in sa.items())
-    ea, eb = ca["dlm"]["ema_softmask"], cb["dlm"]["ema_softmask"]
+    ea, eb = ca["dlm"]["ema_process"], cb["dlm"]["ema_process"]
     assert ea.keys() == eb.keys() and all(torch.equal(v, eb[k]) for k, v in ea.items())
