@@ -14,27 +14,13 @@ from typing import Any
 
 import yaml
 
+from dlm.network.config import ModelConfig  # noqa: F401  (defined beside the network; re-exported here)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what is wrong and how to fix it."""
-
-
-@dataclass
-class ModelConfig:
-    """The network (backbone). `vocab_size` is filled in from the tokenizer."""
-
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    mlp_ratio: int = 4
-    context: int = 128  # the longest sequence the network is trained on (rotary extrapolates past it)
-    dropout: float = 0.0
-    time_conditioning: bool = False  # adaLN from a time embedding; off by default (MDLM reference)
-    cond_dim: int = 128
-    tie_weights: bool = False
-    vocab_size: int = 0
 
 
 @dataclass
@@ -247,9 +233,8 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject values that cannot work, naming the field and the fix."""
     m, p, d, o, t = cfg.model, cfg.process, cfg.data, cfg.optim, cfg.trainer
-    _check(m.n_layer > 0 and m.d_model > 0 and m.n_head > 0, "model.n_layer, model.d_model and model.n_head must be positive")
-    _check(m.d_model % m.n_head == 0, f"model.d_model={m.d_model} must be divisible by model.n_head={m.n_head}")
-    _check((m.d_model // m.n_head) % 2 == 0, "model.d_model / model.n_head must be even (rotary embeddings rotate pairs)")
+    for problem in m.problems():
+        raise ConfigError(problem)
     _check(m.context >= 4, f"model.context={m.context} is too short; use at least 4 tokens")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _check(p.name in ("mdlm", "ar", "bd3lm"), f"unknown process.name '{p.name}'; valid: mdlm, ar, bd3lm")

@@ -1,10 +1,13 @@
-"""The backbone: a pre-LN transformer with rotary positions and optional adaLN time conditioning.
+"""The backbone: a pre-norm transformer with rotary positions and optional adaLN time conditioning.
 
 The same network serves every process: bidirectional for masked diffusion (no mask), causal for the
 autoregressive baseline (`causal=True`), or any boolean attention mask (block diffusion). It takes token
-ids or input embeddings (soft-masking feeds embeddings), and can read and extend a `KVCache`.
+ids or input embeddings (soft-masking feeds embeddings), and can read and extend a `KVCache`. It follows the
+contract in dlm/network/base.py (`logits_at`, `prediction`). The options of `ModelConfig` (RMSNorm, SwiGLU,
+grouped K/V, biases, QK-norm, rope scaling, learned positions, shifted predictions) let it hold the weights of
+open checkpoints (dlm/network/families); the defaults are dlm's own network.
 
-Reading order: Rotary -> Attention -> MLP -> Block -> Transformer.
+Reading order: KVCache -> norms -> Attention -> MLP -> Block -> Transformer.
 """
 
 from __future__ import annotations
@@ -16,38 +19,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dlm.config import ModelConfig
+from dlm.network.config import ModelConfig
 from dlm.network.attention import attend
-
-
-# --------------------------------------------------------------------------------------------- rotary
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float = 10000.0):
-    """cos, sin for integer positions: (T, head_dim/2) for positions (T,) shared by the batch, or
-    (B, 1, T, head_dim/2) for per-row positions (B, T) (left-padded prompts start at 0 on their first token)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # (T, hd/2) or (B, T, hd/2)
-    if angles.dim() == 3:
-        angles = angles[:, None]  # (B, 1, T, hd/2): broadcasts over the heads of (B, nh, T, hd)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) of x (B, nh, T, hd) by the position angles."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+from dlm.network.base import select_positions, shift_hidden
+from dlm.network.rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
 
 
 # ------------------------------------------------------------------------------------------- KV cache
 @dataclass
 class KVCache:
-    """Keys and values of tokens already processed, one (k, v) pair per layer, each (B, nh, T_cache, hd).
+    """Keys and values of tokens already processed, one (k, v) pair per layer, each (B, n_kv, T_cache, hd) (grouped
+    K/V heads are stored once, not expanded to the query heads).
 
     A forward pass with `kv_cache=cache` attends to the cached keys before its own; with
     `cache_update=True` it also appends its own keys/values (autoregressive decoding, a finished block).
+    hidden (B, T_cache, C): the final hidden states of the cached positions, kept only by networks with shifted
+    predictions, whose first new position reads the hidden state of the last cached one.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -56,28 +47,67 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Keep only the first `length` cached positions (sliding windows, dropping a suffix)."""
         self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
+        self.hidden = None if self.hidden is None else self.hidden[:, :length]
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers])
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], None if self.hidden is None else self.hidden[rows])
 
 
 # ------------------------------------------------------------------------------------------ modules
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in float32 and cast back before the weight (as Llama, Qwen and OLMo do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else self.weight * y
+
+
+def make_norm(cfg: ModelConfig, dim: int, affine: bool = True) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps, elementwise_affine=affine)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=affine, bias=cfg.norm_bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_size
+        q_dim, kv_dim = self.n_head * self.hd, self.n_kv * self.hd
+        self.split = (q_dim, kv_dim, kv_dim)
+        if cfg.fused_qkv:  # dlm's layout: one projection, [q | k | v] along the output
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        else:  # loaded checkpoints: separate tensors, assigned without concatenating (no copy)
+            self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+            self.k = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+            self.v = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.proj_bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, attn_mask, causal, cache: KVCache | None, layer: int, cache_update: bool):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        B, T, _ = x.shape
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).split(self.split, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None and layer < len(cache.layers):
             k_past, v_past = cache.layers[layer]
-            k_all, v_all = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)  # (B, nh, T_cache + T, hd)
+            k_all, v_all = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)  # (B, n_kv, T_cache + T, hd)
         else:
             k_all, v_all = k, v
         if cache is not None and cache_update:
@@ -85,31 +115,38 @@ class Attention(nn.Module):
                 cache.layers[layer] = (k_all, v_all)
             else:
                 cache.layers.append((k_all, v_all))
+        if self.n_kv != self.n_head:  # query head h reads K/V head h // (nh / n_kv)
+            k_all = k_all.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hd)
+            v_all = v_all.repeat_interleave(self.n_head // self.n_kv, dim=1)
         # With a cache, "causal" means: attend to everything cached plus the causal part of the new tokens.
         y = attend(q, k_all, v_all, attn_mask, causal, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
 class MLP(nn.Module):
+    """gelu: proj(gelu_tanh(fc(x))). swiglu: proj(silu(gate(x)) * fc(x)) (fc is Llama's up_proj)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.mlp_bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
+        self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.mlp_bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        h = F.gelu(self.fc(x), approximate="tanh") if self.gate is None else F.silu(self.gate(x)) * self.fc(x)
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LN block. With time conditioning, adaLN: the conditioning vector c gives each sub-layer a
-    shift, scale and gate (initialised to zero, so the block starts as a plain pre-LN block)."""
+    """Pre-norm block. With time conditioning, adaLN: the conditioning vector c gives each sub-layer a
+    shift, scale and gate (initialised to zero, so the block starts as a plain pre-norm block)."""
 
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.index = index
-        self.ln1 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
-        self.ln2 = nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
+        self.ln1 = make_norm(cfg, cfg.d_model, affine=not cfg.time_conditioning)
+        self.ln2 = make_norm(cfg, cfg.d_model, affine=not cfg.time_conditioning)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -144,17 +181,21 @@ class TimeEmbedding(nn.Module):
 
 # ------------------------------------------------------------------------------------------ network
 class Transformer(nn.Module):
-    """Maps token ids (B, T) or input embeddings (B, T, C) to logits (B, T, V)."""
+    """Maps token ids (B, T) or input embeddings (B, T, C) to logits (B, T, V); see dlm/network/base.py."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (it comes from the tokenizer)")
+        problems = cfg.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.context, cfg.d_model) if cfg.positions == "learned" else None
         self.time_embed = TimeEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
+        self.ln_f = make_norm(cfg, cfg.d_model, affine=not cfg.time_conditioning)
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.time_conditioning else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -178,6 +219,27 @@ class Transformer(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    # The contract's properties (dlm/network/base.py).
+    @property
+    def context(self) -> int:
+        return self.cfg.context
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def d_model(self) -> int:
+        return self.cfg.d_model
+
+    @property
+    def prediction(self) -> str:
+        return self.cfg.prediction
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings (B, T, C) of token ids (B, T); forward(inputs_embeds=...) of them equals forward(ids)."""
+        return self.embed(input_ids)
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
@@ -189,11 +251,14 @@ class Transformer(nn.Module):
         t: torch.Tensor | None = None,  # (B,) diffusion time, used only with time conditioning
         attn_mask: torch.Tensor | None = None,  # bool, broadcastable to (B, nh, T, T_cache + T); True = may attend
         causal: bool = False,
-        positions: torch.Tensor | None = None,  # (T,) or per-row (B, T) rotary positions; default cache.length + arange(T)
+        positions: torch.Tensor | None = None,  # (T,) or per-row (B, T); default cache.length + arange(T)
         kv_cache: KVCache | None = None,
         cache_update: bool = False,
-        return_hidden: bool = False,
+        return_hidden: bool = False,  # the hidden states the output layer would read, (B, T, C), instead of logits
+        logits_at: slice | torch.Tensor | None = None,  # positions that get logits (dlm/network/base.py)
     ) -> torch.Tensor:
+        """Logits (B, T, V), or (B, T', V) / (N, V) at the positions `logits_at` chooses. For a shifted network the
+        logits (and `return_hidden`'s states) at position i are computed from the hidden state at i - 1."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give the network either input_ids (B, T) or inputs_embeds (B, T, C), not both or neither")
         if input_ids is not None and input_ids.dim() != 2:
@@ -203,8 +268,8 @@ class Transformer(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"inputs_embeds must be (batch, length, {self.cfg.d_model}); got {tuple(x.shape)}")
         B, T, _ = x.shape
+        start = kv_cache.length if kv_cache is not None else 0
         if positions is None:
-            start = kv_cache.length if kv_cache is not None else 0
             positions = torch.arange(start, start + T, device=x.device)
         elif positions.shape not in ((T,), (B, T)):
             raise ValueError(f"positions must be ({T},) or ({B}, {T}) for this input; got {tuple(positions.shape)}")
@@ -212,18 +277,41 @@ class Transformer(nn.Module):
             t = t.expand(B)  # one time for every row
         if t is not None and t.shape != (B,):
             raise ValueError(f"t must be one diffusion time per row, shape ({B},); got {tuple(t.shape)}")
-        cos, sin = rotary_cos_sin(positions, self.cfg.d_model // self.cfg.n_head)
+        cos = sin = None
+        if self.pos_embed is None:
+            cos, sin = rotary_cos_sin(positions, rope_inv_freq(self.cfg, x.device))
+        else:
+            if int(positions.max()) >= self.cfg.context:
+                raise ValueError(f"position {int(positions.max())} is past the learned position table "
+                                 f"({self.cfg.context} rows)")
+            x = x + self.pos_embed(positions)  # (T, C) or (B, T, C), broadcast over the batch
         cond = None
         if self.time_embed is not None:
             if t is None:
                 t = torch.zeros(B, device=x.device)
             cond = F.silu(self.time_embed(t))  # (B, cond_dim)
+        previous = self._previous_hidden(kv_cache, start)  # read before the blocks extend the cache
         for block in self.blocks:
             x = block(x, cond, cos, sin, attn_mask, causal, kv_cache, cache_update)
         x = self.ln_f(x)
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
+        if self.cfg.prediction == "shifted":
+            if kv_cache is not None and cache_update:
+                kv_cache.hidden = x if kv_cache.hidden is None or start == 0 else torch.cat((kv_cache.hidden, x), 1)
+            x = shift_hidden(x, previous)  # row i now holds the hidden state of position i - 1
+        x = select_positions(x, logits_at)
         if return_hidden:
             return x
-        return self.head(x)  # (B, T, V)
+        return self.head(x)  # (B, T, V), (B, T', V) or (N, V)
+
+    def _previous_hidden(self, kv_cache: KVCache | None, start: int) -> torch.Tensor | None:
+        """A shifted network's hidden state (B, 1, C) at the last cached position (None without a cached prefix)."""
+        if self.cfg.prediction != "shifted" or start == 0:
+            return None
+        if kv_cache.hidden is None or kv_cache.hidden.shape[1] != start:
+            raise ValueError("this network's predictions are shifted (position i reads the hidden state at i - 1), "
+                             "so its KV cache must hold the final hidden states of the cached positions: fill the "
+                             "cache through this network's forward(cache_update=True), not by assembling layers")
+        return kv_cache.hidden[:, -1:]

@@ -1,0 +1,79 @@
+"""The contract every network follows: what processes, samplers and pipelines may call.
+
+A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its vocabulary::
+
+    forward(input_ids=None, inputs_embeds=None, t=None, attn_mask=None, causal=False, positions=None,
+            kv_cache=None, cache_update=False, logits_at=None) -> logits
+
+- `t` (B,): diffusion time, read only by time-conditioned networks.
+- `attn_mask`: bool, broadcastable to (B, nh, T, T_cache + T), True = may attend; `causal=True` adds the causal rule.
+- `positions`: (T,) shared by the batch or per row (B, T); default `kv_cache.length + arange(T)`.
+- `kv_cache` / `cache_update`: attend to cached keys first; with `cache_update=True`, append this call's keys.
+- `logits_at`: which positions get logits. None: all, (B, T, V). A `slice` over T: (B, T', V). A bool tensor
+  (B, T): (N, V) for its True positions in row-major order. The output layer runs only on the chosen positions
+  (the masked-diffusion loss needs logits at the masked positions only; the vocabulary projection is the largest
+  matrix product of a small model).
+
+`prediction` says which token the logits at position i are about:
+
+- "same_position": token i (MDLM, LLaDA, dlm's own networks).
+- "shifted": also token i, but computed from the hidden state at i - 1, as a causal LM's next-token head is (Dream
+  and any causal LM adapted to diffusion keep that alignment so the pretrained head stays useful). Position 0,
+  which has no predecessor, uses its own hidden state (Dream's `cat([logits[:, :1], logits[:, :-1]], 1)`). The
+  network applies the shift itself, so callers index logits by the token they predict for both kinds. With a KV
+  cache the first position of a chunk reads the hidden state of the last cached position: a shifted network keeps
+  its final hidden states in the cache (`KVCache.hidden`) and refuses a cache that lacks them.
+
+Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings (soft-masking mixes them), and the
+properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+@runtime_checkable
+class Network(Protocol):
+    """The interface above; `dlm.network.Transformer` implements it for every family."""
+
+    prediction: str
+
+    @property
+    def context(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def forward(self, input_ids=None, inputs_embeds=None, t=None, attn_mask=None, causal=False, positions=None,
+                kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor: ...
+
+
+def select_positions(x: torch.Tensor, logits_at) -> torch.Tensor:
+    """The rows of x (B, T, C) chosen by `logits_at`: None -> (B, T, C); slice -> (B, T', C); bool (B, T) -> (N, C)."""
+    if logits_at is None:
+        return x
+    if isinstance(logits_at, slice):
+        return x[:, logits_at]
+    if isinstance(logits_at, torch.Tensor) and logits_at.dtype == torch.bool:
+        if logits_at.shape != x.shape[:2]:
+            raise ValueError(f"logits_at as a bool mask must be (batch, length) = {tuple(x.shape[:2])}; "
+                             f"got {tuple(logits_at.shape)}")
+        return x[logits_at]
+    raise TypeError(f"logits_at must be None, a slice over the positions or a bool (batch, length) tensor; "
+                    f"got {type(logits_at).__name__}")
+
+
+def shift_hidden(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """The hidden states a shifted network reads at each position: (B, T, C) -> (B, T, C) with row i = x[i - 1].
+
+    previous (B, 1, C): the hidden state just before x (the last cached position), or None at the start of a
+    sequence, where position 0 reads its own."""
+    first = x[:, :1] if previous is None else previous.to(x.dtype)
+    return torch.cat((first, x[:, :-1]), dim=1)
