@@ -15,6 +15,9 @@ from typing import Any
 import yaml
 
 from dlm.network.config import ModelConfig  # noqa: F401  (defined beside the network; re-exported here)
+from dlm.process import PROCESSES
+from dlm.process.schedules import SCHEDULES
+from dlm.softmask.process import SoftMaskedDiffusion
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -237,8 +240,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(problem)
     _check(m.context >= 4, f"model.context={m.context} is too short; use at least 4 tokens")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    _check(p.name in ("mdlm", "ar", "bd3lm"), f"unknown process.name '{p.name}'; valid: mdlm, ar, bd3lm")
-    _check(p.schedule in ("loglinear", "cosine", "linear"), f"unknown process.schedule '{p.schedule}'; valid: loglinear, cosine, linear")
+    _check(p.name in PROCESSES, f"unknown process.name '{p.name}'; valid: {', '.join(sorted(PROCESSES))}")
+    _check(p.schedule in SCHEDULES, f"unknown process.schedule '{p.schedule}'; valid: {', '.join(SCHEDULES)}")
+    _check(p.mask_id >= -1, f"process.mask_id={p.mask_id} must be a token id (or -1: the tokenizer's [MASK])")
+    _check(m.vocab_size <= 0 or p.mask_id < m.vocab_size,
+           f"process.mask_id={p.mask_id} lies outside the vocabulary ({m.vocab_size} tokens)")
     _check(0.0 <= p.eps < 1.0, f"process.eps={p.eps} must be in [0, 1)")
     _check(0.0 <= p.sampling_eps < 1.0, f"process.sampling_eps={p.sampling_eps} must be in [0, 1)")
     _check(d.packing in ("wrap", "pad"), f"unknown data.packing '{d.packing}'; valid: wrap, pad")
@@ -261,8 +267,24 @@ def validate(cfg: RunConfig) -> None:
     _check(t.strategy in ("auto", "ddp", "ddp_spawn", "fsdp"), f"unknown trainer.strategy '{t.strategy}'; valid: auto, ddp, ddp_spawn, fsdp")
     _check(t.logger in ("csv", "tensorboard", "wandb"), f"unknown trainer.logger '{t.logger}'; valid: csv, tensorboard, wandb")
     _check(0.0 <= t.ema < 1.0, f"trainer.ema={t.ema} must be in [0, 1) (0 disables EMA)")
+    _validate_process_fields(cfg)
     _validate_softmask(cfg)
-    _validate_block_diffusion(cfg)
+    try:  # the process's own rules, and whether soft-masking can wrap it
+        PROCESSES[p.name].check_config(cfg)
+        if cfg.softmask.enabled:
+            SoftMaskedDiffusion.check_base(PROCESSES[p.name])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _validate_process_fields(cfg: RunConfig) -> None:
+    """A process reads only its own fields of ProcessConfig (`config_fields`); setting another one is a mistake."""
+    p, defaults = cfg.process, ProcessConfig()
+    own = set(PROCESSES[p.name].config_fields) | {"name", "mask_id"}
+    foreign = [f.name for f in dataclasses.fields(p) if f.name not in own and getattr(p, f.name) != getattr(defaults, f.name)]
+    owners = [n for n, proc in sorted(PROCESSES.items()) if foreign and foreign[0] in proc.config_fields]
+    _check(not foreign, f"process.{foreign[0] if foreign else ''} is an option of process {' or '.join(owners)}, "
+           f"not of '{p.name}' (process.name); use process={owners[0] if owners else '...'} or leave it unset")
 
 
 def _validate_softmask(cfg: RunConfig) -> None:
@@ -277,27 +299,6 @@ def _validate_softmask(cfg: RunConfig) -> None:
     _check(0.0 < sm.omega_s < 1.0, f"softmask.omega_s={sm.omega_s} must be in (0, 1) (w_s = sigmoid(a))")
     _check(sm.omega_a > 0.0, f"softmask.omega_a={sm.omega_a} must be > 0 (w_a = softplus(b))")
     _check(sm.omega_b < 0.0, f"softmask.omega_b={sm.omega_b} must be < 0 (w_b = -softplus(c))")
-    _check(not (sm.enabled and cfg.process.name != "mdlm"),
-           f"softmask.enabled=true needs process.name=mdlm (masked diffusion), not '{cfg.process.name}': "
-           "an autoregressive model has no masks to soften")
-
-
-def _validate_block_diffusion(cfg: RunConfig) -> None:
-    p, L = cfg.process, cfg.model.context
-    if p.name != "bd3lm":
-        _check((p.clip_low, p.clip_high, p.clip_search, p.resample) == (0.0, 1.0, False, False),
-               f"process.clip_low/clip_high/clip_search/resample are block-diffusion options; use process=bd3lm "
-               f"(process.name is '{p.name}')")
-        return
-    divisors = ", ".join(str(d) for d in range(1, L + 1) if L % d == 0)
-    _check(p.block_size >= 1, f"process=bd3lm needs process.block_size (tokens per block) dividing model.context={L}; "
-           f"valid: {divisors}")
-    _check(L % p.block_size == 0, f"process.block_size={p.block_size} does not divide model.context={L}; "
-           f"valid block sizes: {divisors}")
-    _check(not cfg.model.time_conditioning, "process=bd3lm draws one time per block but the backbone's adaLN takes one "
-           "time per sequence; set model.time_conditioning=false")
-    _check(0.0 <= p.clip_low < p.clip_high <= 1.0, f"the mask-rate interval process.clip_low={p.clip_low}, "
-           f"process.clip_high={p.clip_high} must satisfy 0 <= clip_low < clip_high <= 1")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -53,6 +53,8 @@ class Process(nn.Module):
     # block-causal process), "causal" (left-to-right decoding). Fast-dLLM's prefix/dual caches are approximate
     # for every bidirectional process and are allowed anyway (they are a speed/quality choice).
     exact_caches: ClassVar[frozenset[str]] = frozenset()
+    blockwise: ClassVar[bool] = False  # generated block by block (block-causal attention, block_size tokens each)
+    config_fields: ClassVar[tuple[str, ...]] = ()  # the fields of dlm.config.ProcessConfig this process reads
 
     def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
         super().__init__()
@@ -68,7 +70,8 @@ class Process(nn.Module):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """Raise dlm.config.ConfigError for a RunConfig this process cannot train (called by config validation)."""
+        """Raise a ValueError (dlm.config.ConfigError) for a RunConfig this process cannot train; called by the
+        config's validation, which already checks that only `config_fields` are set."""
 
     # ------------------------------------------------------------------------------------ objective
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:

@@ -44,6 +44,9 @@ class BlockDiffusion(Process):
     name = "bd3lm"
     corruption = "absorbing"
     exact_caches = frozenset({"blockwise"})  # a finished block's keys never change: its KV cache is exact
+    blockwise = True
+    config_fields = ("schedule", "eps", "sampling_eps", "antithetic", "block_size", "clip_low", "clip_high",
+                     "clip_search", "resample")
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, block_size: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False, clip_low: float = 0.0,
@@ -70,6 +73,23 @@ class BlockDiffusion(Process):
     def from_config(cls, cfg, mask_id, time_conditioning=False):
         return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.block_size, cfg.sampling_eps, cfg.antithetic,
                    time_conditioning, cfg.clip_low, cfg.clip_high, cfg.resample)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        p, L = cfg.process, cfg.model.context
+        divisors = ", ".join(str(d) for d in range(1, L + 1) if L % d == 0)
+        if p.block_size < 1:
+            raise ValueError(f"process=bd3lm needs process.block_size (tokens per block) dividing model.context={L}; "
+                             f"valid: {divisors}")
+        if L % p.block_size:
+            raise ValueError(f"process.block_size={p.block_size} does not divide model.context={L}; "
+                             f"valid block sizes: {divisors}")
+        if cfg.model.time_conditioning:
+            raise ValueError("process=bd3lm draws one time per block but the backbone's adaLN takes one time per "
+                              "sequence; set model.time_conditioning=false")
+        if not 0.0 <= p.clip_low < p.clip_high <= 1.0:
+            raise ValueError(f"the mask-rate interval process.clip_low={p.clip_low}, process.clip_high={p.clip_high} "
+                              "must satisfy 0 <= clip_low < clip_high <= 1")
 
     def denoise(self, logits: torch.Tensor) -> torch.Tensor:
         """SUBS zero-masking, as MDLM."""

@@ -81,6 +81,7 @@ class MaskedDiffusion(Process):
 
     name = "mdlm"
     corruption = "absorbing"
+    config_fields = ("schedule", "eps", "sampling_eps", "antithetic")
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False):

@@ -23,14 +23,19 @@ class SoftMaskedDiffusion(Process):
     corruption = "absorbing"
 
     def __init__(self, base: Process, mixer: SoftMaskMixer, p_sm: float = 0.8, lr: float = 1e-2):
-        if base.corruption != "absorbing" or base.block_size is not None or base.autoregressive:
-            raise ValueError(f"soft-masking needs a masked diffusion process (mdlm), not '{base.name}': "
-                             "an autoregressive model has no masks to soften")
+        self.check_base(type(base))
         check_p_sm(p_sm)
         super().__init__(base.mask_id, base.time_conditioning)
         self.base, self.mixer, self.p_sm, self.lr = base, mixer, p_sm, lr
         self.default_sampler = base.default_sampler
         self.last_applied = False  # whether the last training batch got soft-masking (logged)
+
+    @staticmethod
+    def check_base(base: type[Process]) -> None:
+        """Soft-masking softens the [MASK] inputs of a whole-sequence masked diffusion process (MDLM)."""
+        if base.corruption != "absorbing" or base.blockwise or base.autoregressive:
+            raise ValueError(f"softmask.enabled=true needs process.name=mdlm (masked diffusion), not '{base.name}': "
+                             "soft-masking softens the [MASK] inputs of a whole-sequence masked diffusion model")
 
     @classmethod
     def from_config(cls, cfg, base: Process) -> "SoftMaskedDiffusion":

@@ -181,7 +181,7 @@ def test_bad_configurations_raise_clear_errors():
         build_config(["process=bd3lm", "model.time_conditioning=true"])
     with pytest.raises(ConfigError, match="clip_low"):
         build_config(["process=bd3lm", "process.clip_low=0.9", "process.clip_high=0.5"])
-    with pytest.raises(ConfigError, match="block-diffusion options"):
+    with pytest.raises(ConfigError, match="process.clip_search is an option of process bd3lm, not of 'mdlm'"):
         build_config(["process=mdlm", "process.clip_search=true"])
     cfg = build_config(["process=bd3lm", "process.block_size=8", "model.context=32"])
     assert (cfg.process.name, cfg.process.block_size) == ("bd3lm", 8)
