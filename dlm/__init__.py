@@ -9,9 +9,8 @@ Layout: `network/` (backbones), `process/` (noising and objectives), `sampler/` 
 
 __version__ = "0.1.0"
 
-from dlm.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (see dlm/allocator.py)
+# Importing dlm changes nothing process-wide: the allocator tuning (dlm/allocator.py) is applied by the `dlm` command
+# and by training, not by this import.
 
 
 def load(path, device: str = "cpu", **kw):

@@ -7,7 +7,8 @@ again each time: the kernel zeroes every page. On this project's 2-core machine 
 entropy pass 7x slower in some runs (83 vs 12 ms for 2,048 rows of 8,192 logits) and benchmark timings erratic.
 `keep_freed_memory()` raises both thresholds once per process (what jemalloc or tcmalloc would also fix):
 blocks up to 32 MiB come from the heap and freed memory stays mapped, so the resident size stays near the
-process's peak instead of shrinking. `import dlm` calls it; set DLM_KEEP_FREED_MEMORY=0 to opt out.
+process's peak instead of shrinking. The `dlm` command and `dlm.train.run.train` call it (`import dlm` does not:
+importing a library changes nothing process-wide); set DLM_KEEP_FREED_MEMORY=0 to opt out.
 """
 
 from __future__ import annotations

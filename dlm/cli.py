@@ -66,9 +66,9 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import dlm
+    from dlm.pipeline import load
 
-    model = dlm.load(args.model, device=args.device)
+    model = load(args.model, device=args.device)
     if args.sampler == "llada":
         return _sample_llada(model, args)
     if args.prompt and len(args.prompt) > 1:
@@ -201,9 +201,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import dlm
+    from dlm.pipeline import load
 
-    model = dlm.load(args.checkpoint, use_ema=not args.live_weights)
+    model = load(args.checkpoint, use_ema=not args.live_weights)
     print(f"exported to {model.save_pretrained(args.out)}")
     return 0
 
@@ -307,6 +307,9 @@ def _quiet_third_party() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from dlm.allocator import keep_freed_memory
+
+    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
     from dlm.checkpoint import CheckpointError
     from dlm.config import ConfigError
     from dlm.train.lit_module import TrainingDiverged

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from dlm.network.config import ModelConfig  # noqa: F401  (defined beside the network; re-exported here)
+from dlm.precision import PRECISIONS  # trainer.precision; what "auto" means: dlm/precision.py
 from dlm.process import PROCESSES
 from dlm.process.schedules import SCHEDULES
 from dlm.softmask.process import SoftMaskedDiffusion
@@ -66,7 +67,6 @@ class OptimConfig:
     grad_clip: float = 1.0
 
 
-PRECISIONS = ("auto", "bf16", "32")  # trainer.precision; what "auto" means: dlm/precision.py
 
 
 @dataclass

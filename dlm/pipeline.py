@@ -19,7 +19,6 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -383,7 +382,7 @@ class DiffusionLM:
     @torch.no_grad()
     def nelbo(self, batch: dict, num_t_samples: int = 8, seed: int = 0, precision: str = "auto",
               softmask: bool | None = None, first_row: int = 0) -> tuple[float, int]:
-        """(summed NELBO in nats, scored tokens) of a batch (see dlm.train.data_module.make_batch); exact NLL for
+        """(summed NELBO in nats, scored tokens) of a batch (see dlm.data.batch.make_batch); exact NLL for
         an autoregressive model. Deterministic for a given seed: row r's times and masks come from its own
         generator, seeded by (seed, first_row + r), so a row's bound does not depend on the batch it is in.
         softmask: bound the two-pass soft-masked denoiser (default: when the model was trained with SM); the
@@ -408,7 +407,7 @@ class DiffusionLM:
         (given texts: every token, the last row padded, so even one short sentence can be scored).
         softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM)."""
         from dlm.data.packing import build_token_dataset
-        from dlm.train.data_module import make_batch
+        from dlm.data.batch import make_batch
 
         given_texts = texts is not None
         if not given_texts:
@@ -448,28 +447,6 @@ class DiffusionLM:
                 "bound": not self.is_autoregressive, "num_t_samples": 0 if self.is_autoregressive else num_t_samples,
                 "seed": seed, "split": "texts" if given_texts else split,
                 "softmask": bool(self.softmask is not None if softmask is None else softmask)}
-
-    def as_eval_lm(self, name: str = "dlm-ar"):
-        """Wrap an autoregressive dlm model as an evaluation LM for generative perplexity."""
-        if not self.is_autoregressive:
-            raise ValueError("only an autoregressive dlm model can score text left to right; this one is "
-                             f"'{self.process.name}'")
-        from dlm.eval.genppl import EvalLM
-
-        network = self.network
-
-        class CausalWrapper(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.network = network
-
-            def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):
-                if not output_hidden_states:
-                    return self.network(input_ids, causal=True)
-                hidden = self.network(input_ids, causal=True, return_hidden=True)  # (B, T, C): MAUVE features
-                return SimpleNamespace(logits=self.network.head(hidden), hidden_states=(hidden,))
-
-        return EvalLM(CausalWrapper(), self.tokenizer, name, max_length=self.context)
 
 
 def row_seed(seed: int, row: int) -> int:

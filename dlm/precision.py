@@ -13,13 +13,15 @@ import functools
 
 import torch
 
-from dlm.config import PRECISIONS
 
 
 @functools.lru_cache(maxsize=1)
 def _cpu_capabilities() -> dict:
     """PyTorch's reading of this CPU (name, cache sizes, instruction sets as booleans)."""
     return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
+PRECISIONS = ("auto", "bf16", "32")  # trainer.precision: "auto" = bf16 only where it is fast (below)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -81,7 +81,7 @@ def test_generation_is_reproducible_and_batching_does_not_change_it(model):
 
 def test_nelbo_and_perplexity(model, text_folder):
     ids = torch.tensor([[model.tokenizer.bos_token_id] + model.encode(LONG_TEXT)[: model.context - 1]])
-    from dlm.train.data_module import make_batch
+    from dlm.data.batch import make_batch
 
     batch = make_batch(ids, None)
     s1, n1 = model.nelbo(batch, num_t_samples=4, seed=0)

@@ -14,6 +14,7 @@ import inspect
 import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,14 @@ class EvalLM:
         return cls(model, tokenizer, name=str(path_or_id))
 
     @classmethod
+    def from_dlm(cls, model, name: str = "dlm-ar") -> EvalLM:
+        """An autoregressive dlm model (a `DiffusionLM` whose process is autoregressive) as an evaluation LM."""
+        if not model.process.autoregressive:
+            raise ValueError("only an autoregressive dlm model can score text left to right; this one is "
+                             f"'{model.process.name}'")
+        return cls(_CausalDLM(model.network), model.tokenizer, name, max_length=model.context)
+
+    @classmethod
     def smollm2(cls, device: str | torch.device = "cpu") -> EvalLM:
         """The default independent evaluator, SmolLM2-135M-Instruct (134.5M parameters, 8192 context).
 
@@ -130,6 +139,20 @@ class EvalLM:
                 raise TypeError(f"{self.name!r} returns no hidden_states; MAUVE features need them")
             return hidden[-1]
         return out if torch.is_tensor(out) else out.logits
+
+
+class _CausalDLM(torch.nn.Module):
+    """dlm's network run causally, answering like a transformers causal LM (logits, and hidden states for MAUVE)."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):
+        if not output_hidden_states:
+            return self.network(input_ids, causal=True)
+        hidden = self.network(input_ids, causal=True, return_hidden=True)  # (B, T, C): MAUVE features
+        return SimpleNamespace(logits=self.network.head(hidden), hidden_states=(hidden,))
 
 
 @functools.lru_cache(maxsize=None)

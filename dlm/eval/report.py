@@ -13,14 +13,14 @@ def load_eval_lm(spec: str):
     if spec == "smollm2":
         return EvalLM.smollm2()
     if spec.startswith("dlm:"):
-        import dlm
+        from dlm.pipeline import load
 
-        return dlm.load(spec[4:]).as_eval_lm(name=spec)
+        return EvalLM.from_dlm(load(spec[4:]), name=spec)
     return EvalLM.from_pretrained(spec)
 
 
 def evaluate_models(args) -> list[dict]:
-    import dlm
+    from dlm.pipeline import load
     from dlm.eval.entropy import mean_sample_entropy
     from dlm.eval.genppl import generative_perplexity
 
@@ -28,7 +28,7 @@ def evaluate_models(args) -> list[dict]:
     eval_lm = load_eval_lm(args.eval_model) if args.gen_ppl or want_mauve else None
     rows = []
     for path in args.models:
-        model = dlm.load(path)
+        model = load(path)
         row = {"model": str(path), "process": model.process.name, "params": model.network.num_params(False)}
         if model.trained_steps is not None:  # a run a time budget stopped early is not comparable at face value
             row["steps"] = model.trained_steps

@@ -5,7 +5,7 @@ from a grid (widths 0.5..0.9, offsets in steps of 0.05, plus the full range) as 
 estimates have the lowest variance over a few validation batches, with the current (e.g. fine-tuned-from) weights.
 Evaluation always uses the full range: clipping changes the training estimator, never the reported bound.
 
-Design: one search before training (`process.clip_search=true`, run by `dlm train`), whose result is written into
+Design: one search before training (`process.clip_search=true`, run by `dlm train`: dlm/train/clip_search.py), whose result is written into
 `process.clip_low` / `process.clip_high` of the run's config (so it is saved in every checkpoint), logged, and the
 whole variance table is written to `<run>/clip_search.json`. (The reference code repeats the search at every
 validation; once, from the starting weights, is much cheaper on a CPU and is what the fine-tuning recipe needs.)
@@ -13,9 +13,7 @@ validation; once, from the starting weights, is much cheaper on a CPU and is wha
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
@@ -63,46 +61,3 @@ def search_clip_interval(process, network, batches: list[dict], grid=None, seed:
         network.train(was_training)
     table.sort(key=lambda row: row[2])
     return {"best": (table[0][0], table[0][1]), "table": table}
-
-
-def run_clip_search(cfg, module, tokenizer, run_dir: Path) -> tuple[float, float]:
-    """`process.clip_search=true` in `dlm train`: search on `trainer.val_batches` validation batches with the
-    module's starting weights, store the interval in cfg.process (saved with every checkpoint), rebuild the
-    module's process, rewrite config.yaml, log it and write the table to run_dir/clip_search.json."""
-    from dlm.config import ConfigError, to_yaml
-    from dlm.process import make_process
-    from dlm.train.data_module import load_rows, make_batch
-
-    t = cfg.trainer
-    if t.val_batches <= 0:
-        raise ConfigError("process.clip_search=true needs validation batches: set trainer.val_batches > 0")
-    if not cfg.init_from:
-        log.warning("process.clip_search=true without init_from: the search uses randomly initialised weights, "
-                    "so the interval it picks says little; the reference recipe searches from an MDLM checkpoint")
-    rows = load_rows(cfg, tokenizer, "val")
-    batches = []
-    for start in range(0, min(len(rows), t.val_batches * t.batch_size), t.batch_size):
-        am = None if rows.attention_mask is None else rows.attention_mask[start:start + t.batch_size]
-        batches.append(make_batch(rows.input_ids[start:start + t.batch_size].long(), am))
-    result = search_clip_interval(module.process, module.network, batches, seed=t.seed)
-    cfg.process.clip_low, cfg.process.clip_high = result["best"]
-    cfg.process.clip_search = False  # done: the saved config now holds the chosen interval
-    module.process = make_process(cfg.process, mask_id=tokenizer.mask_token_id,
-                                  time_conditioning=cfg.model.time_conditioning)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "clip_search.json").write_text(json.dumps(
-        {"block_size": cfg.process.block_size, "num_batches": len(batches), "best": result["best"],
-         "table_beta_omega_variance": result["table"]}, indent=1))
-    full = next(v for lo, hi, v in result["table"] if (lo, hi) == (0.0, 1.0))
-    log.warning("clip search (block size %d, %d validation batches): mask rate ~ U[%.2f, %.2f], per-block NELBO "
-                "variance %.4g (full range: %.4g); table in %s", cfg.process.block_size, len(batches),
-                *result["best"], result["table"][0][2], full, run_dir / "clip_search.json")
-    return result["best"]
-
-
-def adopt_saved_interval(cfg, saved_config: dict) -> None:
-    """On resume, a run that searched keeps the interval it chose when it started (no second search)."""
-    saved = saved_config.get("process", {})
-    cfg.process.clip_low = saved.get("clip_low", cfg.process.clip_low)
-    cfg.process.clip_high = saved.get("clip_high", cfg.process.clip_high)
-    cfg.process.clip_search = saved.get("clip_search", cfg.process.clip_search)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlm.config import RunConfig
+from dlm.data.batch import make_batch
 
 
 class TokenRows(Dataset):
@@ -32,17 +33,6 @@ class TokenRows(Dataset):
         idx = torch.stack([it["row"] for it in items])
         return make_batch(self.input_ids[idx].long(), None if self.attention_mask is None else self.attention_mask[idx])
 
-
-def make_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
-    """The batch dict the processes read: ids (B, L), loss_mask (B, L) (not BOS at position 0, not padding),
-    attention_mask (B, L) or absent."""
-    loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    loss_mask[:, 0] = False  # position 0 is BOS: given, never predicted (by the diffusion or the AR model)
-    batch = {"input_ids": input_ids, "loss_mask": loss_mask}
-    if attention_mask is not None:
-        batch["loss_mask"] = loss_mask & attention_mask
-        batch["attention_mask"] = attention_mask
-    return batch
 
 
 class StepBatchSampler:

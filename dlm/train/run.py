@@ -16,9 +16,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dlm.allocator import keep_freed_memory
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.precision import cpu_has_fast_bf16, use_bf16
+from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
 from dlm.train.lit_module import DiffusionLightningModule
@@ -69,6 +71,7 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
 
 def train(cfg: RunConfig) -> Path:
     """Train (or resume) one run; returns the run folder."""
+    keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
     t = cfg.trainer
     run_dir = Path(t.out_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -92,8 +95,6 @@ def train(cfg: RunConfig) -> Path:
         if cfg.init_from:  # the network was taken from the init model when the run started: keep it
             cfg.model = RunConfig.from_dict(ckpt["dlm"]["config"]).model
         if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
-            from dlm.process.clipped_schedule import adopt_saved_interval
-
             adopt_saved_interval(cfg, ckpt["dlm"]["config"])
         _check_resumable(cfg, ckpt, last)
         spent = training_minutes(ckpt)
@@ -118,8 +119,6 @@ def train(cfg: RunConfig) -> Path:
             if getattr(module, name) is not None:  # the EMA starts from the weights the run starts from
                 setattr(module, name, type(module.ema)(target, t.ema))
     if cfg.process.clip_search:  # bd3lm: the training mask-rate interval, chosen on validation batches
-        from dlm.process.clipped_schedule import run_clip_search
-
         run_clip_search(cfg, module, tokenizer, run_dir)
     if t.compile:  # in place: parameter names (EMA, checkpoints, export) stay those of the plain network
         module.network.compile()

@@ -55,7 +55,7 @@ def legacy(tmp: Path) -> dict:
 
 
 def _batch(model):
-    from dlm.train.data_module import make_batch
+    from dlm.data.batch import make_batch
 
     ids = torch.tensor([model.encode("In the beginning God created the heaven and the earth, and the")[:31]])
     return make_batch(torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), ids], 1), None)

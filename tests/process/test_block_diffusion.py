@@ -11,7 +11,7 @@ from dlm.process.block_diffusion import BlockDiffusion
 from dlm.process.clipped_schedule import clip_grid, search_clip_interval, time_of_mask_rate
 from dlm.process.mdlm import MaskedDiffusion, subs_logits
 from dlm.process.schedules import make_schedule
-from dlm.train.data_module import make_batch
+from dlm.data.batch import make_batch
 
 V, MASK = 11, 10
 
