@@ -18,7 +18,7 @@ from train_throughput import matmul_peak, plain_loop_step_time  # bench/ is on t
 
 from dlm.config import ModelConfig
 from dlm.precision import cpu_has_fast_bf16, describe_cpu
-from dlm.train.data_module import make_batch
+from dlm.data.batch import make_batch
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from dlm.process import MaskedDiffusion
 from dlm.process.schedules import LogLinearSchedule
 from dlm.sampler import AncestralSampler
 from dlm.softmask import SoftMaskFeedback, SoftMaskMixer, softmask_loss
-from dlm.train.data_module import make_batch
+from dlm.data.batch import make_batch
 
 
 def train_step(network, mixer, optimizer, process, batch, seed: int, sm: bool, autocast) -> float:

@@ -23,11 +23,12 @@ import time
 import lightning as L
 import torch
 
-from dlm.config import ModelConfig, ProcessConfig, RunConfig
+from dlm.config import ModelConfig, RunConfig
+from dlm.process import PROCESSES
 from dlm.network import Transformer
 from dlm.precision import cpu_has_fast_bf16, describe_cpu
 from dlm.process import make_process
-from dlm.train.data_module import make_batch
+from dlm.data.batch import make_batch
 from dlm.train.lit_module import DiffusionLightningModule
 
 
@@ -72,7 +73,7 @@ def plain_loop_step_time(cfg: ModelConfig, process_name: str, batch: dict, steps
     """A plain PyTorch loop: forward, loss, backward, clip, AdamW. Median seconds per step."""
     torch.manual_seed(0)
     net = Transformer(cfg)
-    process = make_process(ProcessConfig(name=process_name), mask_id=cfg.vocab_size - 1)
+    process = make_process(PROCESSES[process_name].config_class(), mask_id=cfg.vocab_size - 1)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
     times = []
     for i in range(steps + 2):
@@ -101,7 +102,7 @@ class StepTimer(L.Callback):
 
 def lightning_step_time(cfg: ModelConfig, process_name: str, batch: dict, steps: int, bf16: bool) -> float:
     """The same step through dlm's LightningModule and a Lightning Trainer (EMA, logging, LR schedule, clipping)."""
-    run = RunConfig(model=cfg, process=ProcessConfig(name=process_name))
+    run = RunConfig(model=cfg, process=PROCESSES[process_name].config_class())
     run.trainer.ema = 0.9999
     module = DiffusionLightningModule(run, FakeTokenizer(cfg.vocab_size))
     data = torch.utils.data.DataLoader([batch] * (steps + 2), batch_size=None)

@@ -16,8 +16,7 @@ import yaml
 
 from dlm.network.config import ModelConfig  # noqa: F401  (defined beside the network; re-exported here)
 from dlm.precision import PRECISIONS  # trainer.precision; what "auto" means: dlm/precision.py
-from dlm.process import PROCESSES
-from dlm.process.schedules import SCHEDULES
+from dlm.process import PROCESSES, MDLMConfig, ProcessConfig  # noqa: F401  (ProcessConfig re-exported)
 from dlm.softmask.process import SoftMaskedDiffusion
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -25,23 +24,6 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says what is wrong and how to fix it."""
-
-
-@dataclass
-class ProcessConfig:
-    """How data is noised and the training objective."""
-
-    name: str = "mdlm"  # a registered process: dlm.process.PROCESSES (mdlm, ar, bd3lm)
-    mask_id: int = -1  # the [MASK] token id, recorded when training starts (-1: the tokenizer's)
-    schedule: str = "loglinear"  # "loglinear" | "cosine" | "linear"
-    eps: float = 1e-3  # alpha_1 = eps: the schedule's end point
-    sampling_eps: float = 1e-3  # t is drawn from [sampling_eps, 1]
-    antithetic: bool = True  # low-discrepancy time sampling over the batch
-    block_size: int = 0  # bd3lm: tokens per block, must divide model.context (0 = not set)
-    clip_low: float = 0.0  # bd3lm training draws the mask rate from U[clip_low, clip_high] (evaluation: full range)
-    clip_high: float = 1.0
-    clip_search: bool = False  # bd3lm: choose [clip_low, clip_high] by the data-driven search before training
-    resample: bool = False  # bd3lm: redraw blocks whose masked fraction falls outside [clip_low, clip_high]
 
 
 @dataclass
@@ -107,7 +89,7 @@ class SoftMaskConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    process: ProcessConfig = field(default_factory=ProcessConfig)
+    process: ProcessConfig = field(default_factory=MDLMConfig)  # the config_class of the process named
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -120,8 +102,25 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         cfg = cls()
-        _merge(cfg, d, prefix="")
+        _merge(cfg, _upgrade(d), prefix="")
         return cfg
+
+
+# Before each process had its own config class, every process's config held these fields with these defaults.
+_OLD_SHARED_PROCESS_FIELDS = {"schedule": "loglinear", "eps": 1e-3, "sampling_eps": 1e-3, "antithetic": True,
+                              "block_size": 0, "clip_low": 0.0, "clip_high": 1.0, "clip_search": False,
+                              "resample": False}
+
+
+def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of an older dlm: drop the shared process fields the process does not have, when they hold
+    their old defaults (a non-default value stays, and is refused by name as it would be on the command line)."""
+    process = d.get("process")
+    if not isinstance(process, dict) or process.get("name") not in PROCESSES:
+        return d
+    own = {f.name for f in dataclasses.fields(PROCESSES[process["name"]].config_class)}
+    kept = {k: v for k, v in process.items() if k in own or _OLD_SHARED_PROCESS_FIELDS.get(k, object()) != v}
+    return {**d, "process": kept}
 
 
 def preset_groups() -> dict[str, list[str]]:
@@ -170,7 +169,11 @@ def build_config(overrides: list[str] | None = None, base: RunConfig | None = No
 
 def _merge(obj: Any, d: dict[str, Any], prefix: str) -> None:
     for key, value in d.items():
-        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, key, None)):
+        child = getattr(obj, key, None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(child):
+            if isinstance(child, ProcessConfig) and "name" in value:  # the name picks the config class: first
+                setattr(obj, key, _process_config(child, value["name"], prefix + key + "."))
+                value = {k: v for k, v in value.items() if k != "name"}
             _merge(getattr(obj, key), value, prefix + key + ".")
         else:
             _set(obj, key, value, prefix)
@@ -182,6 +185,9 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
         child = getattr(obj, p, None)
         if not dataclasses.is_dataclass(child):
             raise ConfigError(_unknown_key(obj, p, prefix))
+        if isinstance(child, ProcessConfig) and p == parents[-1] and last == "name":
+            setattr(obj, p, _process_config(child, value, prefix + p + "."))
+            return
         obj, prefix = child, prefix + p + "."
     names = {f.name: f for f in dataclasses.fields(obj)}
     if last not in names:
@@ -192,8 +198,24 @@ def _set(obj: Any, dotted: str, value: Any, prefix: str = "") -> None:
     setattr(obj, last, _coerce(value, current, prefix + last))
 
 
+def _process_config(current: ProcessConfig, name: Any, prefix: str) -> ProcessConfig:
+    """`process.name=NAME`: that process's own config class, keeping the values of the fields both classes have."""
+    if name not in PROCESSES:
+        raise ConfigError(f"unknown {prefix}name '{name}'; valid: {', '.join(sorted(PROCESSES))}")
+    new = PROCESSES[name].config_class()
+    for f in dataclasses.fields(new):
+        if f.name != "name" and hasattr(current, f.name):
+            setattr(new, f.name, getattr(current, f.name))
+    return new
+
+
 def _unknown_key(obj: Any, key: str, prefix: str) -> str:
     valid = ", ".join(prefix + f.name for f in dataclasses.fields(obj))
+    if isinstance(obj, ProcessConfig):
+        owners = sorted(n for n, p in PROCESSES.items() if key in {f.name for f in dataclasses.fields(p.config_class)})
+        if owners:
+            return (f"{prefix}{key} is an option of process {' or '.join(owners)}, not of '{obj.name}' "
+                    f"({prefix}name); use process={owners[0]} or leave it unset")
     return f"unknown config key '{prefix}{key}'; valid keys here: {valid}"
 
 
@@ -241,12 +263,9 @@ def validate(cfg: RunConfig) -> None:
     _check(m.context >= 4, f"model.context={m.context} is too short; use at least 4 tokens")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _check(p.name in PROCESSES, f"unknown process.name '{p.name}'; valid: {', '.join(sorted(PROCESSES))}")
-    _check(p.schedule in SCHEDULES, f"unknown process.schedule '{p.schedule}'; valid: {', '.join(SCHEDULES)}")
     _check(p.mask_id >= -1, f"process.mask_id={p.mask_id} must be a token id (or -1: the tokenizer's [MASK])")
     _check(m.vocab_size <= 0 or p.mask_id < m.vocab_size,
            f"process.mask_id={p.mask_id} lies outside the vocabulary ({m.vocab_size} tokens)")
-    _check(0.0 <= p.eps < 1.0, f"process.eps={p.eps} must be in [0, 1)")
-    _check(0.0 <= p.sampling_eps < 1.0, f"process.sampling_eps={p.sampling_eps} must be in [0, 1)")
     _check(d.packing in ("wrap", "pad"), f"unknown data.packing '{d.packing}'; valid: wrap, pad")
     _check(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE; use at least 260")
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
@@ -267,7 +286,6 @@ def validate(cfg: RunConfig) -> None:
     _check(t.strategy in ("auto", "ddp", "ddp_spawn", "fsdp"), f"unknown trainer.strategy '{t.strategy}'; valid: auto, ddp, ddp_spawn, fsdp")
     _check(t.logger in ("csv", "tensorboard", "wandb"), f"unknown trainer.logger '{t.logger}'; valid: csv, tensorboard, wandb")
     _check(0.0 <= t.ema < 1.0, f"trainer.ema={t.ema} must be in [0, 1) (0 disables EMA)")
-    _validate_process_fields(cfg)
     _validate_softmask(cfg)
     try:  # the process's own rules, and whether soft-masking can wrap it
         PROCESSES[p.name].check_config(cfg)
@@ -275,16 +293,6 @@ def validate(cfg: RunConfig) -> None:
             SoftMaskedDiffusion.check_base(PROCESSES[p.name])
     except ValueError as e:
         raise ConfigError(str(e)) from e
-
-
-def _validate_process_fields(cfg: RunConfig) -> None:
-    """A process reads only its own fields of ProcessConfig (`config_fields`); setting another one is a mistake."""
-    p, defaults = cfg.process, ProcessConfig()
-    own = set(PROCESSES[p.name].config_fields) | {"name", "mask_id"}
-    foreign = [f.name for f in dataclasses.fields(p) if f.name not in own and getattr(p, f.name) != getattr(defaults, f.name)]
-    owners = [n for n, proc in sorted(PROCESSES.items()) if foreign and foreign[0] in proc.config_fields]
-    _check(not foreign, f"process.{foreign[0] if foreign else ''} is an option of process {' or '.join(owners)}, "
-           f"not of '{p.name}' (process.name); use process={owners[0] if owners else '...'} or leave it unset")
 
 
 def _validate_softmask(cfg: RunConfig) -> None:

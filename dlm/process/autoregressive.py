@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dlm.process.base import LossOutput, Process, register_process
+from dataclasses import dataclass
+
+from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
+
+
+@dataclass
+class ARConfig(ProcessConfig):
+    name: str = "ar"
 
 
 @register_process
@@ -17,6 +24,7 @@ class Autoregressive(Process):
     autoregressive = True
     default_sampler = "autoregressive"
     exact_caches = frozenset({"causal"})
+    config_class = ARConfig
 
     def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
         super().__init__(None, False)  # nothing is masked and no time is fed

@@ -20,8 +20,9 @@ and what training and evaluation ask: `loss(network, batch, generator)` and `nel
 num_t_samples, generator)`, both returning a `LossOutput`. Batches are dicts with `input_ids` (B, L), `loss_mask`
 (B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
 
-A new process is one file: subclass `Process`, decorate it with `@register_process`, give it a `from_config`, and
-the shared contract tests (tests/process/test_contract.py) check it.
+A new process is one file: subclass `Process`, decorate it with `@register_process`, give it a `from_config`,
+give it a config dataclass (`config_class`, extending `ProcessConfig`) and the shared contract tests
+(tests/process/test_contract.py) check it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ import torch
 from torch import nn
 
 CORRUPTIONS = ("absorbing", "uniform", "none")
+
+
+@dataclass
+class ProcessConfig:
+    """What every process's config holds; each process extends it with its own fields (its `config_class`)."""
+
+    name: str = "mdlm"  # a registered process: dlm.process.PROCESSES
+    mask_id: int = -1  # the [MASK] token id, recorded when training starts (-1: the tokenizer's)
 
 
 @dataclass
@@ -54,7 +63,7 @@ class Process(nn.Module):
     # for every bidirectional process and are allowed anyway (they are a speed/quality choice).
     exact_caches: ClassVar[frozenset[str]] = frozenset()
     blockwise: ClassVar[bool] = False  # generated block by block (block-causal attention, block_size tokens each)
-    config_fields: ClassVar[tuple[str, ...]] = ()  # the fields of dlm.config.ProcessConfig this process reads
+    config_class: ClassVar[type] = ProcessConfig  # its own config dataclass: RunConfig.process for this process
 
     def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
         super().__init__()
@@ -65,13 +74,13 @@ class Process(nn.Module):
     # ------------------------------------------------------------------------------------ building
     @classmethod
     def from_config(cls, cfg, mask_id: int | None, time_conditioning: bool = False) -> "Process":
-        """Build from a ProcessConfig (dlm.config) and the model description's mask id."""
+        """Build from its `config_class` instance and the model description's mask id."""
         raise NotImplementedError
 
     @classmethod
     def check_config(cls, cfg) -> None:
         """Raise a ValueError (dlm.config.ConfigError) for a RunConfig this process cannot train; called by the
-        config's validation, which already checks that only `config_fields` are set."""
+        config's validation."""
 
     # ------------------------------------------------------------------------------------ objective
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
@@ -176,6 +185,8 @@ def register_process(cls: type[Process]) -> type[Process]:
     """Class decorator: make a process available by its `name` (config `process=NAME`, the CLI, the docs)."""
     if cls.corruption not in CORRUPTIONS:
         raise ValueError(f"process '{cls.name}': corruption must be one of {CORRUPTIONS}, not '{cls.corruption}'")
+    if cls.config_class().name != cls.name:
+        raise ValueError(f"process '{cls.name}': its config_class's default name must be '{cls.name}'")
     if cls.name in PROCESSES and PROCESSES[cls.name] is not cls:
         raise ValueError(f"two processes are registered as '{cls.name}': {PROCESSES[cls.name]} and {cls}")
     PROCESSES[cls.name] = cls

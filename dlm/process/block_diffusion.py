@@ -17,13 +17,14 @@ dlm.process.clipped_schedule); `nelbo` always uses the full range, so reported b
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from dlm.process.base import LossOutput, Process, register_process
 from dlm.process.block_mask import training_mask
-from dlm.process.mdlm import evaluation_times, subs_logits, uniform
+from dlm.process.mdlm import MDLMConfig, check_schedule_fields, evaluation_times, subs_logits, uniform
 from dlm.process.schedules import NoiseSchedule, make_schedule, time_of_mask_rate
 
 MAX_RESAMPLES = 100
@@ -37,6 +38,16 @@ def check_block_size(block_size: int, length: int) -> None:
                          f"valid block sizes: {', '.join(map(str, divisors))}")
 
 
+@dataclass
+class BD3LMConfig(MDLMConfig):
+    name: str = "bd3lm"
+    block_size: int = 0  # tokens per block, must divide model.context (0 = not set)
+    clip_low: float = 0.0  # training draws the mask rate from U[clip_low, clip_high] (evaluation: full range)
+    clip_high: float = 1.0
+    clip_search: bool = False  # choose [clip_low, clip_high] by the data-driven search before training
+    resample: bool = False  # redraw blocks whose masked fraction falls outside [clip_low, clip_high]
+
+
 @register_process
 class BlockDiffusion(Process):
     """The BD3-LM process: per-block noising, the one-pass training loss and the (full-range) NELBO."""
@@ -45,8 +56,7 @@ class BlockDiffusion(Process):
     corruption = "absorbing"
     exact_caches = frozenset({"blockwise"})  # a finished block's keys never change: its KV cache is exact
     blockwise = True
-    config_fields = ("schedule", "eps", "sampling_eps", "antithetic", "block_size", "clip_low", "clip_high",
-                     "clip_search", "resample")
+    config_class = BD3LMConfig
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, block_size: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False, clip_low: float = 0.0,
@@ -77,6 +87,7 @@ class BlockDiffusion(Process):
     @classmethod
     def check_config(cls, cfg) -> None:
         p, L = cfg.process, cfg.model.context
+        check_schedule_fields(p)
         divisors = ", ".join(str(d) for d in range(1, L + 1) if L % d == 0)
         if p.block_size < 1:
             raise ValueError(f"process=bd3lm needs process.block_size (tokens per block) dividing model.context={L}; "

@@ -10,11 +10,13 @@ scored (not BOS, not padding) — plus an optional `attention_mask` (B, L) bool 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from dlm.process.base import LossOutput, Process, register_process
-from dlm.process.schedules import NoiseSchedule, make_schedule, time_of_mask_rate
+from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
+from dlm.process.schedules import SCHEDULES, NoiseSchedule, make_schedule, time_of_mask_rate
 
 
 def subs_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -75,13 +77,31 @@ def nelbo_terms(logits, x, z, t, schedule: NoiseSchedule, mask_id: int, loss_mas
     return torch.where(masked, ce, 0.0) * schedule.loss_weight(t)[:, None]
 
 
+def check_schedule_fields(p) -> None:
+    """The noise-schedule fields of an MDLMConfig (or a config extending it), each refused by name."""
+    if p.schedule not in SCHEDULES:
+        raise ValueError(f"unknown process.schedule '{p.schedule}'; valid: {', '.join(SCHEDULES)}")
+    for name in ("eps", "sampling_eps"):
+        if not 0.0 <= getattr(p, name) < 1.0:
+            raise ValueError(f"process.{name}={getattr(p, name)} must be in [0, 1)")
+
+
+@dataclass
+class MDLMConfig(ProcessConfig):
+    name: str = "mdlm"
+    schedule: str = "loglinear"  # "loglinear" | "cosine" | "linear" (dlm.process.schedules)
+    eps: float = 1e-3  # alpha_1 = eps: the schedule's end point
+    sampling_eps: float = 1e-3  # t is drawn from [sampling_eps, 1]
+    antithetic: bool = True  # low-discrepancy time sampling over the batch
+
+
 @register_process
 class MaskedDiffusion(Process):
     """The MDLM process: noising, the training loss and the NELBO used for evaluation."""
 
     name = "mdlm"
     corruption = "absorbing"
-    config_fields = ("schedule", "eps", "sampling_eps", "antithetic")
+    config_class = MDLMConfig
 
     def __init__(self, schedule: NoiseSchedule, mask_id: int, sampling_eps: float = 1e-3,
                  antithetic: bool = True, time_conditioning: bool = False):
@@ -93,6 +113,10 @@ class MaskedDiffusion(Process):
     @classmethod
     def from_config(cls, cfg, mask_id, time_conditioning=False):
         return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.sampling_eps, cfg.antithetic, time_conditioning)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_schedule_fields(cfg.process)
 
     # ------------------------------------------------------------------ what samplers ask (dlm.process.base)
     def denoise(self, logits: torch.Tensor) -> torch.Tensor:

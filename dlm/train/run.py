@@ -94,7 +94,7 @@ def train(cfg: RunConfig) -> Path:
         ckpt = read_checkpoint(last)
         if cfg.init_from:  # the network was taken from the init model when the run started: keep it
             cfg.model = RunConfig.from_dict(ckpt["dlm"]["config"]).model
-        if cfg.process.clip_search:  # the interval was chosen when the run started: keep it, no second search
+        if getattr(cfg.process, "clip_search", False):  # (bd3lm) the interval was chosen when the run started: keep it, no second search
             adopt_saved_interval(cfg, ckpt["dlm"]["config"])
         _check_resumable(cfg, ckpt, last)
         spent = training_minutes(ckpt)
@@ -118,7 +118,7 @@ def train(cfg: RunConfig) -> Path:
         for name, target in (("ema", module.network), ("ema_process", module.process)):
             if getattr(module, name) is not None:  # the EMA starts from the weights the run starts from
                 setattr(module, name, type(module.ema)(target, t.ema))
-    if cfg.process.clip_search:  # bd3lm: the training mask-rate interval, chosen on validation batches
+    if getattr(cfg.process, "clip_search", False):  # bd3lm: the training mask-rate interval, chosen on validation batches
         run_clip_search(cfg, module, tokenizer, run_dir)
     if t.compile:  # in place: parameter names (EMA, checkpoints, export) stay those of the plain network
         module.network.compile()

@@ -4,7 +4,8 @@ formula `nelbo_terms` on the full (B, L, V) logits, with padding, for every sche
 import pytest
 import torch
 
-from dlm.config import ModelConfig, ProcessConfig
+from dlm.config import ModelConfig
+from dlm.process import MDLMConfig
 from dlm.network import Transformer
 from dlm.process import make_process, nelbo_terms
 from dlm.process.mdlm import key_padding_mask, antithetic_times
@@ -21,7 +22,7 @@ def test_sparse_loss_equals_dense_formula(schedule, time_conditioning):
         for p in net.parameters():
             if p.abs().sum() == 0:
                 p.data.normal_(0, 0.05)
-    process = make_process(ProcessConfig(schedule=schedule), mask_id, time_conditioning)
+    process = make_process(MDLMConfig(schedule=schedule), mask_id, time_conditioning)
     x = torch.randint(0, mask_id, (5, 12))
     attention = torch.ones_like(x, dtype=torch.bool)
     attention[3, 8:] = False  # a padded row
@@ -43,7 +44,7 @@ def test_sparse_loss_equals_dense_formula(schedule, time_conditioning):
 
 def test_gradients_flow_through_sparse_loss():
     net = Transformer(ModelConfig(vocab_size=30, n_layer=1, d_model=16, n_head=2, context=8))
-    process = make_process(ProcessConfig(), 29)
+    process = make_process(MDLMConfig(), 29)
     x = torch.randint(0, 29, (4, 8))
     lm = torch.ones_like(x, dtype=torch.bool)
     lm[:, 0] = False
