@@ -22,7 +22,6 @@ is flagged in `SampleOutput.stopped`.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -265,13 +264,6 @@ def fill_remaining_masks(network, process, z, to_generate, t_final: float, repor
     confidence = torch.zeros(z.shape, device=z.device)
     confidence[remaining] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     reporter.report(z, remaining, confidence)
-
-
-def check_sampling_args(temperature: float, top_p: float) -> None:
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature} must be finite and >= 0 (0 = greedy)")
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:

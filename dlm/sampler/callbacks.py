@@ -36,8 +36,10 @@ class ProgressBar:
 
         disable = not sys.stderr.isatty() if disable is None else disable
         self.bar = tqdm(total=total, desc=desc, unit="step", disable=disable, leave=False)
+        self.steps = 0  # events seen (tqdm does not count while disabled)
 
     def __call__(self, event: StepEvent) -> None:
+        self.steps += 1
         self.bar.update(1)
         self.bar.set_postfix(nfe=event.nfe, refresh=False)
 
