@@ -33,7 +33,7 @@ class SamplerSpec:
     def make(self, **options):
         unknown = sorted(set(options) - set(self.options))
         if unknown:
-            raise ValueError(f"sampler '{self.name}' does not take {', '.join(unknown)}; its options: "
+            raise ValueError(f"sampler '{self.name}' does not accept {', '.join(unknown)}; its options: "
                              f"{', '.join(self.options) or '(none)'}")
         cfg = self.config(**{**self.defaults, **options})
         return self.build(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})  # shallow: feedback modules stay
@@ -101,7 +101,7 @@ def check_steps(steps: int) -> None:
 
 def check_temperature(temperature: float) -> None:
     if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature} must be finite and >= 0 (0 = greedy)")
+        raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 = greedy)")
 
 
 def check_top_p(top_p: float) -> None:

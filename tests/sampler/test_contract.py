@@ -190,9 +190,9 @@ def test_registry_describes_every_sampler_and_its_class_attributes():
 
 
 def test_make_sampler_checks_options_and_values():
-    with pytest.raises(ValueError, match=r"does not take eta; its options: steps, temperature, top_p"):
+    with pytest.raises(ValueError, match=r"does not accept eta; its options: steps, temperature, top_p"):
         make_sampler("ancestral", steps=8, eta=0.1)
-    with pytest.raises(ValueError, match="does not take steps"):
+    with pytest.raises(ValueError, match="does not accept steps"):
         make_sampler("first_hitting", steps=8)
     for bad, match in [(dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(temperature=math.nan), "temperature"),
                        (dict(temperature=math.inf), "temperature"), (dict(temperature=-1.0), "temperature"),

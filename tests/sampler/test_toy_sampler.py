@@ -61,5 +61,5 @@ def test_the_toy_sampler_meets_the_contract(registered, tiny_network, check):
 
 
 def test_unknown_options_are_refused(registered):
-    with pytest.raises(ValueError, match="sampler 'most_confident' does not take steps; its options: \\(none\\)"):
+    with pytest.raises(ValueError, match="sampler 'most_confident' does not accept steps; its options: \\(none\\)"):
         make_sampler("most_confident", steps=8)
