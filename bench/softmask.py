@@ -26,7 +26,7 @@ from dlm.network import Transformer
 from dlm.precision import describe_cpu, use_bf16
 from dlm.process import MaskedDiffusion
 from dlm.process.schedules import LogLinearSchedule
-from dlm.sampler import AncestralSampler
+from dlm.sampler import AncestralSampler, Canvas
 from dlm.softmask import SoftMaskFeedback, SoftMaskMixer, softmask_loss
 from dlm.data.batch import make_batch
 
@@ -49,9 +49,11 @@ def train_step(network, mixer, optimizer, process, batch, seed: int, sm: bool, a
 def sample_step(network, process, canvas, seed: int, feedback, steps: int, autocast) -> float:
     """Seconds per network call of one ancestral sampling run (no cache)."""
     sampler = AncestralSampler(steps, cache=False, feedback=feedback)
+    started = time.perf_counter()
     with autocast():
-        out = sampler.sample(network, process, canvas, generator=torch.Generator().manual_seed(seed))
-    return out.seconds / out.nfe
+        out = sampler.sample(network, process, Canvas.from_fixed(canvas, canvas != process.mask_id),
+                             generator=torch.Generator().manual_seed(seed))
+    return (time.perf_counter() - started) / out.nfe
 
 
 def main() -> None:

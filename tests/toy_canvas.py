@@ -20,3 +20,28 @@ def canvas_and_fixed(B=4):
 
 def process():
     return MaskedDiffusion(LogLinearSchedule(1e-3), MASK)
+
+
+def sample(sampler, network, process, canvas, fixed, generator=None, record_trajectory=False, callback=None):
+    """`sampler.sample` on the canvas (B, L) with `fixed` (B, L) given positions; with record_trajectory, the
+    output gets `.trajectory`: the canvas after every step (a TrajectoryRecorder)."""
+    from dlm.sampler import Canvas, TrajectoryRecorder
+    from dlm.sampler.callbacks import chain_callbacks
+
+    recorder = TrajectoryRecorder() if record_trajectory else None
+    out = sampler.sample(network, process, Canvas.from_fixed(canvas, fixed), generator,
+                         chain_callbacks(recorder, callback))
+    if recorder is not None:
+        out.trajectory = recorder.canvases
+    return out
+
+
+def llada_with_trajectory(*args, **kw):
+    """dlm.sampler.llada.generate_llada, with `.trajectory`: the canvas after every step (a TrajectoryRecorder)."""
+    from dlm.sampler import TrajectoryRecorder
+    from dlm.sampler.llada import generate_llada
+
+    recorder = TrajectoryRecorder()
+    out = generate_llada(*args, callback=recorder, **kw)
+    out.trajectory = recorder.canvases
+    return out

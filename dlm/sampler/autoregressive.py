@@ -2,49 +2,80 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dlm.network import KVCache
-from dlm.sampler.base import SampleOutput, Sampler, Timer, check_sampling_args, sample_tokens
+from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter, chosen_probability, sample_tokens
+from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
 
 
+@dataclass
+class AutoregressiveConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache: bool = True
+    suppress_ids: tuple[int, ...] = ()  # never generated (e.g. [MASK], [PAD], [BOS])
+
+    def __post_init__(self):
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+
+
+@register_sampler("autoregressive", AutoregressiveConfig,
+                  description="left to right, one token per network call, with a KV cache (autoregressive models)")
 class AutoregressiveSampler(Sampler):
     name = "autoregressive"
+    corruptions = ("none",)
+    autoregressive = True
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, kv_cache: bool = True,
                  suppress_ids: tuple[int, ...] = ()):
-        check_sampling_args(temperature, top_p)
+        AutoregressiveConfig(temperature, top_p)  # validates
         self.temperature, self.top_p, self.kv_cache = temperature, top_p, kv_cache
-        self.suppress_ids = list(suppress_ids)  # never generated (e.g. [MASK], [PAD], [BOS])
+        self.suppress_ids = list(suppress_ids)
 
     @torch.no_grad()
-    def sample(self, network, process, canvas, fixed=None, generator=None, record_trajectory=False) -> SampleOutput:
-        """canvas (B, L): a prompt followed by the positions to generate (where `fixed` is False). The
-        generated positions must form one suffix shared by every row."""
-        if fixed is None:
-            raise ValueError("the autoregressive sampler needs `fixed`: True on the prompt, False where it generates")
+    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+        """canvas (B, L): a prompt followed by the positions to generate, which must form one suffix shared by every
+        row."""
+        process.check_sampler(self)
+        fixed = canvas.fixed
         n_prompt = int(fixed[0].sum())
         if not (fixed[:, :n_prompt].all() and not fixed[:, n_prompt:].any()):
             raise ValueError("an autoregressive model can only continue a prefix: fixed tokens after the generated "
                              "positions (infilling) need a diffusion model")
-        tokens = canvas[:, :n_prompt].clone()
-        B, L = canvas.shape
+        z = canvas.tokens.clone()
+        B, L = z.shape
+        steps = StepReporter(B, callback)
         cache = KVCache() if self.kv_cache else None
-        nfe, trajectory = 0, []
-        with Timer() as timer:
-            next_input = tokens
-            for _ in range(n_prompt, L):
+        rows = torch.arange(B, device=z.device)  # the rows still generating, in cache order
+        next_input = z[:, :n_prompt]
+        for pos in range(n_prompt, L):
+            if cache is not None:
+                logits = network(next_input, causal=True, kv_cache=cache, cache_update=True)[:, -1]
+            else:
+                logits = network(z[rows, :pos], causal=True)[:, -1]
+            steps.called(rows)
+            if self.suppress_ids:
+                logits[:, self.suppress_ids] = float("-inf")
+            u = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64)[rows]
+            nxt = sample_tokens(logits.float(), u, self.temperature, self.top_p)  # (B_a,)
+            z[rows, pos] = nxt
+            next_input = nxt[:, None]
+            committed = torch.zeros(B, L, dtype=torch.bool, device=z.device)
+            committed[rows, pos] = True
+            confidence = None
+            if callback is not None:
+                confidence = torch.zeros(B, L, device=z.device)
+                confidence[rows, pos] = chosen_probability(logits, nxt)
+            steps.report(z, committed, confidence)
+            keep = steps.live(z.device)[rows]  # (B_a,)
+            if not keep.all():  # stopped rows leave the batch (and the cache)
+                rows, next_input = rows[keep], next_input[keep]
                 if cache is not None:
-                    logits = network(next_input, causal=True, kv_cache=cache, cache_update=True)[:, -1]
-                else:
-                    logits = network(tokens, causal=True)[:, -1]
-                nfe += 1
-                if self.suppress_ids:
-                    logits[:, self.suppress_ids] = float("-inf")
-                u = torch.rand(B, generator=generator, device=canvas.device, dtype=torch.float64)
-                nxt = sample_tokens(logits.float(), u, self.temperature, self.top_p)  # (B,)
-                tokens = torch.cat((tokens, nxt[:, None]), 1)
-                next_input = nxt[:, None]
-                if record_trajectory:
-                    trajectory.append(tokens.clone())
-        return SampleOutput(tokens, nfe, timer.seconds, trajectory)
+                    cache = cache.select(keep.nonzero().squeeze(1))
+                if rows.numel() == 0:
+                    break
+        return steps.output(z)

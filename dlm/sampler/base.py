@@ -1,38 +1,212 @@
-"""What every sampler shares: the result type, the sampler interface and float64 categorical sampling."""
+"""What every sampler shares: the canvas, the result, the per-step event, the sampler interface and float64
+categorical sampling.
+
+A sampler denoises a `Canvas` with a network and a process:
+
+    sampler.sample(network, process, canvas, generator=None, callback=None) -> SampleOutput
+
+and talks to the process only through its contract (dlm.process.base): `corruption`, `prior`, `is_noise`,
+`forward_logits`, `denoise`, `alpha`, `time_of_mask_rate`, `network_time`, `time_conditioning`, `sampling_eps`,
+`block_size`, `exact_caches`, `autoregressive`, `mask_id`, `check_sampler`.
+
+Callbacks. `callback(StepEvent)` is called once after every step of the sampler's update rule, after that step's
+commits. A step makes at most one network call: the events whose `nfe` grew are exactly the network calls, one
+each. A step that makes no call (a cached ancestral step reusing the last logits, the final argmax from cached
+logits, whatever it commits) raises its event with `nfe` unchanged. The final argmax of MDLM-style samplers is a
+step when something is left to fill; the blockwise sampler's cache-filling pass is a step that commits nothing.
+The callback may return True (stop every row), a (B,) bool tensor (stop those rows) or None/False (continue).
+A stopped row keeps its current tokens (noise may be left in them), takes part in no further network call and
+is flagged in `SampleOutput.stopped`.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 
 
 @dataclass
-class SampleOutput:
-    tokens: torch.Tensor  # (B, L) generated ids, no [MASK] left
-    nfe: int  # network calls (forward passes over the batch)
-    seconds: float  # wall time
-    trajectory: list[torch.Tensor] = field(default_factory=list)  # (B, L) canvases after each step, if recorded
+class Canvas:
+    """What a sampler denoises.
+
+    tokens (B, L) long: the given tokens, and the process's prior (e.g. [MASK]) at the positions to generate.
+    to_generate (B, L) bool: positions the sampler fills; every other position is given and never changes.
+    key_valid (B, L) bool or None: False on left padding, which is never attended to (None: no padding).
+    positions (L,) or (B, L) long or None: rotary positions (None: 0..L-1).
+    """
+
+    tokens: torch.Tensor
+    to_generate: torch.Tensor
+    key_valid: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.tokens.dim() != 2 or self.to_generate.shape != self.tokens.shape:
+            raise ValueError(f"a canvas needs tokens (B, L) and to_generate of the same shape, got "
+                             f"{tuple(self.tokens.shape)} and {tuple(self.to_generate.shape)}")
+        if self.to_generate.dtype != torch.bool:
+            raise ValueError("to_generate must be a bool tensor")
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.tokens.numel() / max(self.seconds, 1e-9)
+    def fixed(self) -> torch.Tensor:
+        """(B, L) bool: the given positions."""
+        return ~self.to_generate
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    def select(self, rows: torch.Tensor) -> "Canvas":
+        """The canvas of a sub-batch: rows (B_a,) indices into the batch."""
+        pick = lambda t: t if t is None or t.dim() < 2 else t[rows]  # noqa: E731
+        return Canvas(self.tokens[rows], self.to_generate[rows], pick(self.key_valid), pick(self.positions))
+
+    def with_tokens(self, tokens: torch.Tensor) -> "Canvas":
+        return Canvas(tokens, self.to_generate, self.key_valid, self.positions)
+
+    @classmethod
+    def from_fixed(cls, tokens: torch.Tensor, fixed: torch.Tensor, process=None,
+                   generator: torch.Generator | None = None) -> "Canvas":
+        """A canvas of tokens (B, L) whose `fixed` (B, L) bool positions are given; with `process`, the other
+        positions are filled from its prior (else they must already hold it)."""
+        to_generate = ~fixed.bool()
+        if process is not None:
+            tokens = process.prior(tokens, to_generate, generator)
+        return cls(tokens, to_generate)
+
+    @classmethod
+    def left_padded(cls, prompts: list[list[int]], gen_length: int, process, pad_id: int | None = None,
+                    device=None, generator: torch.Generator | None = None) -> "Canvas":
+        """Prompts (token id lists, lengths may differ) left-padded to the longest, then `gen_length` positions to
+        generate: (B, P + gen_length). Padding is never attended to and each row's rotary positions start at 0 on
+        its first real token, so a prompt's continuation does not depend on its padding."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
+        if gen_length < 1:
+            raise ValueError(f"gen_length={gen_length} must be positive")
+        P = max(len(p) for p in prompts)
+        pad = (process.mask_id if process.mask_id is not None else 0) if pad_id is None else pad_id
+        x = torch.full((len(prompts), P + gen_length), pad, dtype=torch.long)
+        key_valid = torch.ones_like(x, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            x[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            key_valid[i, :P - len(p)] = False
+        to_generate = (torch.arange(P + gen_length) >= P).expand_as(x).clone()
+        x, key_valid, to_generate = x.to(device), key_valid.to(device), to_generate.to(device)
+        x = process.prior(x, to_generate, generator)
+        if bool(key_valid.all()):
+            return cls(x, to_generate)
+        positions = (key_valid.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 on each row's first real token
+        return cls(x, to_generate, key_valid, positions)
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # (B, L) the canvas after sampling (noise left only in rows the callback stopped)
+    nfe: int  # network calls (forward passes over the batch)
+    nfe_per_row: torch.Tensor  # (B,) long: the calls each row took part in
+    stopped: torch.Tensor  # (B,) bool: rows stopped by the callback
+
+    @property
+    def tokens_per_nfe(self) -> float:
+        """Tokens per network call of each row (1.0 = one token per call), over the batch: all canvas positions,
+        given ones included (a caller that knows the generated count divides it by nfe_per_row.sum())."""
+        return self.tokens.numel() / max(int(self.nfe_per_row.sum()), 1)
+
+
+@dataclass
+class StepEvent:
+    """What a callback sees after a step (see the module docstring for when events are raised).
+
+    step: index of this event within the sample call (0-based). tokens (B, L): the canvas after this step's
+    commits — a view that later steps change: clone it to keep it. committed (B, L) bool: positions that received
+    their token at this step (final, except for remasking samplers such as ReMDM). confidence (B, L) float32 or
+    None: at committed positions, the probability of the chosen token under x_theta (None where the sampler does
+    not have it). nfe: network calls so far; nfe_per_row (B,): the calls each row took part in so far.
+    """
+
+    step: int
+    tokens: torch.Tensor
+    committed: torch.Tensor
+    confidence: torch.Tensor | None
+    nfe: int
+    nfe_per_row: torch.Tensor
+
+
+Callback = Callable[[StepEvent], "bool | torch.Tensor | None"]
+
+
+def stop_mask(result, batch: int) -> torch.Tensor:
+    """A callback's answer as (B,) bool on the CPU: True stops every row, a (B,) bool tensor those rows."""
+    if result is None or result is False:
+        return torch.zeros(batch, dtype=torch.bool)
+    if result is True:
+        return torch.ones(batch, dtype=torch.bool)
+    if isinstance(result, torch.Tensor) and result.shape == (batch,):
+        return result.bool().cpu()
+    raise ValueError(f"a sampling callback returns None, a bool or a ({batch},) bool tensor, not {result!r}")
+
+
+class StepReporter:
+    """A sample call's bookkeeping: network calls (total and per row), events, and rows stopped by the callback."""
+
+    def __init__(self, batch: int, callback: Callback | None):
+        self.callback = callback
+        self.nfe, self.events = 0, 0
+        self.nfe_per_row = torch.zeros(batch, dtype=torch.long)
+        self.stopped = torch.zeros(batch, dtype=torch.bool)
+
+    def live(self, device=None) -> torch.Tensor:
+        """(B,) bool: rows not stopped by the callback."""
+        return (~self.stopped).to(device)
+
+    @property
+    def all_stopped(self) -> bool:
+        return bool(self.stopped.all())
+
+    def called(self, rows: torch.Tensor | None = None) -> None:
+        """Count one network call; rows: the batch rows it ran on (indices or (B,) bool; default: the live ones)."""
+        self.nfe += 1
+        self.nfe_per_row[self.live() if rows is None else rows.cpu()] += 1
+
+    def report(self, tokens: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
+        """Raise one event (a no-op without a callback) and apply its answer."""
+        if self.callback is not None:
+            event = StepEvent(self.events, tokens, committed, confidence, self.nfe, self.nfe_per_row.clone())
+            self.stopped |= stop_mask(self.callback(event), len(self.stopped))
+        self.events += 1
+
+    def output(self, tokens: torch.Tensor, cls=SampleOutput, **extra) -> SampleOutput:
+        return cls(tokens, self.nfe, self.nfe_per_row, self.stopped.clone(), **extra)
 
 
 class Sampler:
-    """A sampler denoises a canvas: `sample(network, process, canvas, fixed, generator) -> SampleOutput`.
+    """A sampler denoises a canvas: `sample(network, process, canvas, generator, callback) -> SampleOutput`.
 
-    canvas (B, L): token ids, with the process's mask id wherever a token is to be generated.
-    fixed (B, L) bool: positions that are given (prompt, infill context) and never change; default: every
-    position of the canvas that is not [MASK].
+    Class attributes: `name`; `corruptions`, the kinds of corruption it can denoise; `autoregressive`, True only
+    for left-to-right decoding; `takes_feedback`, whether it accepts soft-masking `feedback=`. A new sampler is
+    one file: subclass, decorate with `dlm.sampler.registry.register_sampler(name, ConfigDataclass)`.
     """
 
-    name = "base"
+    name: ClassVar[str] = "base"
+    corruptions: ClassVar[tuple[str, ...]] = ("absorbing",)
+    autoregressive: ClassVar[bool] = False
+    takes_feedback: ClassVar[bool] = False
 
-    def sample(self, network, process, canvas: torch.Tensor, fixed: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, record_trajectory: bool = False) -> SampleOutput:
+    def sample(self, network, process, canvas: Canvas, generator: torch.Generator | None = None,
+               callback: Callback | None = None) -> SampleOutput:
         raise NotImplementedError
+
+    def with_steps(self, steps: int) -> "Sampler":
+        """A copy that takes `steps` steps (the blockwise sampler splits its budget over blocks with this)."""
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be a positive integer")
+        new = copy.copy(self)
+        new.steps = steps
+        return new
 
 
 class InputFeedback:
@@ -50,45 +224,46 @@ class InputFeedback:
         raise NotImplementedError
 
 
-def masked_fraction(z: torch.Tensor, mask_id: int, generated: torch.Tensor) -> torch.Tensor:
-    """(B,) float: per row, the fraction of its generated positions (generated (B, L) bool) that are still [MASK]."""
-    return ((z == mask_id) & generated).sum(1).float() / generated.sum(1).clamp(min=1).float()
+def masked_fraction(process, z: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
+    """(B,) float: per row, the fraction of its generated positions (generated (B, L) bool) that are still noise."""
+    return (process.is_noise(z) & generated).sum(1).float() / generated.sum(1).clamp(min=1).float()
 
 
-def fill_remaining_masks(network, process, z, t_final: float, inputs_embeds=None, logits=None) -> int:
-    """The last step of MDLM-style samplers: every [MASK] still in z (B, L) takes the argmax of x_theta, in place.
+def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor) -> torch.Tensor:
+    """Raw logits (B, L, V) of one call on the live rows (live (B,) bool) only; other rows' logits are zeros and
+    must not be read. With every row live this is exactly `process.forward_logits` on the batch."""
+    if bool(live.all()):
+        return process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds)
+    rows = live.nonzero().squeeze(1)
+    part = process.forward_logits(network, z[rows], None if t is None else t[rows], {},
+                                  inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows])
+    out = part.new_zeros((z.shape[0], *part.shape[1:]))
+    out[rows] = part
+    return out
+
+
+def fill_remaining_masks(network, process, z, to_generate, t_final: float, reporter: StepReporter,
+                         inputs_embeds=None, logits=None) -> None:
+    """The last step of MDLM-style samplers: every noise position of the live rows still in z (B, L) among
+    to_generate takes the argmax of x_theta, in place, and the step is reported.
 
     `logits`: the raw network logits (B, L, V), reused when still valid for z (a cached sampler), else one
-    network call is made at time t_final. Returns the number of network calls made (0 or 1).
+    network call is made at time t_final.
     """
-    from dlm.process.mdlm import subs_logits  # (a module-level import would be circular)
-
-    remaining = z == process.mask_id
+    live = reporter.live(z.device)
+    remaining = process.is_noise(z) & to_generate & live[:, None]
     if not remaining.any():
-        return 0
-    calls = 0
+        return
     if logits is None:
         t = torch.full((z.shape[0],), float(t_final), device=z.device)
-        logits = process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds)
-        calls = 1
-    z[remaining] = subs_logits(logits[remaining], process.mask_id).argmax(-1)
-    return calls
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-
-
-def check_sampling_args(temperature: float, top_p: float) -> None:
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        logits = forward_live(process, network, z, t, inputs_embeds, live)
+        reporter.called()
+    x_theta = process.denoise(logits[remaining])  # (n, V)
+    tokens = x_theta.argmax(-1)
+    z[remaining] = tokens
+    confidence = torch.zeros(z.shape, device=z.device)
+    confidence[remaining] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    reporter.report(z, remaining, confidence)
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
@@ -108,3 +283,8 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.
     cdf = probs.cumsum(-1)  # (N, V)
     target = (u.clamp_min(1e-12) * cdf[:, -1]).unsqueeze(-1)  # (N, 1); > 0, so zero-probability tokens are never hit
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+
+
+def chosen_probability(x_theta: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: the probability of tokens (N,) under the x_theta logits (N, V)."""
+    return x_theta.float().softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)

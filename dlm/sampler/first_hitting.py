@@ -11,53 +11,77 @@ process reduces to: unmask a uniformly random masked position, drawing its token
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dlm.process.clipped_schedule import time_of_mask_rate
-from dlm.process.mdlm import subs_logits
-from dlm.sampler.base import (InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, masked_fraction,
-                              sample_tokens)
+from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
+                              forward_live, masked_fraction, sample_tokens)
+from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
 
 
+@dataclass
+class FirstHittingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    feedback: InputFeedback | None = None  # soft-masking
+
+    def __post_init__(self):
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+
+
+@register_sampler("first_hitting", FirstHittingConfig,
+                  description="one token per network call at the exact next unmasking time (no step budget)")
 class FirstHittingSampler(Sampler):
     name = "first_hitting"
+    takes_feedback = True
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, feedback: InputFeedback | None = None):
-        check_sampling_args(temperature, top_p)
+        FirstHittingConfig(temperature, top_p)  # validates
         self.temperature, self.top_p, self.feedback = temperature, top_p, feedback
 
+    def with_steps(self, steps: int) -> "FirstHittingSampler":
+        return self  # one token per step: the number of steps is the number of masks
+
     @torch.no_grad()
-    def sample(self, network, process, canvas, fixed=None, generator=None, record_trajectory=False) -> SampleOutput:
-        mask_id, schedule = process.mask_id, process.schedule
-        z = canvas.clone()
-        fixed = (z != mask_id) if fixed is None else fixed
+    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+        process.check_sampler(self)
+        z, to_generate = canvas.tokens.clone(), canvas.to_generate
+        fixed = ~to_generate
         B, L = z.shape
         rows = torch.arange(B, device=z.device)
         t = torch.ones(B, dtype=torch.float64)
-        nfe, embeds, trajectory = 0, None, []
-        with Timer() as timer:
-            while True:
-                open_ = (z == mask_id) & ~fixed  # (B, L)
-                n_open = open_.sum(1)  # (B,)
-                if not n_open.any():
-                    break
-                if process.time_conditioning:  # the next hitting time: mask rate (1 - alpha_t) * u^(1/n)
-                    u_time = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64).cpu()
-                    rate = (1.0 - schedule.alpha(t)) * u_time ** (1.0 / n_open.clamp(min=1).double().cpu())
-                    t = torch.where(n_open.cpu() > 0, time_of_mask_rate(schedule, rate), t)
-                raw = process.forward_logits(network, z, t.float().to(z.device), {}, inputs_embeds=embeds)  # (B, L, V)
-                nfe += 1
-                # A uniformly random open position per row (argmax of uniform scores over the open ones).
-                scores = torch.rand(B, L, generator=generator, device=z.device).masked_fill(~open_, -1.0)
-                pos = scores.argmax(1)  # (B,)
-                u_token = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64)
-                logits = subs_logits(raw[rows, pos], mask_id)  # (B, V)
-                new = sample_tokens(logits, u_token, self.temperature, self.top_p)
-                active = n_open > 0
-                z[rows[active], pos[active]] = new[active]
-                if self.feedback is not None:
-                    masks_left = masked_fraction(z, mask_id, ~fixed)  # (B,)
-                    embeds = self.feedback(network, z, raw, fixed, masks_left)
-                if record_trajectory:
-                    trajectory.append(z.clone())
-        return SampleOutput(z, nfe, timer.seconds, trajectory)
+        steps = StepReporter(B, callback)
+        embeds = None
+        while not steps.all_stopped:
+            live = steps.live(z.device)
+            open_ = process.is_noise(z) & to_generate & live[:, None]  # (B, L)
+            n_open = open_.sum(1)  # (B,)
+            if not n_open.any():
+                break
+            if process.time_conditioning:  # the next hitting time: mask rate (1 - alpha_t) * u^(1/n)
+                u_time = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64).cpu()
+                rate = (1.0 - process.alpha(t)) * u_time ** (1.0 / n_open.clamp(min=1).double().cpu())
+                t = torch.where(n_open.cpu() > 0, process.time_of_mask_rate(rate), t)
+            raw = forward_live(process, network, z, t.float().to(z.device), embeds, live)  # (B, L, V)
+            steps.called()
+            # A uniformly random open position per row (argmax of uniform scores over the open ones).
+            scores = torch.rand(B, L, generator=generator, device=z.device).masked_fill(~open_, -1.0)
+            pos = scores.argmax(1)  # (B,)
+            u_token = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64)
+            logits = process.denoise(raw[rows, pos])  # (B, V)
+            new = sample_tokens(logits, u_token, self.temperature, self.top_p)
+            active = n_open > 0
+            z[rows[active], pos[active]] = new[active]
+            if self.feedback is not None:
+                masks_left = masked_fraction(process, z, to_generate)  # (B,)
+                embeds = self.feedback(network, z, raw, fixed, masks_left)
+            committed = torch.zeros(B, L, dtype=torch.bool, device=z.device)
+            committed[rows[active], pos[active]] = True
+            confidence = None
+            if callback is not None:
+                confidence = torch.zeros(B, L, device=z.device)
+                confidence[rows[active], pos[active]] = chosen_probability(logits[active], new[active])
+            steps.report(z, committed, confidence)
+        return steps.output(z)

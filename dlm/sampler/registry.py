@@ -1,45 +1,124 @@
-"""Sampler names used by the command line and `DiffusionLM.generate`."""
+"""Samplers by name, for the command line, `DiffusionLM.generate` and the docs.
+
+Each sampler registers itself in its own file with a small config dataclass of its options:
+
+    @register_sampler("ancestral", AncestralConfig, aliases=("ddpm",), description="MDLM's ancestral sampler")
+    class AncestralSampler(Sampler): ...
+
+`make_sampler(name, **options)` checks the options against that dataclass (an unknown option names the valid
+ones; the dataclass's `__post_init__` refuses bad values) and builds the sampler from its fields. One class may be
+registered under several names with different `defaults` (ancestral / ancestral_cache).
+"""
 
 from __future__ import annotations
 
-from dlm.sampler.ancestral import AncestralSampler
-from dlm.sampler.autoregressive import AutoregressiveSampler
-from dlm.sampler.base import Sampler
-from dlm.sampler.blockwise import make_blockwise_sampler
-from dlm.sampler.first_hitting import FirstHittingSampler
-from dlm.sampler.llada import make_llada_sampler
-from dlm.sampler.remdm import ReMDMSampler
-
-SAMPLERS = {
-    "ancestral": lambda steps, **kw: AncestralSampler(steps, cache=False, **kw),
-    "ancestral_cache": lambda steps, **kw: AncestralSampler(steps, cache=True, **kw),
-    "remdm_cap": lambda steps, **kw: ReMDMSampler(steps, strategy="cap", **kw),
-    "remdm_rescale": lambda steps, **kw: ReMDMSampler(steps, strategy="rescale", **kw),
-    "remdm_conf": lambda steps, **kw: ReMDMSampler(steps, strategy="conf", **kw),
-    "remdm_loop": lambda steps, **kw: ReMDMSampler(steps, strategy="loop", **kw),
-    "first_hitting": lambda steps, **kw: FirstHittingSampler(**kw),  # one token per step: steps = masks, `steps` unused
-    # block by block (bd3lm, or MDLM uncached); steps per block. Options: block_length, inner_sampler, kv_cache,
-    # window, stop_at_eos, eos_id, stop_entropy, entropy_window, fill_id, feedback
-    "blockwise": make_blockwise_sampler,
-    "llada": make_llada_sampler,  # options: block_length, remasking, threshold | factor, cfg_scale, cache, feedback
-}
-ALIASES = {"ddpm": "ancestral", "ddpm_cache": "ancestral_cache"}
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 
-def make_sampler(name: str, steps: int, temperature: float = 1.0, top_p: float = 1.0, autoregressive: bool = False,
-                 **options) -> Sampler:
-    """Build a sampler by name. Autoregressive models always use left-to-right sampling with a KV cache.
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    build: Callable  # a Sampler class or a factory, called with the config's fields as keywords
+    config: type  # dataclass of the options
+    aliases: tuple[str, ...]
+    description: str
+    defaults: dict = field(default_factory=dict)  # option values that differ from the config's defaults
 
-    options: sampler-specific keywords, e.g. `feedback=` (soft-masking) or ReMDM's `eta`, `t_on`, `t_off`,
-    `alpha_on`; a sampler that does not take one raises a clear error."""
-    if autoregressive:
-        if options.get("feedback") is not None:
-            raise ValueError("soft-masking needs a masked diffusion model; this model is autoregressive")
-        return AutoregressiveSampler(temperature=temperature, top_p=top_p)
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self.config))
+
+    def make(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"sampler '{self.name}' does not accept {', '.join(unknown)}; its options: "
+                             f"{', '.join(self.options) or '(none)'}")
+        cfg = self.config(**{**self.defaults, **options})
+        return self.build(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})  # shallow: feedback modules stay
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_sampler(name: str, config: type, aliases: tuple[str, ...] = (), description: str | None = None,
+                     defaults: dict | None = None):
+    """Decorator of a Sampler class (or factory function): make it available as `name` (and `aliases`)."""
+
+    def register(build):
+        if name in SAMPLERS or name in ALIASES:
+            raise ValueError(f"two samplers are registered as '{name}'")
+        doc = description or (build.__doc__ or "").strip().split("\n")[0]
+        bad = set(defaults or {}) - {f.name for f in fields(config)}
+        if bad:
+            raise ValueError(f"sampler '{name}': defaults {sorted(bad)} are not fields of {config.__name__}")
+        SAMPLERS[name] = SamplerSpec(name, build, config, tuple(aliases), doc, dict(defaults or {}))
+        for alias in aliases:
+            ALIASES[alias] = name
+        return build
+
+    return register
+
+
+def _load_all() -> None:
+    """Import the sampler modules, which register themselves."""
+    from dlm.sampler import ancestral, autoregressive, blockwise, first_hitting, llada, remdm  # noqa: F401
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    _load_all()
     key = ALIASES.get(name, name)
     if key not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; valid: {', '.join(list(SAMPLERS) + list(ALIASES))}")
-    try:
-        return SAMPLERS[key](steps, temperature=temperature, top_p=top_p, **options)
-    except TypeError as e:  # an option this sampler does not have
-        raise ValueError(f"sampler '{name}' does not accept {', '.join(sorted(options))}: {e}") from e
+        raise ValueError(f"unknown sampler '{name}'; valid: {', '.join(sampler_names())}")
+    return SAMPLERS[key]
+
+
+def sampler_names(aliases: bool = True) -> list[str]:
+    """Every registered name (for the CLI's --sampler choices), aliases after the names."""
+    _load_all()
+    return list(SAMPLERS) + (list(ALIASES) if aliases else [])
+
+
+def describe_samplers() -> list[tuple[str, str, str]]:
+    """(name, aliases, one-line description) of every sampler, for the docs' table."""
+    _load_all()
+    return [(s.name, ", ".join(s.aliases), s.description) for s in SAMPLERS.values()]
+
+
+def make_sampler(name: str, **options):
+    """Build a sampler by name (or alias) from its options, e.g. `make_sampler("remdm_cap", steps=64, eta=0.01)`.
+    Raises a ValueError naming the valid options for an unknown one, and the config's error for a bad value."""
+    return sampler_spec(name).make(**options)
+
+
+# ------------------------------------------------------------------------------------------ shared option checks
+def check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+
+
+def check_temperature(temperature: float) -> None:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 = greedy)")
+
+
+def check_top_p(top_p: float) -> None:
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off")
+
+
+@dataclass
+class SamplingConfig:
+    """Options most samplers share: the step budget, the temperature and nucleus filtering."""
+
+    steps: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        check_steps(self.steps)
+        check_temperature(self.temperature)
+        check_top_p(self.top_p)
+

@@ -21,51 +21,83 @@ output at a clean input position is not trained to be a prediction).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dlm.process.mdlm import subs_logits
-from dlm.sampler.base import (InputFeedback, SampleOutput, Sampler, Timer, check_sampling_args, fill_remaining_masks,
-                              masked_fraction, sample_tokens)
+from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
+                              fill_remaining_masks, forward_live, masked_fraction, sample_tokens)
+from dlm.sampler.registry import SamplingConfig, register_sampler
 
 STRATEGIES = ("cap", "rescale", "conf", "loop")
 DEFAULT_ETA = {"cap": 0.008, "rescale": 0.015, "conf": 0.0, "loop": 0.02}
 
 
+@dataclass
+class ReMDMConfig(SamplingConfig):
+    strategy: str = "cap"
+    eta: float | None = None  # default: the strategy's published value
+    t_on: float = 0.55
+    t_off: float = 0.05
+    alpha_on: float = 0.9
+    feedback: InputFeedback | None = None  # soft-masking
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown ReMDM strategy '{self.strategy}'; valid: {', '.join(STRATEGIES)}")
+        eta = DEFAULT_ETA[self.strategy] if self.eta is None else self.eta
+        if self.strategy == "conf" and eta != 0.0:
+            raise ValueError("ReMDM-conf takes no eta (its sigma is spread by confidence); leave eta unset")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"ReMDM eta={eta} must be in [0, 1] (a remasking probability, or a fraction of sigma_max)")
+        if self.strategy == "loop":
+            if not 0.0 < self.t_off < self.t_on < 1.0:
+                raise ValueError(f"ReMDM-loop needs 0 < t_off < t_on < 1, got t_off={self.t_off}, t_on={self.t_on}")
+            if not 0.0 < self.alpha_on < 1.0:
+                raise ValueError(f"ReMDM-loop alpha_on={self.alpha_on} must be in (0, 1)")
+            if self.steps < 3:
+                raise ValueError(f"ReMDM-loop needs steps >= 3 (one per phase), got {self.steps}")
+
+
+_DESCRIPTIONS = {"cap": "sigma = min(eta, sigma_max)", "rescale": "sigma = eta * sigma_max",
+                 "conf": "unconfident tokens are remasked first",
+                 "loop": "MDLM, then a remasking loop at fixed alpha, then MDLM"}
+
+
+def _register_strategies(cls):
+    for strategy in STRATEGIES:
+        register_sampler(f"remdm_{strategy}", ReMDMConfig, defaults={"strategy": strategy},
+                         description=f"ReMDM remasking ({_DESCRIPTIONS[strategy]})")(cls)
+    return cls
+
+
+@_register_strategies
 class ReMDMSampler(Sampler):
     name = "remdm"
+    takes_feedback = True
 
     def __init__(self, steps: int = 128, strategy: str = "cap", eta: float | None = None, t_on: float = 0.55,
                  t_off: float = 0.05, alpha_on: float = 0.9, temperature: float = 1.0, top_p: float = 1.0,
                  feedback: InputFeedback | None = None):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown ReMDM strategy '{strategy}'; valid: {', '.join(STRATEGIES)}")
-        if steps < 1:
-            raise ValueError(f"steps={steps} must be a positive integer")
+        ReMDMConfig(steps, temperature, top_p, strategy, eta, t_on, t_off, alpha_on)  # validates
         eta = DEFAULT_ETA[strategy] if eta is None else eta
-        if strategy == "conf" and eta != 0.0:
-            raise ValueError("ReMDM-conf takes no eta (its sigma is spread by confidence); leave eta unset")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"ReMDM eta={eta} must be in [0, 1] (a remasking probability, or a fraction of sigma_max)")
-        if strategy == "loop":
-            if not 0.0 < t_off < t_on < 1.0:
-                raise ValueError(f"ReMDM-loop needs 0 < t_off < t_on < 1, got t_off={t_off}, t_on={t_on}")
-            if not 0.0 < alpha_on < 1.0:
-                raise ValueError(f"ReMDM-loop alpha_on={alpha_on} must be in (0, 1)")
-            if steps < 3:
-                raise ValueError(f"ReMDM-loop needs steps >= 3 (one per phase), got {steps}")
-        check_sampling_args(temperature, top_p)
         self.steps, self.strategy, self.eta = steps, strategy, eta
         self.t_on, self.t_off, self.alpha_on = t_on, t_off, alpha_on
         self.temperature, self.top_p = temperature, top_p
         self.feedback = feedback
 
+    def with_steps(self, steps: int) -> "ReMDMSampler":
+        ReMDMConfig(steps, self.temperature, self.top_p, self.strategy, self.eta, self.t_on, self.t_off, self.alpha_on)
+        return super().with_steps(steps)
+
     def time_grid(self, process) -> tuple[torch.Tensor, torch.Tensor]:
         """Network times (steps + 1,) float64 from 1 down to sampling_eps, and which steps remask (steps,) bool."""
-        eps = process.sampling_eps
+        eps = getattr(process, "sampling_eps", 1e-3)
         if self.strategy != "loop":
             times = torch.linspace(1.0, eps, self.steps + 1, dtype=torch.float64)
             return times, torch.ones(self.steps, dtype=torch.bool)
-        tau_on = _time_of_alpha(process.schedule, self.alpha_on, eps)
+        tau_on = _time_of_alpha(process, self.alpha_on, eps)
         n1 = min(max(1, round(self.steps * (1.0 - self.t_on))), self.steps - 2)  # each phase gets >= 1 step
         n2 = max(1, min(self.steps - n1 - 1, round(self.steps * (self.t_on - self.t_off))))
         n3 = self.steps - n1 - n2
@@ -88,69 +120,67 @@ class ReMDMSampler(Sampler):
         return sigma_max * weights
 
     @torch.no_grad()
-    def sample(self, network, process, canvas, fixed=None, generator=None, record_trajectory=False) -> SampleOutput:
-        mask_id = process.mask_id
-        z = canvas.clone()
-        fixed = (z != mask_id) if fixed is None else fixed
+    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+        process.check_sampler(self)
+        z, to_generate = canvas.tokens.clone(), canvas.to_generate
+        fixed = ~to_generate
         times, remask_steps = self.time_grid(process)
-        alphas = process.schedule.alpha(times)
+        alphas = process.alpha(times)
         B = z.shape[0]
         confidence = torch.ones(z.shape, device=z.device)  # (B, L) probability of each token when it was decoded
-        nfe, embeds, trajectory = 0, None, []
-        with Timer() as timer:
-            for i in range(self.steps):
-                t = torch.full((B,), float(times[i]), device=z.device)
-                raw = process.forward_logits(network, z, t, {}, inputs_embeds=embeds)  # (B, L, V)
-                nfe += 1
-                alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
-                masked = z == mask_id
-                decoded = ~masked & ~fixed
-                if remask_steps[i]:
-                    sigma = self.sigma(alpha_t, alpha_s, decoded, confidence).to(z.device)
-                    if self.strategy == "conf":
-                        sigma_masked = torch.zeros_like(sigma)  # conf spreads sigma over decoded tokens only
-                    else:
-                        sigma_masked = sigma
+        steps = StepReporter(B, callback)
+        embeds = None
+        for i in range(self.steps):
+            live = steps.live(z.device)
+            t = torch.full((B,), float(times[i]), device=z.device)
+            raw = forward_live(process, network, z, t, embeds, live)  # (B, L, V)
+            steps.called()
+            alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
+            masked = process.is_noise(z)
+            decoded = ~masked & to_generate
+            if remask_steps[i]:
+                sigma = self.sigma(alpha_t, alpha_s, decoded, confidence).to(z.device)
+                if self.strategy == "conf":
+                    sigma_masked = torch.zeros_like(sigma)  # conf spreads sigma over decoded tokens only
                 else:
-                    sigma = sigma_masked = torch.zeros((), device=z.device)
-                p_unmask = ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
-                u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
-                u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
-                u_remask = torch.rand(z.shape, generator=generator, device=z.device)
-                unmask = masked & ~fixed & (u_unmask < p_unmask)  # (B, L)
-                remask = decoded & (u_remask < sigma)  # (B, L); fixed positions are never in `decoded`
-                if unmask.any():
-                    rows = subs_logits(raw[unmask], mask_id)  # (N, V): x_theta only where it is drawn from
-                    tokens = sample_tokens(rows, u_token[unmask], self.temperature, self.top_p)
-                    z[unmask] = tokens
-                    if self.strategy == "conf":
-                        confidence[unmask] = rows.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-                z[remask] = mask_id
-                embeds = None
-                if self.feedback is not None:
-                    masks_left = masked_fraction(z, mask_id, ~fixed)  # (B,)
-                    embeds = self.feedback(network, z, raw, fixed, masks_left)
-                    if embeds is not None and remask.any():
-                        embeds[remask] = network.embed.weight[mask_id].to(embeds.dtype)
-                if record_trajectory:
-                    trajectory.append(z.clone())
-            if (z == mask_id).any():
-                nfe += fill_remaining_masks(network, process, z, float(times[-1]), embeds)
-                if record_trajectory:
-                    trajectory.append(z.clone())
-        return SampleOutput(z, nfe, timer.seconds, trajectory)
+                    sigma_masked = sigma
+            else:
+                sigma = sigma_masked = torch.zeros((), device=z.device)
+            p_unmask = ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+            u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
+            u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
+            u_remask = torch.rand(z.shape, generator=generator, device=z.device)
+            unmask = masked & to_generate & (u_unmask < p_unmask) & live[:, None]  # (B, L)
+            remask = decoded & (u_remask < sigma) & live[:, None]  # (B, L); fixed positions are never in `decoded`
+            step_conf = None
+            if unmask.any():
+                rows = process.denoise(raw[unmask])  # (N, V): x_theta only where it is drawn from
+                tokens = sample_tokens(rows, u_token[unmask], self.temperature, self.top_p)
+                z[unmask] = tokens
+                if self.strategy == "conf":
+                    confidence[unmask] = rows.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+                if callback is not None:
+                    step_conf = torch.zeros(z.shape, device=z.device)
+                    step_conf[unmask] = chosen_probability(rows, tokens)
+            z[remask] = process.mask_id
+            embeds = None
+            if self.feedback is not None:
+                masks_left = masked_fraction(process, z, to_generate)  # (B,)
+                embeds = self.feedback(network, z, raw, fixed, masks_left)
+                if embeds is not None and remask.any():
+                    embeds[remask] = network.embed.weight[process.mask_id].to(embeds.dtype)
+            steps.report(z, unmask, step_conf)
+            if steps.all_stopped:
+                break
+        if not steps.all_stopped:
+            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds)
+        return steps.output(z)
 
 
-def _time_of_alpha(schedule, alpha: float, t_min: float) -> float:
-    """The time tau in [t_min, 1] with schedule.alpha(tau) = alpha (alpha decreases in t), by bisection."""
+def _time_of_alpha(process, alpha: float, t_min: float) -> float:
+    """The time tau in [t_min, 1] with alpha(tau) = alpha (alpha decreases in t)."""
     lo, hi = torch.tensor(t_min, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
-    if not float(schedule.alpha(hi)) <= alpha <= float(schedule.alpha(lo)):
+    if not float(process.alpha(hi)) <= alpha <= float(process.alpha(lo)):
         raise ValueError(f"ReMDM-loop alpha_on={alpha} is outside the schedule's range "
-                         f"[{float(schedule.alpha(hi)):.4g}, {float(schedule.alpha(lo)):.4g}]")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if float(schedule.alpha(mid)) > alpha:
-            lo = mid
-        else:
-            hi = mid
-    return float((lo + hi) / 2)
+                         f"[{float(process.alpha(hi)):.4g}, {float(process.alpha(lo)):.4g}]")
+    return max(t_min, float(process.time_of_mask_rate(1.0 - alpha)))

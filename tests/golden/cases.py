@@ -120,8 +120,17 @@ def run_case(models: dict, case: dict) -> dict:
         kw["template"] = TEMPLATE
     elif mode == "long":
         kw.update(length=56, stride=16)
+    if case["sampler"] == "blockwise" or model.process.block_size is not None:  # block by block
+        kw["steps"] = 8 * _blocks_to_generate(model, kw, case)  # recorded with 8 steps per block; steps is now the total
     out = model.generate(**kw)
     return {"tokens": out.tokens.tolist(), "nfe": out.nfe}
+
+
+def _blocks_to_generate(model, kw: dict, case: dict) -> int:
+    """Blocks of the generation's canvas with something to generate."""
+    block = (case.get("options") or {}).get("block_length") or model.process.block_size
+    _, fixed = model.build_canvas(kw.get("length") or model.context, kw.get("prompt"), kw.get("template"))
+    return sum(1 for s in range(0, len(fixed), block) if not bool(fixed[s:s + block].all()))
 
 
 def run_or_refuse(models: dict, case: dict) -> dict:

@@ -7,8 +7,9 @@ from scipy.stats import chi2
 from dlm.process import MaskedDiffusion
 from dlm.process.mdlm import subs_logits
 from dlm.process.schedules import LogLinearSchedule
-from dlm.sampler import AncestralSampler, sample_tokens
+from dlm.sampler import AncestralSampler, Canvas, sample_tokens
 from dlm.sampler.registry import make_sampler
+from tests.toy_canvas import sample
 
 V, MASK, BOS, L = 12, 11, 0, 16
 
@@ -47,7 +48,7 @@ def test_cached_sampler_gives_identical_tokens_with_fewer_calls(tiny_network, st
         for cache in (False, True):
             net.calls = 0
             sampler = AncestralSampler(steps, temperature=0.8, top_p=0.9, cache=cache)
-            out = sampler.sample(net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
+            out = sample(sampler, net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
             assert out.nfe == net.calls
             outs[cache] = out
         assert torch.equal(outs[False].tokens, outs[True].tokens)
@@ -61,8 +62,8 @@ def test_trajectory_only_unmasks_and_fixed_tokens_never_change(tiny_network, cac
     net = tiny_network(V, seed=1)
     canvas, fixed = canvas_and_fixed()
     for seed in range(3):
-        out = AncestralSampler(12, temperature=1.3, top_p=0.95, cache=cache).sample(
-            net, process(), canvas, fixed, torch.Generator().manual_seed(seed), record_trajectory=True)
+        out = sample(AncestralSampler(12, temperature=1.3, top_p=0.95, cache=cache),
+                     net, process(), canvas, fixed, torch.Generator().manual_seed(seed), record_trajectory=True)
         assert len(out.trajectory) in (12, 13)  # one canvas per step, plus the final argmax if masks remained
         prev = canvas
         for cur in out.trajectory:
@@ -76,11 +77,14 @@ def test_trajectory_only_unmasks_and_fixed_tokens_never_change(tiny_network, cac
         assert torch.equal(out.tokens[fixed], canvas[fixed])
 
 
-def test_default_fixed_positions_are_the_non_mask_ones(tiny_network):
+def test_canvas_from_fixed_fills_the_prior(tiny_network):
+    """The positions to generate are explicit (Canvas.to_generate); with a process they are filled from its prior."""
     net = tiny_network(V, seed=2)
     canvas, fixed = canvas_and_fixed()
-    a = AncestralSampler(8).sample(net, process(), canvas, None, torch.Generator().manual_seed(0))
-    b = AncestralSampler(8).sample(net, process(), canvas, fixed, torch.Generator().manual_seed(0))
+    noisy = torch.where(fixed, canvas, 3)  # whatever the positions to generate hold
+    a = AncestralSampler(8).sample(net, process(), Canvas.from_fixed(noisy, fixed, process()),
+                                   torch.Generator().manual_seed(0))
+    b = sample(AncestralSampler(8), net, process(), canvas, fixed, torch.Generator().manual_seed(0))
     assert torch.equal(a.tokens, b.tokens)
 
 
@@ -90,8 +94,8 @@ def test_temperature_zero_commits_the_argmax_of_the_current_canvas(tiny_network)
     net = tiny_network(V, seed=3)
     canvas, fixed = canvas_and_fixed()
     for seed in range(2):
-        out = AncestralSampler(6, temperature=0.0).sample(net, process(), canvas, fixed,
-                                                           torch.Generator().manual_seed(seed), record_trajectory=True)
+        out = sample(AncestralSampler(6, temperature=0.0), net, process(), canvas, fixed,
+                     torch.Generator().manual_seed(seed), record_trajectory=True)
         prev = canvas
         for cur in out.trajectory:
             new = (prev == MASK) & (cur != MASK)
@@ -99,7 +103,7 @@ def test_temperature_zero_commits_the_argmax_of_the_current_canvas(tiny_network)
                 greedy = subs_logits(net(prev), MASK).argmax(-1)
             assert torch.equal(cur[new], greedy[new])
             prev = cur
-    again = AncestralSampler(6, temperature=0.0).sample(net, process(), canvas, fixed, torch.Generator().manual_seed(1))
+    again = sample(AncestralSampler(6, temperature=0.0), net, process(), canvas, fixed, torch.Generator().manual_seed(1))
     assert torch.equal(again.tokens, out.tokens)  # same seed, same result
 
 
@@ -113,13 +117,13 @@ def test_sampler_errors(tiny_network):
         with pytest.raises(ValueError, match="steps"):
             AncestralSampler(steps)
     with pytest.raises(ValueError, match="unknown sampler"):
-        make_sampler("nope", 8)
+        make_sampler("nope", steps=8)
     net = tiny_network(V, time_conditioning=True)
     canvas, fixed = canvas_and_fixed()
     with pytest.raises(ValueError, match="time conditioning"):
-        AncestralSampler(8, cache=True).sample(net, process(time_conditioning=True), canvas, fixed)
+        sample(AncestralSampler(8, cache=True), net, process(time_conditioning=True), canvas, fixed)
     # Without the cache a time-conditioned model samples fine.
-    out = AncestralSampler(4).sample(net, process(time_conditioning=True), canvas, fixed, torch.Generator().manual_seed(0))
+    out = sample(AncestralSampler(4), net, process(time_conditioning=True), canvas, fixed, torch.Generator().manual_seed(0))
     assert not bool((out.tokens == MASK).any())
 
 

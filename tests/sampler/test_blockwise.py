@@ -15,6 +15,8 @@ from dlm.process.schedules import make_schedule
 from dlm.sampler.ancestral import AncestralSampler
 from dlm.sampler.blockwise import BlockContext, BlockwiseSampler
 from dlm.sampler.first_hitting import FirstHittingSampler
+from dlm.process import Autoregressive
+from tests.toy_canvas import sample
 
 V, MASK, BOS, EOS, PAD = 11, 10, 0, 1, 2
 SCHED = make_schedule("loglinear", 1e-3)
@@ -55,8 +57,8 @@ def test_cached_and_uncached_generation_give_identical_tokens(tiny_network, inne
     make = {"ancestral": lambda: AncestralSampler(6), "ancestral_cache": lambda: AncestralSampler(6, cache=True),
             "first_hitting": lambda: FirstHittingSampler()}[inner]
     canvas, fixed = canvas_of(3, 70, prompt=[4, 5, 6, 7, 8, 9])
-    outs = [BlockwiseSampler(make(), 4, kv_cache=kv).sample(net, bd, canvas, fixed, torch.Generator().manual_seed(1))
-            for kv in (True, False)]
+    outs = [sample(BlockwiseSampler(make(), 4, kv_cache=kv, steps=6 * 17), net, bd, canvas, fixed,
+                   torch.Generator().manual_seed(1)) for kv in (True, False)]  # 6 steps in each of 17 blocks
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert outs[0].tokens.shape == (3, 70) and not (outs[0].tokens == MASK).any()
     assert torch.equal(outs[0].tokens[:, :7], canvas[:, :7])  # the prompt is kept
@@ -67,8 +69,8 @@ def test_first_hitting_spends_one_call_per_token(tiny_network):
     net = tiny_network(V)
     bd = BlockDiffusion(SCHED, MASK, block_size=4)
     canvas, fixed = canvas_of(1, 24, prompt=[4, 5])  # 21 tokens to generate in 6 blocks
-    uncached = BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=False).sample(net, bd, canvas, fixed)
-    cached = BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=True).sample(net, bd, canvas, fixed)
+    uncached = sample(BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=False), net, bd, canvas, fixed)
+    cached = sample(BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=True), net, bd, canvas, fixed)
     assert uncached.nfe == 21
     assert cached.nfe == 21 + 5  # + one cache-filling pass before each block after the first
 
@@ -77,14 +79,14 @@ def test_mdlm_blockwise_without_cache_and_cache_refused(tiny_network):
     net = tiny_network(V)
     md = MaskedDiffusion(SCHED, MASK)
     canvas, fixed = canvas_of(2, 40, prompt=[4])
-    out = BlockwiseSampler(AncestralSampler(4, cache=True), 8, kv_cache=False).sample(net, md, canvas, fixed)
+    out = sample(BlockwiseSampler(AncestralSampler(4 * 5, cache=True), 8, kv_cache=False), net, md, canvas, fixed)
     assert out.tokens.shape == (2, 40) and not (out.tokens == MASK).any()
     with pytest.raises(ValueError, match="needs a block-diffusion \\(bd3lm\\) model.*kv_cache=False"):
-        BlockwiseSampler(AncestralSampler(4), 8, kv_cache=True).sample(net, md, canvas, fixed)
+        sample(BlockwiseSampler(AncestralSampler(4 * 5), 8, kv_cache=True), net, md, canvas, fixed)
     with pytest.raises(ValueError, match="autoregressive"):
-        BlockwiseSampler(AncestralSampler(4), 8, kv_cache=False).sample(net, SimpleNamespace(name="ar"), canvas, fixed)
+        sample(BlockwiseSampler(AncestralSampler(4 * 5), 8, kv_cache=False), net, Autoregressive(), canvas, fixed)
     with pytest.raises(ValueError, match="needs the clean sequence"):  # a plain sampler cannot drive bd3lm
-        AncestralSampler(4).sample(net, BlockDiffusion(SCHED, MASK, 4), canvas[:, :8])
+        sample(AncestralSampler(4), net, BlockDiffusion(SCHED, MASK, 4), canvas[:, :8], fixed[:, :8])
 
 
 class Favouring(torch.nn.Module):
@@ -106,8 +108,8 @@ class Favouring(torch.nn.Module):
 def test_stop_at_eos_per_row():
     bd = BlockDiffusion(SCHED, MASK, block_size=4)
     canvas, fixed = canvas_of(2, 24)
-    out = BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=True, stop_at_eos=True, eos_id=EOS, fill_id=PAD).sample(
-        Favouring([EOS, 5]), bd, canvas, fixed, torch.Generator().manual_seed(0))
+    out = sample(BlockwiseSampler(FirstHittingSampler(), 4, kv_cache=True, stop_at_eos=True, eos_id=EOS, fill_id=PAD),
+                 Favouring([EOS, 5]), bd, canvas, fixed, torch.Generator().manual_seed(0))
     assert out.stop_reasons == ["eos", "length"] and out.lengths == [2, 24]
     assert out.tokens.shape == (2, 24)
     assert out.tokens[0, :2].tolist() == [BOS, EOS] and (out.tokens[0, 2:] == PAD).all()
@@ -118,12 +120,12 @@ def test_stop_when_entropy_collapses_and_not_otherwise():
     bd = BlockDiffusion(SCHED, MASK, block_size=4)
     canvas, fixed = canvas_of(1, 40)
     repeat = BlockwiseSampler(FirstHittingSampler(), 4, stop_entropy=0.5, entropy_window=8, fill_id=PAD)
-    out = repeat.sample(Favouring([5]), bd, canvas, fixed)
+    out = sample(repeat, Favouring([5]), bd, canvas, fixed)
     # The first window of 8 tokens is BOS + 7 x "5": entropy H(1/8, 7/8) = 0.38 nats < 0.5 -> stop there.
     assert out.stop_reasons == ["entropy"] and out.lengths == [8]
     assert out.tokens.shape == (1, 40) and (out.tokens[0, 8:] == PAD).all()
     assert out.nfe == 7 + 1  # 7 tokens in 2 blocks, one cache-filling pass; the other 8 blocks never ran
-    diverse = repeat.sample(Favouring([None]), bd, canvas, fixed, torch.Generator().manual_seed(0))
+    diverse = sample(repeat, Favouring([None]), bd, canvas, fixed, torch.Generator().manual_seed(0))
     assert diverse.stop_reasons == ["length"] and diverse.tokens.shape == (1, 40)
 
 
@@ -135,9 +137,9 @@ def test_bad_stopping_arguments():
     with pytest.raises(ValueError, match="needs eos_id"):
         BlockwiseSampler(inner, 4, stop_at_eos=True)
     with pytest.raises(ValueError, match="two blocks"):
-        BlockwiseSampler(inner, 4, window=6).sample(Favouring([5]), BlockDiffusion(SCHED, MASK, 4), *canvas_of(1, 12))
+        sample(BlockwiseSampler(inner, 4, window=6), Favouring([5]), BlockDiffusion(SCHED, MASK, 4), *canvas_of(1, 12))
     with pytest.raises(ValueError, match="shorter than one block"):
-        BlockwiseSampler(inner, 4, window=3).sample(Favouring([5]), BlockDiffusion(SCHED, MASK, 4), *canvas_of(1, 3))
+        sample(BlockwiseSampler(inner, 4, window=3), Favouring([5]), BlockDiffusion(SCHED, MASK, 4), *canvas_of(1, 3))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_pipeline_generates_bd3_blockwise_with_and_without_cache(bd3_run, micro_
     model = dlm.load(bd3_run)
     # 45 > context 32: sliding window. fp32: under bf16 autocast the two paths round differently (different matmul
     # shapes), so a token drawn near a probability boundary can differ.
-    kw = dict(num_samples=2, length=45, prompt="And the", steps=4, seed=1, precision="32")
+    kw = dict(num_samples=2, length=45, prompt="And the", steps=4 * 12, seed=1, precision="32")  # ~4 per block
     cached = model.generate(**kw)
     uncached = model.generate(**kw, sampler_options={"kv_cache": False})
     assert torch.equal(cached.tokens, uncached.tokens) and cached.tokens.shape == (2, 45)

@@ -9,6 +9,7 @@ from dlm.process import MaskedDiffusion, make_schedule
 from dlm.sampler import InputFeedback
 from dlm.sampler import fast_dllm
 from dlm.sampler.llada import generate_llada
+from tests.toy_canvas import llada_with_trajectory
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule
 
 V = 24
@@ -146,10 +147,10 @@ def test_token_embedding_feedback_reproduces_plain_sampling(net, process, cache)
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_soft_masking_keeps_caches_exact(net, process, cache):
     """Mixed embeddings change the samples, and with block-causal attention the caches still agree exactly."""
-    kw = dict(gen_length=16, block_length=8, steps=16, block_causal=True, record_trajectory=True)
-    plain = generate_llada(net, process, PROMPTS, cache="none", **kw)
-    mixed = generate_llada(net, process, PROMPTS, cache="none", feedback=HalfMix(), **kw)
-    cached = generate_llada(net, process, PROMPTS, cache=cache, feedback=HalfMix(), **kw)
+    kw = dict(gen_length=16, block_length=8, steps=16, block_causal=True)
+    plain = llada_with_trajectory(net, process, PROMPTS, cache="none", **kw)
+    mixed = llada_with_trajectory(net, process, PROMPTS, cache="none", feedback=HalfMix(), **kw)
+    cached = llada_with_trajectory(net, process, PROMPTS, cache=cache, feedback=HalfMix(), **kw)
     assert not torch.equal(plain.tokens, mixed.tokens)
     assert torch.equal(mixed.tokens, cached.tokens)
     prev = mixed.trajectory[0]

@@ -8,9 +8,11 @@ import torch
 
 from dlm.process import MaskedDiffusion, make_schedule
 from dlm.process.mdlm import subs_logits
+from dlm.sampler import Canvas
 from dlm.sampler.llada import LLaDASampler, generate_llada
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule
 from dlm.sampler.registry import make_sampler
+from tests.toy_canvas import llada_with_trajectory
 
 V = 24
 MASK = V - 1
@@ -51,8 +53,8 @@ def test_canvas_invariants(net, process, cache, policy):
     """Prompt and committed tokens never change; a block starts only when the one before it is full;
     the count schedule commits LLaDA's even split per step."""
     gen, block, steps = 16, 4, 12
-    out = generate_llada(net, process, PROMPTS, gen, block, steps, policy=policy, cache=cache, temperature=0.7,
-                         generator=torch.Generator().manual_seed(0), record_trajectory=True)
+    out = llada_with_trajectory(net, process, PROMPTS, gen, block, steps, policy=policy, cache=cache, temperature=0.7,
+                         generator=torch.Generator().manual_seed(0))
     P = max(len(p) for p in PROMPTS)
     traj = out.trajectory
     assert len(traj) == out.nfe
@@ -109,7 +111,7 @@ def test_finished_rows_leave_the_batch(net, process, cache, policy, cfg_scale):
         batch = generate_llada(net, process, PROMPTS, **kw)
     finally:
         hook.remove()
-    per_row = batch.nfe_per_sequence
+    per_row = batch.nfe_per_row
     assert sum(rows_fed) == (2 if cfg_scale else 1) * int(per_row.sum()) and len(rows_fed) == batch.nfe >= int(per_row.max())  # slowest per block
     assert len(set(per_row.tolist())) > 1  # rows finish at different steps, so the test can fail
     for i, prompt in enumerate(PROMPTS):
@@ -126,7 +128,7 @@ def test_soft_masking_schedule_follows_each_row(net, process):
     feedback = build_feedback(None, MASK, omega_s=0.9, omega_b=-3.0, schedule="stepwise")
     kw = dict(gen_length=16, block_length=16, steps=16, policy=ConfidenceThreshold(0.8), feedback=feedback)
     batch = generate_llada(net, process, PROMPTS, **kw)
-    assert len(set(batch.nfe_per_sequence.tolist())) > 1
+    assert len(set(batch.nfe_per_row.tolist())) > 1
     for i, prompt in enumerate(PROMPTS):
         assert torch.equal(batch.tokens[i], generate_llada(net, process, [prompt], **kw).tokens[0])
 
@@ -150,7 +152,7 @@ def test_per_row_positions(tiny_network):
 def test_classifier_free_guidance_formula(net, process):
     """First commit of a guided run = the most confident argmax of u + (s+1)(c - u), u with the prompt masked."""
     s, prompt, gen = 2.0, [1, 5, 6, 7, 9], 8
-    out = generate_llada(net, process, [prompt], gen, gen, gen, cfg_scale=s, record_trajectory=True)
+    out = llada_with_trajectory(net, process, [prompt], gen, gen, gen, cfg_scale=s)
     x = torch.tensor([prompt + [MASK] * gen])
     u_in = x.clone()
     u_in[:, :len(prompt)] = MASK
@@ -213,7 +215,7 @@ def test_time_conditioned_network_gets_the_time_of_its_mask_rate(tiny_network, s
     seen = []
     hook = net.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["t"].clone()), with_kwargs=True)
     try:
-        out = generate_llada(net, proc, [PROMPTS[0]], 8, 8, 8, record_trajectory=True)
+        out = llada_with_trajectory(net, proc, [PROMPTS[0]], 8, 8, 8)
     finally:
         hook.remove()
     canvases = [torch.tensor([PROMPTS[0] + [MASK] * 8])] + out.trajectory[:-1]  # what each call saw
@@ -253,13 +255,13 @@ def test_sampler_interface_and_registry(net, process):
     sampler = make_sampler("llada", steps=8, temperature=0.0)
     assert isinstance(sampler, LLaDASampler)
     sampler.block_length = 4
-    out = sampler.sample(net, process, canvas)
+    out = sampler.sample(net, process, Canvas.from_fixed(canvas, canvas != MASK))
     ref = generate_llada(net, process, [prompt, prompt], 8, 4, 8)
     assert torch.equal(out.tokens[:, 4:], ref.tokens) and out.nfe == ref.nfe == 8
     infill = canvas.clone()
     infill[:, -1] = 3
     with pytest.raises(ValueError, match="suffix"):
-        sampler.sample(net, process, infill)
+        sampler.sample(net, process, Canvas.from_fixed(infill, infill != MASK))
 
 
 def test_pipeline_and_cli(micro_run, capsys):

@@ -8,7 +8,7 @@ from dlm.sampler import ReMDMSampler
 from dlm.sampler.registry import make_sampler
 from dlm.softmask import SoftMaskFeedback, SoftMaskMixer
 
-from tests.toy_canvas import BOS, MASK, V, L, canvas_and_fixed, process
+from tests.toy_canvas import BOS, MASK, V, L, canvas_and_fixed, process, sample
 
 STRATEGIES = ["cap", "rescale", "conf", "loop"]
 
@@ -20,9 +20,8 @@ def test_fixed_tokens_are_never_remasked_and_no_mask_is_left(tiny_network, strat
     eta = None if strategy == "conf" else 0.3  # strong remasking, so decoded tokens really are remasked
     remasked = 0
     for seed in range(3):
-        out = ReMDMSampler(12, strategy, eta=eta, top_p=0.9).sample(net, process(), canvas, fixed,
-                                                                 torch.Generator().manual_seed(seed),
-                                                                 record_trajectory=True)
+        out = sample(ReMDMSampler(12, strategy, eta=eta, top_p=0.9), net, process(), canvas, fixed,
+                     torch.Generator().manual_seed(seed), record_trajectory=True)
         previous = canvas
         for z in out.trajectory:
             assert torch.equal(z[fixed], canvas[fixed])
@@ -42,7 +41,8 @@ def test_loop_holds_the_mask_fraction_at_one_minus_alpha_on(tiny_network):
     canvas[:, 0] = BOS
     sampler = ReMDMSampler(20, "loop", eta=0.2)
     times, remask = sampler.time_grid(process())
-    out = sampler.sample(net, process(), canvas, None, torch.Generator().manual_seed(0), record_trajectory=True)
+    out = sample(sampler, net, process(), canvas, canvas != MASK, torch.Generator().manual_seed(0),
+                 record_trajectory=True)
     loop_steps = remask.nonzero().squeeze(-1).tolist()
     fractions = [float((out.trajectory[i] == MASK).sum()) / (B * n) for i in [loop_steps[0] - 1] + loop_steps]
     # binomial std of one fraction: sqrt(0.1 * 0.9 / 960) ~ 0.01
@@ -97,19 +97,19 @@ def test_composes_with_soft_masking_and_top_p(tiny_network, name):
 
     def run(omega_s):
         fb = SoftMaskFeedback(SoftMaskMixer(k=3), MASK, omega_s=omega_s, omega_a=2.0, omega_b=-3.0)
-        return make_sampler(name, 10, top_p=0.8, feedback=fb).sample(net, process(), canvas, fixed,
-                                                                       torch.Generator().manual_seed(1))
+        return sample(make_sampler(name, steps=10, top_p=0.8, feedback=fb), net, process(), canvas, fixed,
+                      torch.Generator().manual_seed(1))
 
-    plain = make_sampler(name, 10, top_p=0.8).sample(net, process(), canvas, fixed, torch.Generator().manual_seed(1))
+    plain = sample(make_sampler(name, steps=10, top_p=0.8), net, process(), canvas, fixed, torch.Generator().manual_seed(1))
     assert torch.equal(run(0.0).tokens, plain.tokens)  # w_s = 0: exactly the sampler without SM
     out = run(0.9)
     assert not bool((out.tokens == MASK).any()) and torch.equal(out.tokens[fixed], canvas[fixed])
 
 
 def test_published_defaults_and_bad_parameters():
-    assert make_sampler("remdm_cap", 8).eta == 0.008
-    assert make_sampler("remdm_rescale", 8).eta == 0.015
-    loop = make_sampler("remdm_loop", 8)
+    assert make_sampler("remdm_cap", steps=8).eta == 0.008
+    assert make_sampler("remdm_rescale", steps=8).eta == 0.015
+    loop = make_sampler("remdm_loop", steps=8)
     assert (loop.eta, loop.t_on, loop.t_off, loop.alpha_on) == (0.02, 0.55, 0.05, 0.9)
     for kw, match in [(dict(eta=-0.1), "eta"), (dict(eta=1.5), "eta"),
                       (dict(strategy="loop", t_on=0.1, t_off=0.2), "t_off"), (dict(strategy="loop", t_on=1.2), "t_on"), (dict(strategy="loop", alpha_on=1.0), "alpha_on"),

@@ -5,7 +5,7 @@ import torch
 
 from dlm.process import MaskedDiffusion
 from dlm.process.schedules import LogLinearSchedule
-from dlm.sampler import AncestralSampler, semi_autoregressive
+from dlm.sampler import AncestralSampler, Canvas, semi_autoregressive
 
 V, MASK, CONTEXT = 12, 11, 12
 
@@ -17,9 +17,9 @@ class Recording(AncestralSampler):
         super().__init__(*args, **kw)
         self.calls = []
 
-    def sample(self, network, process, canvas, fixed=None, generator=None, record_trajectory=False):
-        out = super().sample(network, process, canvas, fixed, generator, record_trajectory)
-        self.calls.append((canvas.clone(), out.tokens.clone()))
+    def sample(self, network, process, canvas, generator=None, callback=None):
+        out = super().sample(network, process, canvas, generator, callback)
+        self.calls.append((canvas.tokens.clone(), out.tokens.clone()))
         return out
 
 
@@ -30,7 +30,8 @@ def test_windows_chain_and_length(tiny_network, total, stride):
     canvas = torch.full((2, CONTEXT), MASK)
     canvas[:, :3] = torch.tensor([0, 4, 5])  # BOS + a 2-token prompt
     sampler = Recording(6, top_p=0.9)
-    out = semi_autoregressive(sampler, net, process, canvas, total, stride, torch.Generator().manual_seed(0))
+    out = semi_autoregressive(sampler, net, process, Canvas.from_fixed(canvas, canvas != MASK), total, stride,
+                              torch.Generator().manual_seed(0))
 
     assert out.tokens.shape == (2, total)
     assert not bool((out.tokens == MASK).any())
@@ -56,6 +57,6 @@ def test_semi_autoregressive_errors(tiny_network):
     canvas = torch.full((1, CONTEXT), MASK)
     for stride in (0, CONTEXT, CONTEXT + 3):
         with pytest.raises(ValueError, match="stride"):
-            semi_autoregressive(AncestralSampler(4), net, process, canvas, 20, stride)
+            semi_autoregressive(AncestralSampler(4), net, process, Canvas.from_fixed(canvas, canvas != MASK), 20, stride)
     with pytest.raises(ValueError, match="total_length"):
-        semi_autoregressive(AncestralSampler(4), net, process, canvas, CONTEXT - 1, 4)
+        semi_autoregressive(AncestralSampler(4), net, process, Canvas.from_fixed(canvas, canvas != MASK), CONTEXT - 1, 4)

@@ -6,11 +6,11 @@ import torch
 
 from dlm.process import MaskedDiffusion
 from dlm.process.schedules import LogLinearSchedule
-from dlm.sampler import AncestralSampler, semi_autoregressive
+from dlm.sampler import AncestralSampler, Canvas, semi_autoregressive
 from dlm.sampler.registry import make_sampler
 from dlm.softmask import SoftMaskFeedback, SoftMaskMixer, build_feedback, schedule_scale
 
-from tests.toy_canvas import BOS, MASK, V, canvas_and_fixed, process
+from tests.toy_canvas import BOS, MASK, V, canvas_and_fixed, process, sample
 
 
 class Recording(torch.nn.Module):
@@ -35,12 +35,12 @@ def test_omega_s_zero_gives_exactly_the_plain_ancestral_tokens(tiny_network, cac
     canvas, fixed = canvas_and_fixed()
     differs = False
     for seed in range(4):
-        plain = AncestralSampler(12, top_p=0.9, cache=cache).sample(net, process(), canvas, fixed,
-                                                                   torch.Generator().manual_seed(seed))
-        zero = AncestralSampler(12, top_p=0.9, cache=cache, feedback=feedback(0.0)).sample(
-            net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
-        strong = AncestralSampler(12, top_p=0.9, cache=cache, feedback=feedback(0.95)).sample(
-            net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
+        plain = sample(AncestralSampler(12, top_p=0.9, cache=cache), net, process(), canvas, fixed,
+                       torch.Generator().manual_seed(seed))
+        zero = sample(AncestralSampler(12, top_p=0.9, cache=cache, feedback=feedback(0.0)),
+                      net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
+        strong = sample(AncestralSampler(12, top_p=0.9, cache=cache, feedback=feedback(0.95)),
+                        net, process(), canvas, fixed, torch.Generator().manual_seed(seed))
         assert torch.equal(plain.tokens, zero.tokens)
         differs |= not torch.equal(plain.tokens, strong.tokens)
     assert differs  # the feedback really reaches the network
@@ -51,8 +51,8 @@ def test_sm_never_changes_committed_or_fixed_tokens(tiny_network, cache):
     net = tiny_network(V, seed=1)
     canvas, fixed = canvas_and_fixed()
     for seed in range(3):
-        out = AncestralSampler(10, cache=cache, feedback=feedback(0.9)).sample(
-            net, process(), canvas, fixed, torch.Generator().manual_seed(seed), record_trajectory=True)
+        out = sample(AncestralSampler(10, cache=cache, feedback=feedback(0.9)),
+                     net, process(), canvas, fixed, torch.Generator().manual_seed(seed), record_trajectory=True)
         previous = canvas
         for z in out.trajectory:
             committed = previous != MASK
@@ -67,13 +67,13 @@ def test_cached_sampler_with_sm_calls_the_network_every_step_including_the_final
     # sampling_eps = 0.2 ends at alpha = 0.8, so masks are left for the final argmax call
     proc = MaskedDiffusion(LogLinearSchedule(1e-3), MASK, sampling_eps=0.2)
     plain = Recording(tiny_network(V))
-    out_plain = AncestralSampler(steps, cache=True).sample(plain, proc, canvas, fixed, torch.Generator().manual_seed(0))
+    out_plain = sample(AncestralSampler(steps, cache=True), plain, proc, canvas, fixed, torch.Generator().manual_seed(0))
     assert out_plain.nfe < steps // 2  # without SM the cache skips most steps
     sm = Recording(tiny_network(V))
-    out = AncestralSampler(steps, cache=True, feedback=feedback(0.5)).sample(
-        sm, proc, canvas, fixed, torch.Generator().manual_seed(0), record_trajectory=True)
-    uncached = AncestralSampler(steps, cache=False, feedback=feedback(0.5)).sample(
-        tiny_network(V), proc, canvas, fixed, torch.Generator().manual_seed(0))
+    out = sample(AncestralSampler(steps, cache=True, feedback=feedback(0.5)),
+                 sm, proc, canvas, fixed, torch.Generator().manual_seed(0), record_trajectory=True)
+    uncached = sample(AncestralSampler(steps, cache=False, feedback=feedback(0.5)),
+                      tiny_network(V), proc, canvas, fixed, torch.Generator().manual_seed(0))
     assert out.nfe == len(sm.got_embeds) == uncached.nfe == steps + 1
     assert torch.equal(out.tokens, uncached.tokens)
     # every call after the first sees soft inputs while masks remain, the final argmax call included
@@ -85,8 +85,8 @@ def test_semi_autoregressive_with_sm_keeps_every_prefix(tiny_network):
     net = tiny_network(V, seed=2)
     canvas = torch.full((2, 12), MASK)
     canvas[:, :3] = torch.tensor([BOS, 4, 5])
-    out = semi_autoregressive(AncestralSampler(6, feedback=feedback(0.8)), net, process(), canvas, 30, 5,
-                              torch.Generator().manual_seed(0))
+    out = semi_autoregressive(AncestralSampler(6, feedback=feedback(0.8)), net, process(),
+                              Canvas.from_fixed(canvas, canvas != MASK), 30, 5, torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 30) and torch.equal(out.tokens[:, :3], canvas[:, :3])
     assert not bool((out.tokens == MASK).any())
 
@@ -150,8 +150,9 @@ def test_samplers_give_each_row_its_own_fraction_of_masks_left(tiny_network, nam
             return None
 
     canvas, fixed = canvas_and_fixed()
-    make_sampler(name, 8, feedback=Spy()).sample(tiny_network(V, seed=0), process(), canvas, fixed,
-                                                torch.Generator().manual_seed(0))
+    steps = {} if name == "first_hitting" else {"steps": 8}  # first-hitting has no step budget
+    sample(make_sampler(name, **steps, feedback=Spy()), tiny_network(V, seed=0), process(), canvas, fixed,
+           torch.Generator().manual_seed(0))
     assert seen and seen[0].shape == (canvas.shape[0],) and canvas.shape[0] > 1
     assert (seen[0] > 0.5).all()  # a batch-wide count divided by B rows would be at most 1 / B
 
@@ -170,7 +171,7 @@ def test_overrides_and_training_free_use():
     with pytest.raises(ValueError, match="omega_s"):
         build_feedback(trained, MASK, omega_s=1.5)
     with pytest.raises(ValueError, match="autoregressive"):
-        make_sampler("ancestral", 8, autoregressive=True, feedback=fb)
+        make_sampler("autoregressive", feedback=fb)
 
 
 def test_pipeline_softmask_on_a_model_trained_without_it(micro_run):
