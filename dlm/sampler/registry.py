@@ -7,7 +7,8 @@ Each sampler registers itself in its own file with a small config dataclass of i
 
 `make_sampler(name, **options)` checks the options against that dataclass (an unknown option names the valid
 ones; the dataclass's `__post_init__` refuses bad values) and builds the sampler from its fields. One class may be
-registered under several names with different `defaults` (ancestral / ancestral_cache).
+registered under several names with different `defaults` (ancestral / ancestral_cache). The package's
+`__init__` imports every sampler module, so importing anything from dlm.sampler fills the registry.
 """
 
 from __future__ import annotations
@@ -62,13 +63,7 @@ def register_sampler(name: str, config: type, aliases: tuple[str, ...] = (), des
     return register
 
 
-def _load_all() -> None:
-    """Import the sampler modules, which register themselves."""
-    from dlm.sampler import ancestral, autoregressive, blockwise, first_hitting, llada, remdm  # noqa: F401
-
-
 def sampler_spec(name: str) -> SamplerSpec:
-    _load_all()
     key = ALIASES.get(name, name)
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler '{name}'; valid: {', '.join(sampler_names())}")
@@ -77,13 +72,11 @@ def sampler_spec(name: str) -> SamplerSpec:
 
 def sampler_names(aliases: bool = True) -> list[str]:
     """Every registered name (for the CLI's --sampler choices), aliases after the names."""
-    _load_all()
     return list(SAMPLERS) + (list(ALIASES) if aliases else [])
 
 
 def describe_samplers() -> list[tuple[str, str, str]]:
     """(name, aliases, one-line description) of every sampler, for the docs' table."""
-    _load_all()
     return [(s.name, ", ".join(s.aliases), s.description) for s in SAMPLERS.values()]
 
 

@@ -109,7 +109,7 @@ def train_all(scale: dict, out: Path, source: str) -> dict[str, dict]:
 
 def evaluate(runs: dict[str, dict], scale: dict, source: str, eval_lm) -> list[dict]:
     import dlm
-    from dlm.eval.entropy import mean_sample_entropy
+    from dlm.data.entropy import mean_sample_entropy
     from dlm.eval.genppl import generative_perplexity
 
     rows = []

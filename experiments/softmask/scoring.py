@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dlm.eval.entropy import mean_sample_entropy
+from dlm.data.entropy import mean_sample_entropy
 from dlm.eval.genppl import EvalLM, pad_right
 from dlm.eval.mauve import mauve_from_features
 

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dlm.eval import genppl
-from dlm.eval.entropy import mean_sample_entropy, unigram_entropy
+from dlm.data.entropy import mean_sample_entropy, unigram_entropy
 from dlm.eval.genppl import EvalLM, generative_perplexity, sequence_nll
 
 SENTENCES = [
