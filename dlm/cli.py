@@ -71,11 +71,9 @@ def cmd_sample(args) -> int:
     model = load(args.model, device=args.device)
     if args.sampler == "llada":
         return _sample_llada(model, args)
-    if args.prompt and len(args.prompt) > 1:
-        raise ValueError("several --prompt are continued together by --sampler llada; other samplers take one")
-    blockwise = model.process.name == "bd3lm" or args.sampler == "blockwise"
+    blockwise = model.process.blockwise or args.sampler == "blockwise"
     gen = model.generate(
-        num_samples=args.num_samples, length=args.length, prompt=args.prompt[0] if args.prompt else None,
+        args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
         template=args.template, sampler=args.sampler, steps=args.steps,
         temperature=1.0 if args.temperature is None else args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
@@ -89,7 +87,7 @@ def cmd_sample(args) -> int:
         inner = args.inner_sampler or (args.sampler if args.sampler != "blockwise" else "ancestral_cache")
         steps = "one token per step" if inner == "first_hitting" else f"{args.steps} steps over all blocks"
         kind = (f"blockwise ({inner}, {steps}, "
-                f"{'KV cache' if model.process.name == 'bd3lm' and args.kv_cache is not False else 'no cache'})")
+                f"{'KV cache' if 'blockwise' in model.process.exact_caches and args.kv_cache is not False else 'no cache'})")
     kind += ", soft-masking" if args.softmask else ""
     print(f"[{len(gen.texts)} samples x {gen.tokens.shape[1]} tokens | {kind} | NFE {gen.nfe} | "
           f"{gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s{_peak(gen.peak_memory_mib)}]")
@@ -122,7 +120,7 @@ def _sample_llada(model, args) -> int:
         threshold=args.threshold, factor=args.factor, temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale,
         remasking=args.remasking, cache=args.cache, softmask=softmask_option(args), batch_size=args.batch_size,
         seed=args.seed, suppress_eos=args.suppress_eos)
-    for i, (prompt, text) in enumerate(zip(prompts, res.texts)):
+    for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
     policy = f"threshold {args.threshold}" if args.threshold is not None else (
         f"factor {args.factor}" if args.factor is not None else f"{args.steps} steps")
@@ -132,7 +130,8 @@ def _sample_llada(model, args) -> int:
           f"{res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s{_peak(res.peak_memory_mib)}]")
     if args.out:
         with open(args.out, "w") as f:
-            for prompt, text, ids in zip(prompts, res.texts, res.tokens.tolist()):
+            continuation_ids = [row[mask].tolist() for row, mask in zip(res.tokens, res.generated)]
+            for prompt, text, ids in zip(prompts, res.continuations, continuation_ids):
                 f.write(json.dumps({"prompt": prompt, "text": text, "ids": ids}) + "\n")
         print(f"samples written to {args.out}")
     return 0
@@ -242,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None,
                    help="tokens per sample incl. BOS (default: the model's context; longer = semi-autoregressive)")
     p.add_argument("--prompt", action="append", default=None,
-                   help="text to continue (a fixed prefix); repeat it to continue several prompts with --sampler llada")
+                   help="text to continue (a fixed prefix); repeat it to continue several prompts in one batch (left-padded)")
     p.add_argument("--template", default=None,
                    help="text with spans to fill: [MASK] is one token, [MASK*n] is n tokens; the rest is fixed")
     p.add_argument("--sampler", default="ancestral_cache", choices=sampler_names(), metavar="NAME",

@@ -16,12 +16,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dlm.build import build_network, build_process, mask_id_of
 from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint,
@@ -32,54 +31,11 @@ from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.precision import use_bf16
 from dlm.process import Process
-from dlm.sampler import Canvas, SampleOutput, Sampler, TrajectoryRecorder, semi_autoregressive
+from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
+from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
 from dlm.sampler.registry import make_sampler, sampler_spec
 from dlm.softmask import SoftMaskFeedback, build_feedback
-
-MASK_SPAN = re.compile(r"\[MASK(?:\*(\d+))?\]")
-
-
-@dataclass
-class Generation:
-    texts: list[str]
-    tokens: torch.Tensor  # (N, L)
-    nfe: int
-    seconds: float
-    trajectory: list[torch.Tensor]
-    peak_memory_mib: float | None = None  # dlm.memory.PeakMemory: process peak RSS on a CPU, PyTorch's peak on a GPU
-    generated_tokens: int | None = None  # tokens the sampler produced: the given ones (BOS, prompt, template) excluded
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens (BOS, prompt and template text excluded) per second of wall time."""
-        n = self.tokens.numel() if self.generated_tokens is None else self.generated_tokens
-        return n / max(self.seconds, 1e-9)
-
-
-@dataclass
-class PromptedGeneration:
-    """Continuations of prompts (`DiffusionLM.generate_prompted`): texts and tokens (N, gen_length) of the
-    generated part only; nfe = network calls summed over batches; row_calls = the calls each prompt took part in,
-    summed over prompts (a prompt whose block is done sits out the rest of that block's calls)."""
-
-    texts: list[str]
-    tokens: torch.Tensor  # (N, gen_length)
-    nfe: int
-    seconds: float
-    row_calls: int
-    peak_memory_mib: float | None = None  # as in Generation
-
-    @property
-    def tokens_per_nfe(self) -> float:
-        """Tokens committed per network call for each sequence (1.0 = one token per step)."""
-        return self.tokens.numel() / max(self.row_calls, 1)
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens (prompts excluded) per second of wall time."""
-        return self.tokens.numel() / max(self.seconds, 1e-9)
-
 
 class DiffusionLM:
     """A model built from its parts: a network (dlm.network), a process (dlm.process; soft-masking is a process too)
@@ -179,124 +135,174 @@ class DiffusionLM:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def build_canvas(self, length: int, prompt: str | None = None, template: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(canvas (L,), fixed (L,)): BOS, then the prompt or the template, then masks up to `length`.
-
-        A template is text with `[MASK]` (one token) or `[MASK*n]` (n tokens) spans to fill; everything else
-        is fixed. A prompt is a prefix; the rest up to `length` is generated.
-        """
-        if prompt is not None and template is not None:
-            raise ValueError("give either a prompt (a prefix to continue) or a template (text with [MASK*n] spans), not both")
-        mask_id = self.tokenizer.mask_token_id
-        ids, fixed = [self.tokenizer.bos_token_id], [True]
-        if template is not None:
-            pos = 0
-            for m in MASK_SPAN.finditer(template):
-                piece = self.encode(template[pos:m.start()])
-                ids += piece
-                fixed += [True] * len(piece)
-                n = int(m.group(1) or 1)
-                ids += [mask_id] * n
-                fixed += [False] * n
-                pos = m.end()
-            piece = self.encode(template[pos:])
-            ids += piece
-            fixed += [True] * len(piece)
-            if all(fixed):
-                raise ValueError("the template has no [MASK] or [MASK*n] span to fill")
-            length = len(ids)
-        else:
-            if prompt:
-                piece = self.encode(prompt)
-                ids += piece
-                fixed += [True] * len(piece)
+    def build_canvas(self, length: int, prompt: str | None = None, template: str | None = None):
+        """(canvas (L,), fixed (L,) bool) of one row as `generate` builds it: BOS, then the prompt (a prefix, the
+        rest up to `length` generated) or the template (its own length), the prior at the positions to generate."""
+        (ids,), fixed = given_rows(self.tokenizer, self.process, None, prompt, template, None)
+        if fixed is None:
             if len(ids) >= length:
-                raise ValueError(f"the prompt is {len(ids) - 1} tokens long (+1 BOS), leaving nothing to generate in a "
-                                 f"window of {length} tokens (the model's context is {self.context}); shorten the "
-                                 "prompt" + (" or raise length" if length < self.context else ""))
-            ids += [mask_id] * (length - len(ids))
-            fixed += [False] * (length - len(fixed))
-        return torch.tensor(ids), torch.tensor(fixed)
+                raise ValueError(f"the prompt leaves nothing to generate in {length} tokens")
+            fixed = torch.arange(length) < len(ids)
+            ids = ids + [self.tokenizer.pad_token_id] * (length - len(ids))
+        return self.process.prior(torch.tensor([ids]), ~fixed[None])[0], fixed
 
     # ------------------------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, num_samples: int = 1, length: int | None = None, prompt: str | None = None,
-                 template: str | None = None, sampler: str | Sampler = "ancestral_cache", steps: int = 128,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, stride: int | None = None,
-                 batch_size: int = 16, record_trajectory: bool = False, precision: str = "auto",
-                 softmask: bool | dict | SoftMaskFeedback | None = None,
-                 sampler_options: dict | None = None, block_length: int | None = None) -> Generation:
-        """Generate `num_samples` texts.
+    def generate(self, prompts: str | list[str] | None = None, *, prompt: str | None = None,
+                 template: str | None = None, messages: list[dict] | None = None, num_samples: int = 1,
+                 length: int | None = None, gen_length: int | None = None, sampler: str | Sampler | None = None,
+                 steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int = 0, stride: int | None = None, batch_size: int = 16,
+                 precision: str = "auto", softmask: bool | dict | SoftMaskFeedback | None = None,
+                 callback=None, progress: bool = False, record_trajectory: bool = False,
+                 sampler_options: dict | None = None, **options) -> Generation:
+        """The one generation door: unconditional, prompted (batched, left-padded), infill, chat and any length.
 
-        length: tokens per sample including BOS (default: the model's context). Longer than the context, a
-        diffusion model generates semi-autoregressively: windows of `context` tokens advancing by `stride`
-        (default context // 2). sampler: a name of dlm.sampler.registry (ancestral, ancestral_cache, first_hitting,
-        remdm_cap, remdm_rescale, remdm_conf, remdm_loop, llada, blockwise; aliases ddpm, ddpm_cache) or a Sampler
-        object; `generate_prompted` has the LLaDA/Fast-dLLM options by name. sampler_options: extra keywords of the named sampler
-        (ReMDM: eta, t_on, t_off, alpha_on).
-        softmask: True = soft-masking with the learned w; a dict overrides any of omega_s, omega_a, omega_b, k
-        and picks schedule ("none" | "linear" | "stepwise"); a model trained without SM needs omega_s
-        (training-free use). None/False = plain masks.
-        Block by block (dlm.sampler.blockwise): always for a bd3lm model (with a KV cache; `sampler`, unless
-        "blockwise", names the inner sampler), or sampler="blockwise" for MDLM (no cache). block_length: tokens
-        per block (default: the bd3lm model's own); `steps` is the total over all blocks, split as evenly as
-        possible (at least one per block with something to generate); sampler_options may add inner_sampler,
-        kv_cache, window, stop_at_eos, stop_entropy, entropy_window. Any length: a sliding window past the context.
+        What is given: nothing (unconditional: BOS, then generated tokens), `prompts` (a text or a list of texts,
+        each one row; `prompt=` is the same for one text), `messages` (chat turns through the tokenizer's chat
+        template) or `template` (text with `[MASK]` / `[MASK*n]` spans to fill, anywhere). Each is repeated
+        `num_samples` times. Sizes: `length` is the canvas's tokens including BOS and the prompt (default: the
+        model's context), or `gen_length` the tokens to generate after the prompt. Past the context a diffusion
+        model generates semi-autoregressively: windows of `context` tokens advancing by `stride` (default
+        context // 2); a block-causal model block by block.
+
+        sampler: a registered name (dlm.sampler.registry; default: the process's own) or a Sampler. `steps` is
+        the total budget of steps, `block_length` the tokens per block (block-wise samplers), `temperature` and
+        `top_p` as the sampler defines them (None: the sampler's defaults); any other keyword (or
+        `sampler_options`) is an option of the named sampler, e.g. threshold=, factor=, cfg_scale=, cache=,
+        remasking= of "llada", eta= of ReMDM. An autoregressive model always decodes left to right; a sampler the
+        process cannot serve is refused. softmask: True = soft-masking with the learned w; a dict overrides
+        omega_s, omega_a, omega_b, k, schedule (a model trained without SM needs omega_s); None/False = plain.
+        callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: a
+        progress bar on a terminal; record_trajectory: keep the canvas after every step.
         """
-        if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be positive")
-        if steps < 1:
-            raise ValueError(f"steps={steps} must be a positive integer")
-        length = length or self.context
-        options = dict(sampler_options or {})
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be positive integers")
+        for name, value in (("length", length), ("gen_length", gen_length), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer (or left out for the default)")
+        sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p, softmask,
+                                           {**(sampler_options or {}), **options})
+        given, fixed = given_rows(self.tokenizer, self.process, prompts, prompt, template, messages)
+        rows = [ids for ids in given for _ in range(num_samples)]
+        longest = max(len(r) for r in rows)
+        if template is not None:
+            if length is not None or gen_length is not None:
+                raise ValueError("a template sets its own length: leave out length and gen_length")
+            total = longest
+        elif gen_length is not None:
+            if length is not None:
+                raise ValueError("give either length (the whole canvas) or gen_length (the tokens to generate)")
+            total = longest + gen_length
+        else:
+            total = length or self.context
+        if total <= longest and template is None:
+            raise ValueError(f"the prompt is {longest - 1} tokens long (+1 BOS), leaving nothing to generate in "
+                             f"{total} tokens (the model's context is {self.context}); shorten the prompt or raise "
+                             "length (or give gen_length)")
+        semi_ar = total > self.context and not blockwise
+        if semi_ar and (template is not None or self.is_autoregressive):
+            raise ValueError(f"the {'template' if template is not None else 'request'} needs {total} tokens but the "
+                             f"model's context is {self.context}; shorten it")
+        if semi_ar and len({len(r) for r in rows}) > 1:
+            raise ValueError(f"{total} tokens exceed the model's context ({self.context}): past it, prompts are "
+                             "continued window by window, which needs prompts of one length; give one at a time")
+        recorder = TrajectoryRecorder() if record_trajectory else None
+        bar = ProgressBar(desc="sampling", disable=None if progress else True)
+        hook = chain_callbacks(callback, recorder, bar if progress else None)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        outputs, canvases = [], []
+        started = time.perf_counter()
+        with self.autocast(precision), PeakMemory(self.device) as memory:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                if fixed is not None:  # a template: the same canvas in every row
+                    ids, to_gen = torch.tensor(chunk, device=self.device), ~fixed.to(self.device).expand(len(chunk), -1)
+                    canvas = Canvas(self.process.prior(ids, to_gen, generator), to_gen.clone())
+                else:
+                    width = min(total, self.context) if semi_ar else total
+                    canvas = Canvas.left_padded(chunk, width - max(len(r) for r in chunk), self.process,
+                                                self.tokenizer.pad_token_id, self.device, generator)
+                if semi_ar:
+                    out = semi_autoregressive(sampler, self.network, self.process, canvas, total,
+                                              stride or self.context // 2, generator, hook)
+                    generated = (torch.arange(total, device=self.device) >= longest).expand(len(chunk), -1)
+                else:
+                    out = sampler.sample(self.network, self.process, canvas, generator, hook)
+                    generated = canvas.to_generate
+                outputs.append(out)
+                canvases.append((out.tokens.cpu(), generated.cpu()))
+        bar.close()
+        seconds = time.perf_counter() - started
+        width = max(t.shape[1] for t, _ in canvases)  # chunks left-padded to their own longest prompt: align them
+        pad = self.tokenizer.pad_token_id
+        tokens = torch.cat([F.pad(t, (width - t.shape[1], 0), value=pad) for t, _ in canvases])
+        generated = torch.cat([F.pad(g, (width - g.shape[1], 0), value=False) for _, g in canvases])
+        return Generation(decode_rows(self.tokenizer, tokens), tokens, generated, sum(o.nfe for o in outputs),
+                          torch.cat([o.nfe_per_row.cpu() for o in outputs]), seconds, memory.mib,
+                          decode_rows(self.tokenizer, tokens, generated), torch.cat([o.stopped.cpu() for o in outputs]),
+                          [] if recorder is None else recorder.canvases)
+
+    def generate_prompted(self, prompts: list[str], gen_length: int = 64, block_length: int | None = None,
+                          steps: int = 64, temperature: float = 0.0, suppress_eos: bool = False, **kw) -> Generation:
+        """`generate(prompts, gen_length=..., sampler="llada", ...)`: LLaDA-style block-wise confidence decoding of
+        each prompt's continuation (names as in diffusers' LLaDA2 pipeline; threshold=, factor=, cfg_scale=,
+        cache=, remasking=, softmask=, batch_size=, seed=, precision= as in `generate`). suppress_eos: positions
+        predicting EOS are committed last."""
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if suppress_eos:
+            kw["suppress_ids_in_confidence"] = (self.tokenizer.eos_token_id,)
+        return self.generate(list(prompts), gen_length=gen_length, sampler=kw.pop("sampler", "llada"),
+                             block_length=block_length, steps=steps, temperature=temperature, **kw)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build_canvas(self, length: int, prompt: str | None = None, template: str | None = None):
+        """(canvas (L,), fixed (L,) bool) of one row as `generate` builds it: BOS, then the prompt (a prefix, the
+        rest up to `length` generated) or the template (its own length), the prior at the positions to generate."""
+        (ids,), fixed = given_rows(self.tokenizer, self.process, None, prompt, template, None)
+        if fixed is None:
+            if len(ids) >= length:
+                raise ValueError(f"the prompt leaves nothing to generate in {length} tokens")
+            fixed = torch.arange(length) < len(ids)
+            ids = ids + [self.tokenizer.pad_token_id] * (length - len(ids))
+        return self.process.prior(torch.tensor([ids]), ~fixed[None])[0], fixed
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""
+        return decode_rows(self.tokenizer, tokens)
+
+    def _sampler(self, sampler, steps, block_length, temperature, top_p, softmask, options) -> tuple[Sampler, bool]:
+        """The sampler to run and whether it generates block by block; refused when the process cannot serve it."""
         feedback = self._softmask_feedback(softmask)
         if feedback is not None:
             options["feedback"] = feedback
-        blockwise = not self.is_autoregressive and (isinstance(sampler, BlockwiseSampler) or (
-            not isinstance(sampler, Sampler) and (self.process.name == "bd3lm" or sampler == "blockwise")))
-        if blockwise and not isinstance(sampler, Sampler):
-            sampler, options = "blockwise", self._blockwise_options(sampler, options, block_length)
-        if not isinstance(sampler, Sampler):
-            if self.is_autoregressive:  # always left to right with a KV cache
-                if options.get("feedback") is not None:
-                    raise ValueError("soft-masking needs a masked diffusion model; this model is autoregressive")
-                sampler, options = "autoregressive", {}
+        if isinstance(sampler, Sampler):
+            if feedback is not None:
+                if not getattr(sampler, "takes_feedback", False):
+                    raise ValueError(f"sampler {type(sampler).__name__} does not take soft-masking feedback")
+                sampler = copy.copy(sampler)
+                sampler.feedback = feedback
+            blockwise = isinstance(sampler, BlockwiseSampler)
+        else:
+            name = sampler or self.process.default_sampler
+            if self.is_autoregressive and not getattr(sampler_spec(name).build, "autoregressive", False):
+                name, options = self.process.default_sampler, {}  # an AR model always decodes left to right
+            blockwise = not self.is_autoregressive and (self.process.blockwise or name == "blockwise")
+            if blockwise:
+                name, options = "blockwise", blockwise_options(self.process, self.tokenizer, name, options, block_length)
+            elif block_length is not None:
+                options["block_length"] = block_length
             common = {"steps": steps, "temperature": temperature, "top_p": top_p}
-            accepted = sampler_spec(sampler).options
-            sampler = make_sampler(sampler, **{k: v for k, v in common.items() if k in accepted}, **options)
-        elif "feedback" in options:
-            if not hasattr(sampler, "feedback"):
-                raise ValueError(f"sampler {type(sampler).__name__} does not take soft-masking feedback")
-            sampler = copy.copy(sampler)
-            sampler.feedback = options["feedback"]
+            accepted = sampler_spec(name).options
+            sampler = make_sampler(name, **{k: v for k, v in common.items() if k in accepted and v is not None},
+                                   **options)
         if self.is_autoregressive:
             sampler.suppress_ids = [self.tokenizer.mask_token_id, self.tokenizer.pad_token_id, self.tokenizer.bos_token_id]
-        window = min(length, self.context) if template is None and not blockwise else None
-        canvas, fixed = self.build_canvas(window or length, prompt, template)
-        if canvas.numel() > self.context and (template is not None or self.is_autoregressive) and not blockwise:
-            raise ValueError(f"the {'template' if template else 'request'} needs {canvas.numel()} tokens but the "
-                             f"model's context is {self.context}; shorten it")
-        semi_ar = template is None and length > self.context and not blockwise
-        if semi_ar and self.is_autoregressive:
-            raise ValueError(f"length={length} exceeds the context ({self.context}) of this autoregressive model")
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs: list[SampleOutput] = []
-        recorder = TrajectoryRecorder() if record_trajectory else None
-        started = time.perf_counter()
-        with self.autocast(precision), PeakMemory(self.device) as memory:
-            for start in range(0, num_samples, batch_size):
-                b = min(batch_size, num_samples - start)
-                c = Canvas(canvas.to(self.device).expand(b, -1).clone(), ~fixed.to(self.device).expand(b, -1).clone())
-                if semi_ar:
-                    outputs.append(semi_autoregressive(sampler, self.network, self.process, c, length,
-                                                       stride or self.context // 2, generator, recorder))
-                else:
-                    outputs.append(sampler.sample(self.network, self.process, c, generator, recorder))
-        seconds = time.perf_counter() - started
-        tokens = torch.cat([o.tokens.cpu() for o in outputs])
-        return Generation(self.decode(tokens), tokens, sum(o.nfe for o in outputs), seconds,
-                          [] if recorder is None else recorder.canvases, memory.mib,
-                          generated_tokens=tokens.numel() - num_samples * int(fixed.sum()))
+        self.process.check_sampler(sampler)
+        return sampler, blockwise
 
     def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
         """The sampling feedback a `softmask=` argument asks for: None/False = plain masks; True or {} = the learned
@@ -311,83 +317,6 @@ class DiffusionLM:
         if hasattr(self.process, "feedback"):  # a soft-masking process: its learned w
             return self.process.feedback(**overrides)
         return build_feedback(None, self.process.mask_id, **overrides)  # training-free: w chosen here
-
-    def _blockwise_options(self, sampler: str, options: dict, block_length: int | None) -> dict:
-        """Options of the "blockwise" sampler for this model: `sampler` (unless "blockwise") is the inner sampler;
-        the KV cache is on for bd3lm (and impossible for MDLM); stops fill with [PAD]."""
-        bd3 = self.process.name == "bd3lm"
-        options = dict(options)
-        if sampler != "blockwise":
-            options.setdefault("inner_sampler", sampler)
-        for key, default in (("block_length", block_length or (self.process.block_size if bd3 else None)),
-                             ("kv_cache", bd3), ("eos_id", self.tokenizer.eos_token_id),
-                             ("fill_id", self.tokenizer.pad_token_id)):
-            if options.get(key) is None:
-                options[key] = default
-        return options
-
-    @torch.no_grad()
-    def generate_prompted(self, prompts: list[str], gen_length: int = 64, block_length: int | None = None,
-                          steps: int = 64, threshold: float | None = None, factor: float | None = None,
-                          temperature: float = 0.0, cfg_scale: float = 0.0, remasking: str = "low_confidence",
-                          cache: str = "none", softmask: bool | dict | SoftMaskFeedback | None = None,
-                          batch_size: int = 16, seed: int = 0, suppress_eos: bool = False,
-                          precision: str = "auto") -> PromptedGeneration:
-        """Continue each prompt with `gen_length` tokens by LLaDA-style block-wise confidence sampling
-        (dlm.sampler.llada; names as in diffusers' LLaDA2 pipeline).
-
-        block_length: tokens per block, generated left to right (default: one block of gen_length); steps: the
-        count schedule's total steps (divisible by the number of blocks). threshold (in (0, 1]) or factor: Fast-dLLM
-        parallel decoding instead of the count schedule. remasking: low_confidence | random | margin | entropy.
-        cache: none | prefix | dual (Fast-dLLM KV caches). cfg_scale: classifier-free guidance. softmask: as in
-        `generate`. suppress_eos: positions predicting EOS are committed last. Prompts of different lengths are
-        left-padded in a batch; their continuations do not depend on it.
-        """
-        from dlm.sampler.llada import generate_llada
-        from dlm.sampler.policies import make_policy
-
-        if self.is_autoregressive:
-            raise ValueError("generate_prompted samples a masked diffusion model; this model is autoregressive "
-                             "(use generate(prompt=...))")
-        if not prompts:
-            raise ValueError("give at least one prompt")
-        feedback = self._softmask_feedback(softmask)
-        ids = [[self.tokenizer.bos_token_id] + self.encode(p) for p in prompts]
-        longest = max(len(i) for i in ids)
-        if longest + gen_length > self.context:
-            raise ValueError(f"the longest prompt ({longest} tokens with BOS) + gen_length={gen_length} exceeds the "
-                             f"model's context ({self.context}); shorten the prompts or gen_length")
-        policy = make_policy(threshold, factor)
-        suppress = (self.tokenizer.eos_token_id,) if suppress_eos else ()
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs = []
-        started = time.perf_counter()
-        with self.autocast(precision), PeakMemory(self.device) as memory:
-            for start in range(0, len(ids), batch_size):
-                outputs.append(generate_llada(
-                    self.network, self.process, ids[start:start + batch_size], gen_length, block_length, steps,
-                    temperature, remasking, policy, cfg_scale, cache, feedback, suppress, generator,
-                    pad_id=self.tokenizer.pad_token_id))
-        seconds = time.perf_counter() - started
-        tokens = torch.cat([o.tokens.cpu() for o in outputs])
-        return PromptedGeneration(self.decode(tokens), tokens, sum(o.nfe for o in outputs), seconds,
-                                  sum(int(o.nfe_per_row.sum()) for o in outputs), memory.mib)
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""
-        eos = self.tokenizer.eos_token_id
-        texts = []
-        for row in tokens.tolist():
-            parts, cur = [], []
-            for tok in row:
-                if tok == eos:
-                    parts.append(cur)
-                    cur = []
-                else:
-                    cur.append(tok)
-            parts.append(cur)
-            texts.append("\n\n".join(self.tokenizer.decode(p, skip_special_tokens=True).strip() for p in parts).strip())
-        return texts
 
     # ------------------------------------------------------------------------------------ likelihood
     @torch.no_grad()

@@ -15,7 +15,7 @@ LAYERS = [
     ("dlm.sampler",),
     ("dlm.softmask",),
     ("dlm.config",),
-    ("dlm.checkpoint", "dlm.build"),
+    ("dlm.checkpoint", "dlm.build", "dlm.generation"),
     ("dlm.pipeline",),
     ("dlm.eval",),
     ("dlm.train",),

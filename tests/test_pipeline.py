@@ -1,11 +1,13 @@
 """`DiffusionLM`: canvases (prompt, template), generation of any length, the NELBO and perplexity API."""
 
+import copy
 import math
 
 import pytest
 import torch
 
 import dlm
+import dlm.pipeline
 
 LONG_TEXT = "And the king said unto the people, behold the land which the Lord hath given. " * 4
 
@@ -123,3 +125,49 @@ def test_perplexity_of_a_short_text_scores_every_token(model):
     assert ppl["num_tokens"] == n and ppl["num_rows"] == 1 and math.isfinite(ppl["ppl"])
     long = model.perplexity(texts=[LONG_TEXT], num_t_samples=1)
     assert long["num_tokens"] == len(model.encode(LONG_TEXT)) + 1  # the tail row is scored too
+
+
+# ------------------------------------------------------------------------------------ the one generation door
+def test_batched_prompts_of_different_lengths_are_left_padded_for_any_sampler(model):
+    prompts = ["And the king said unto", "The"]
+    for sampler in ("ancestral_cache", "first_hitting", "llada"):
+        gen = model.generate(prompts, gen_length=6, sampler=sampler, steps=6, seed=1)
+        assert gen.tokens.shape == (2, 1 + len(model.encode(prompts[0])) + 6) and gen.generated.sum(1).tolist() == [6, 6]
+        for row, generated, text in zip(gen.tokens, gen.generated, prompts):
+            given = [model.tokenizer.bos_token_id] + model.encode(text)
+            kept = row[~generated].tolist()
+            assert kept[len(kept) - len(given):] == given  # the prompt, after left padding
+            assert set(kept[:len(kept) - len(given)]) <= {model.tokenizer.pad_token_id}
+            assert not bool((row[generated] == model.tokenizer.mask_token_id).any())
+        assert gen.nfe_per_row.shape == (2,) and gen.row_calls >= gen.nfe and len(gen.continuations) == 2
+
+
+def test_callback_sees_every_network_call_and_can_stop_rows(model):
+    events = []
+    gen = model.generate(num_samples=3, length=16, sampler="ancestral", steps=5, callback=events.append)
+    assert [e.step for e in events] == list(range(len(events))) and events[-1].nfe == gen.nfe
+    assert sum(int(e.committed.sum()) for e in events) == gen.generated_tokens
+    stopped = model.generate(num_samples=3, length=16, sampler="ancestral", steps=5,
+                             callback=lambda e: torch.tensor([True, False, False]))
+    assert stopped.stopped.tolist() == [True, False, False] and stopped.nfe_per_row[0] == 1
+    recorded = model.generate(num_samples=2, length=16, steps=5, record_trajectory=True, progress=True)
+    assert len(recorded.trajectory) >= 1 and recorded.trajectory[-1].shape == (2, 16)
+
+
+def test_chat_messages_go_through_the_chat_template(model):
+    messages = [{"role": "user", "content": "And the king said"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        model.generate(messages=messages, gen_length=4)
+    tok = copy.deepcopy(model.tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    chat = dlm.pipeline.DiffusionLM(model.network, model.process, tok, model.cfg)
+    gen = chat.generate(messages=messages, gen_length=4, steps=4)
+    given = gen.tokens[0][~gen.generated[0]].tolist()
+    assert given == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    with pytest.raises(ValueError, match="not both"):
+        chat.generate("x", messages=messages)
+
+
+def test_a_sampler_the_process_cannot_serve_is_refused(model):
+    with pytest.raises(ValueError, match="cannot sample a 'mdlm' model"):
+        model.generate(sampler="autoregressive", length=8)

@@ -108,10 +108,10 @@ def run_case(models: dict, case: dict) -> dict:
     if case.get("prompted"):
         kw = {k: v for k, v in case.items() if k not in ("model", "prompted")}
         out = model.generate_prompted(PROMPTS, gen_length=16, seed=3, precision="32", **kw)
-        return {"tokens": out.tokens.tolist(), "nfe": out.nfe, "row_calls": out.row_calls}
+        return {"tokens": out.tokens[:, -16:].tolist(), "nfe": out.nfe, "row_calls": out.row_calls}
     mode = case["mode"]
-    kw = dict(num_samples=2, sampler=case["sampler"], steps=8, seed=5, precision="32", softmask=case.get("softmask"),
-              sampler_options=dict(case.get("options") or {}))
+    kw = dict(num_samples=2, sampler=case["sampler"], steps=8, seed=5, precision="32", temperature=1.0, top_p=1.0,
+              softmask=case.get("softmask"), sampler_options=dict(case.get("options") or {}))
     if mode == "uncond":
         kw["length"] = 24
     elif mode == "prompt":
@@ -129,8 +129,14 @@ def run_case(models: dict, case: dict) -> dict:
 def _blocks_to_generate(model, kw: dict, case: dict) -> int:
     """Blocks of the generation's canvas with something to generate."""
     block = (case.get("options") or {}).get("block_length") or model.process.block_size
-    _, fixed = model.build_canvas(kw.get("length") or model.context, kw.get("prompt"), kw.get("template"))
-    return sum(1 for s in range(0, len(fixed), block) if not bool(fixed[s:s + block].all()))
+    from dlm.generation import template_canvas
+
+    if kw.get("template"):
+        _, fixed = template_canvas(kw["template"], model.encode, 0, 0)
+    else:
+        given = 1 + len(model.encode(kw["prompt"])) if kw.get("prompt") else 1  # BOS (+ the prompt)
+        fixed = [True] * given + [False] * ((kw.get("length") or model.context) - given)
+    return sum(1 for s in range(0, len(fixed), block) if not all(fixed[s:s + block]))
 
 
 def run_or_refuse(models: dict, case: dict) -> dict:
