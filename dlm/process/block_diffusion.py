@@ -168,15 +168,13 @@ class BlockDiffusion(Process):
         if am is not None:  # padding keys are invisible in both halves
             mask = mask & torch.cat((am, am), 1)[:, None, None, :]  # (B, 1, 2L, 2L)
         positions = torch.arange(L, device=x.device).repeat(2)
+        # The clean half's outputs are never scored: the output layer (the costliest matmul at small widths) runs
+        # on the noisy half only.
         if inputs_embeds is None:
-            hidden = network(torch.cat((z, x), 1), attn_mask=mask, positions=positions, return_hidden=True)
-        else:
-            clean = network.embed(x)
-            embeds = torch.cat((inputs_embeds.to(clean.dtype), clean), 1)
-            hidden = network(inputs_embeds=embeds, attn_mask=mask, positions=positions, return_hidden=True)
-        # The clean half's outputs are never scored: apply the output layer (the costliest matmul at small
-        # widths) to the noisy half only.
-        return network.head(hidden[:, :L])  # (B, L, V)
+            return network(torch.cat((z, x), 1), attn_mask=mask, positions=positions, logits_at=slice(0, L))
+        clean = network.embed_tokens(x)
+        embeds = torch.cat((inputs_embeds.to(clean.dtype), clean), 1)
+        return network(inputs_embeds=embeds, attn_mask=mask, positions=positions, logits_at=slice(0, L))  # (B, L, V)
 
     # ------------------------------------------------------------------------------------------ loss
     def _terms(self, network, batch, generator, t):

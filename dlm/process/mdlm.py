@@ -162,10 +162,10 @@ class MaskedDiffusion(Process):
         on average over t. `nelbo_terms` is the dense formula, used to test this one.
         """
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
-        hidden = network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds, t=self.network_time(t),
-                         attn_mask=key_padding_mask(batch), return_hidden=True)  # (B, L, C)
         masked = (z == self.mask_id) & loss_mask  # (B, L)
-        logits = subs_logits(network.head(hidden[masked]), self.mask_id)  # (N, V)
+        raw = network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds, t=self.network_time(t),
+                      attn_mask=key_padding_mask(batch), logits_at=masked)  # (N, V)
+        logits = subs_logits(raw, self.mask_id)
         ce = F.cross_entropy(logits, x[masked], reduction="none")  # (N,)
         weights = self.schedule.loss_weight(t)[:, None].expand_as(z)[masked]  # (N,)
         total = (ce * weights).sum()

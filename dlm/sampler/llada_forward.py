@@ -74,9 +74,9 @@ def forward_block(ctx: Context, x, span, block, block_embeds, cache, mask, cache
         positions = positions.repeat(2, 1) if positions.dim() == 2 else positions
         mask = None if mask is None else torch.cat((mask, mask)) if mask.shape[0] > 1 else mask
         t = None if t is None else torch.cat((t, t))
-    hidden = network(None if embeds is not None else ids, inputs_embeds=embeds, t=t, attn_mask=mask,
-                     positions=positions, kv_cache=cache, cache_update=cache_update, return_hidden=True)
-    out = network.head(hidden[:, start - qs:end - qs])  # (B or 2B, block_length, V)
+    out = network(None if embeds is not None else ids, inputs_embeds=embeds, t=t, attn_mask=mask, positions=positions,
+                  kv_cache=cache, cache_update=cache_update,
+                  logits_at=slice(start - qs, end - qs))  # (B or 2B, block_length, V)
     if ctx.cfg_scale > 0:
         cond, uncond = out.chunk(2)
         out = uncond + (ctx.cfg_scale + 1) * (cond - uncond)

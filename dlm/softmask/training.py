@@ -29,9 +29,7 @@ def softmask_inputs(process: MaskedDiffusion, network, mixer: SoftMaskMixer, z: 
     """
     masked = z == process.mask_id  # (B, L)
     with torch.no_grad():
-        hidden = network(z, t=process.network_time(t), attn_mask=key_padding_mask(batch),
-                         return_hidden=True)  # (B, L, C)
-        rows = network.head(hidden[masked])  # (N, V)
+        rows = network(z, t=process.network_time(t), attn_mask=key_padding_mask(batch), logits_at=masked)  # (N, V)
     return mixer.at_masks(rows, z, process.mask_id, network.embed.weight)
 
 
@@ -67,5 +65,5 @@ def softmask_nelbo(process: MaskedDiffusion, network, mixer: SoftMaskMixer, batc
 
 
 def _check_process(process) -> None:
-    if not isinstance(process, MaskedDiffusion) or process.name != "mdlm":
+    if process.corruption != "absorbing" or process.blockwise or process.autoregressive:
         raise ValueError(f"soft-masking needs a masked diffusion process (mdlm), not '{process.name}'")

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from dlm.network.base import select_positions
+
 from dlm.process import MaskedDiffusion, nelbo_terms
 from dlm.process.mdlm import antithetic_times
 from dlm.process.schedules import CosineSchedule, LinearSchedule, LogLinearSchedule
@@ -35,7 +37,7 @@ SEQS = torch.tensor(list(itertools.product(range(N_REAL), repeat=L)))  # (27, L)
 class PerfectDenoiser(torch.nn.Module):
     """A network stub: at a masked position i, logits[v] = log p(x_i = v | the clean positions of z).
 
-    It follows the backbone's interface: forward(input_ids, ..., return_hidden) and `head` (hidden -> logits).
+    It follows the network contract (dlm/network/base.py): forward(input_ids, ..., logits_at) -> logits.
     The [MASK] logit is set high (+3) on purpose: the SUBS zero-masking must remove it. BOS gets -inf.
     """
 
@@ -55,13 +57,12 @@ class PerfectDenoiser(torch.nn.Module):
         table[..., BOS] = float("-inf")
         table[..., MASK] = 3.0
         self.table = table
-        self.head = torch.nn.Identity()  # the "hidden states" are already the logits
 
-    def forward(self, input_ids=None, inputs_embeds=None, t=None, attn_mask=None, return_hidden=False, **kw):
+    def forward(self, input_ids=None, inputs_embeds=None, t=None, attn_mask=None, logits_at=None, **kw):
         z = input_ids[:, 1:].clamp(max=3)  # (B, L); MASK (4) -> digit 3
         code = (z * 4 ** torch.arange(L - 1, -1, -1)).sum(-1)  # (B,)
         bos_row = torch.zeros(z.shape[0], 1, V, dtype=torch.float64)
-        return torch.cat((bos_row, self.table[code]), dim=1)  # (B, L + 1, V), logits or hidden alike
+        return select_positions(torch.cat((bos_row, self.table[code]), dim=1), logits_at)  # (B, L + 1, V) or (N, V)
 
 
 def with_bos(x: torch.Tensor) -> torch.Tensor:
