@@ -1,12 +1,13 @@
 """Peak memory of loading an open checkpoint: a ~1.1B-parameter random model in the exact LLaDA layout (OLMo config
 keys, `model.transformer.*` names, bf16, sharded safetensors with `model.safetensors.index.json`) is written to a
-temporary folder, then loaded by `load_pretrained_network` in a fresh subprocess, which runs one forward pass and
-reads every 4 KiB page of every parameter (the forward alone skips most embedding rows), and reports its peak resident memory (VmHWM in /proc/self/status).
+temporary folder, then loaded by `load_pretrained_network` in a fresh subprocess, which runs one forward pass
+and reads every 4 KiB page of every parameter (the forward alone skips most embedding rows), and reports its
+peak resident memory (VmHWM in /proc/self/status).
 
     python bench/load_memory.py [--d-model 2048 --layers 12 --mlp 5632 --shards 4]
 
 Prints weights' bytes, the subprocess's resident memory after `import torch, dlm` (the baseline), its peak, and
-peak / weights (target <= 1.3). Needs about 2x the weights in free disk space and ~1.3x in memory.
+peak / weights (target <= 1.3). Needs the weights' size in free disk space and ~1.3x in memory.
 """
 
 from __future__ import annotations

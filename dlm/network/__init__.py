@@ -1,11 +1,18 @@
 """Networks (backbones): map token ids or embeddings to logits. No noising or sampling logic here.
 
 The contract every network follows is in `dlm.network.base`; open checkpoints (LLaDA, Dream, causal LMs) load
-through `dlm.network.families.load_pretrained_network`.
+through `dlm.network.families.load_pretrained_network`. Names are imported on first use, so that `dlm.config`
+(which re-exports `ModelConfig` from `dlm.network.config`) does not import torch.
 """
 
-from dlm.network.base import Network
-from dlm.network.config import ModelConfig
-from dlm.network.transformer import KVCache, Transformer
+import importlib
 
-__all__ = ["KVCache", "ModelConfig", "Network", "Transformer"]
+_HOMES = {"KVCache": "dlm.network.transformer", "Transformer": "dlm.network.transformer",
+          "Network": "dlm.network.base", "ModelConfig": "dlm.network.config"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'dlm.network' has no attribute {name!r}")

@@ -128,23 +128,27 @@ def sdpa_everywhere(q, k, v, attn_mask=None, causal=False, dropout_p=0.0):
     return reference(q, k, v, attn_mask, causal)
 
 
+@pytest.mark.parametrize("n_kv_head", [0, 1], ids=["all-heads", "grouped-kv"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_network_same_logits_either_implementation(monkeypatch, causal):
+def test_network_same_logits_either_implementation(monkeypatch, causal, n_kv_head):
     monkeypatch.setattr(attention, "CHUNKED_DTYPES", (torch.float32,))  # the chunked kernel, in float32 here
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64)).eval()
+    net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64,
+                                  n_kv_head=n_kv_head)).eval()
     ids = torch.randint(0, 50, (3, 40))
     ours = net(ids, causal=causal)
     monkeypatch.setattr("dlm.network.transformer.attend", sdpa_everywhere)
     assert torch.allclose(ours, net(ids, causal=causal), atol=1e-5)
 
 
+@pytest.mark.parametrize("n_kv_head", [0, 1], ids=["all-heads", "grouped-kv"])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_kv_cache_decoding(monkeypatch, chunked):
+def test_kv_cache_decoding(monkeypatch, chunked, n_kv_head):
     if chunked:
         monkeypatch.setattr(attention, "CHUNKED_DTYPES", (torch.float32,))
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64)).eval()
+    net = Transformer(ModelConfig(vocab_size=50, n_layer=2, d_model=32, n_head=2, context=64,
+                                  n_kv_head=n_kv_head)).eval()
     ids = torch.randint(0, 50, (2, 20))
     full = net(ids, causal=True)
     cache = KVCache()

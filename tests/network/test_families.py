@@ -54,10 +54,12 @@ def test_llada_bf16_weights_stay_bf16_and_are_not_copied(tmp_path):
     assert net(x).dtype == torch.bfloat16
     net32, _ = load_pretrained_network(tmp_path, dtype=torch.float32)
     assert {p.dtype for p in net32.parameters()} == {torch.float32}
-    # Memory-mapped, not read into fresh allocations: the embedding's storage is a view of the mapped file.
-    size = (tmp_path / "model.safetensors").stat().st_size
-    assert net.embed.weight.untyped_storage().nbytes() >= net.embed.weight.nbytes
-    assert net.embed.weight.untyped_storage().nbytes() <= size
+    # Memory-mapped, not read into fresh allocations: every parameter lies inside a mapping of the file.
+    path = str((tmp_path / "model.safetensors").resolve())
+    spans = [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in open("/proc/self/maps")
+             if line.rstrip().endswith(path)]
+    assert spans and all(any(a <= p.data_ptr() < b for a, b in spans) for p in net.parameters())
+    assert not any(any(a <= p.data_ptr() < b for a, b in spans) for p in net32.parameters())  # converted: copies
 
 
 @torch.no_grad()

@@ -110,3 +110,14 @@ def test_bad_inputs_are_named(tiny_network):
     with pytest.raises(ValueError, match=r"t must be one diffusion time per row, shape \(2,\)"):
         net(x, t=torch.zeros(2, 1))
     assert torch.equal(net(x, t=torch.tensor(0.4)), net(x, t=torch.tensor([0.4, 0.4])))  # a 0-d t: every row
+
+
+def test_default_network_keeps_its_parameter_names_and_shapes(tiny_network):
+    """Existing checkpoints load: the open-checkpoint options leave the default network's state dict unchanged."""
+    state = tiny_network(V, std=0).state_dict()
+    block = {"ln1.weight": (32,), "ln1.bias": (32,), "ln2.weight": (32,), "ln2.bias": (32,),
+             "attn.qkv.weight": (96, 32), "attn.proj.weight": (32, 32), "mlp.fc.weight": (128, 32),
+             "mlp.proj.weight": (32, 128)}
+    expected = {"embed.weight": (V, 32), **{f"blocks.{i}.{k}": s for i in range(2) for k, s in block.items()},
+                "ln_f.weight": (32,), "ln_f.bias": (32,), "head.weight": (V, 32)}
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected

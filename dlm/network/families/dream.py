@@ -28,7 +28,8 @@ class Dream(Family):
         return llama_style_config(config, self.name, qkv_bias=True, proj_bias=False, prediction="shifted")
 
     def descriptor(self, config, model):
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, mask_id=_id(config, "mask_token_id", 151666),
+        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
+                               mask_id=_id(config, "mask_token_id", 151666),
                                pad_id=_id(config, "pad_token_id", QWEN_EOS),
                                eos_id=_id(config, "eos_token_id", QWEN_EOS), eot_id=QWEN_IM_END,
                                bos_id=first_id(config.get("bos_token_id")), prediction="shifted",
@@ -45,7 +46,8 @@ class SDAR(Family):
         return llama_style_config(config, self.name, qk_norm=True, prediction="same_position")
 
     def descriptor(self, config, model):
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, mask_id=_id(config, "mask_token_id", 151669),
+        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
+                               mask_id=_id(config, "mask_token_id", 151669),
                                pad_id=_id(config, "pad_token_id", QWEN_EOS),
                                eos_id=_id(config, "eos_token_id", QWEN_EOS), eot_id=QWEN_IM_END,
                                bos_id=first_id(config.get("bos_token_id")), topology="block_causal",
