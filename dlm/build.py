@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dlm.config import RunConfig
 from dlm.network import Transformer
-from dlm.process import Process, make_process
+from dlm.process import PROCESSES, Process, make_process
 from dlm.softmask.process import SoftMaskedDiffusion
 
 
@@ -27,3 +27,17 @@ def build_process(cfg: RunConfig, mask_id: int | None) -> Process:
 
 def build_network(cfg: RunConfig) -> Transformer:
     return Transformer(cfg.model)
+
+
+def process_for_descriptor(descriptor):
+    """The process an open checkpoint was trained with, from its model descriptor (dlm.network.families):
+    masked diffusion (block diffusion for a block-causal one) with its mask id, or autoregressive for a causal LM.
+    Returns (process, its config)."""
+    if descriptor.corruption == "none" or descriptor.topology == "causal":
+        name, fields = "ar", {}
+    elif descriptor.topology == "block_causal":
+        name, fields = "bd3lm", {"block_size": descriptor.block_size}
+    else:
+        name, fields = "mdlm", {}
+    cfg = PROCESSES[name].config_class(mask_id=-1 if descriptor.mask_id is None else descriptor.mask_id, **fields)
+    return make_process(cfg, descriptor.mask_id), cfg

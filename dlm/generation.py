@@ -57,10 +57,10 @@ class Generation:
         return self.generated_tokens / max(self.seconds, 1e-9)
 
 
-def template_canvas(template: str, encode, bos_id: int, placeholder: int) -> tuple[list[int], list[bool]]:
-    """(ids, fixed) of a template: BOS, then text with `[MASK]` (one token) or `[MASK*n]` (n tokens) spans to fill;
+def template_canvas(template: str, encode, start: list[int], placeholder: int) -> tuple[list[int], list[bool]]:
+    """(ids, fixed) of a template: `start` ([BOS]), then text with `[MASK]` (one token) or `[MASK*n]` (n tokens) spans to fill;
     everything else is fixed (any positions, not just a suffix)."""
-    ids, fixed, pos = [bos_id], [True], 0
+    ids, fixed, pos = list(start), [True] * len(start), 0
     for m in MASK_SPAN.finditer(template):
         piece = encode(template[pos:m.start()])
         n = int(m.group(1) or 1)
@@ -90,19 +90,23 @@ def given_rows(tokenizer, process, prompts, prompt, template, messages) -> tuple
         raise ValueError("give prompts (or prompt: text to continue), messages (a chat) or a template (text with "
                          "[MASK*n] spans), not both")
     bos = tokenizer.bos_token_id
+    start = [] if bos is None else [bos]  # a tokenizer without BOS (Qwen's, Dream's): prompts start bare
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if template is not None:
         placeholder = process.mask_id if process.mask_id is not None else tokenizer.pad_token_id
-        ids, fixed = template_canvas(template, encode, bos, placeholder)
+        ids, fixed = template_canvas(template, encode, start, placeholder)
         return [ids], torch.tensor(fixed)
     if messages is not None:
         return [chat_prompt(tokenizer, messages)], None
     texts = [prompt] if prompt is not None else [prompts] if isinstance(prompts, str) else prompts
-    if texts is None:
-        return [[bos]], None
+    if texts is None:  # unconditional: BOS, or a document boundary (EOS) for a tokenizer without BOS
+        return [start or [tokenizer.eos_token_id]], None
     if not texts:
         raise ValueError("give at least one prompt")
-    return [[bos] + (encode(t) if t else []) for t in texts], None
+    rows = [start + (encode(t) if t else []) for t in texts]
+    if not all(rows):
+        raise ValueError("an empty prompt with a tokenizer that has no BOS token leaves nothing to start from")
+    return rows, None
 
 
 def blockwise_options(process, tokenizer, sampler: str, options: dict, block_length: int | None) -> dict:

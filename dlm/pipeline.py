@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dlm.build import build_network, build_process, mask_id_of
+from dlm.build import build_network, build_process, mask_id_of, process_for_descriptor
 from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint,
                             process_state_from_checkpoint, read_checkpoint, save_pretrained, state_under,
                             tokenizer_from_state)
 from dlm.config import RunConfig
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
+from dlm.network.families import is_open_checkpoint, load_pretrained_network, load_pretrained_tokenizer
 from dlm.precision import use_bf16
 from dlm.process import Process
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
@@ -63,6 +64,8 @@ class DiffusionLM:
             path = path / "model"
         elif path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
             path = path / "checkpoints" / "last.ckpt"
+        if path.is_dir() and is_open_checkpoint(path):
+            return cls.load_open(path, device)
         if path.is_dir():
             meta, weights = load_pretrained_files(path)
             from transformers import PreTrainedTokenizerFast
@@ -102,6 +105,15 @@ class DiffusionLM:
             raise CheckpointError(f"the process weights in {path} do not fit its config: {str(e)[:300]}") from e
         steps = meta.get("trained_steps") if path.is_dir() else ckpt.get("global_step")
         return cls(network, process, stored_tok, cfg, device, steps)
+
+    @classmethod
+    def load_open(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "DiffusionLM":
+        """A downloaded open checkpoint (LLaDA, Dream, SDAR, or a Llama / Qwen / GPT-2 causal LM; docs/open_models.md)
+        with its own tokenizer, weights memory-mapped in their dtype unless `dtype` is given."""
+        network, descriptor = load_pretrained_network(folder, dtype, device)
+        process, process_cfg = process_for_descriptor(descriptor)
+        tokenizer = load_pretrained_tokenizer(folder, descriptor)
+        return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         from dlm.data.tokenizer import tokenizer_fingerprint

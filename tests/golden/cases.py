@@ -132,7 +132,7 @@ def _blocks_to_generate(model, kw: dict, case: dict) -> int:
     from dlm.generation import template_canvas
 
     if kw.get("template"):
-        _, fixed = template_canvas(kw["template"], model.encode, 0, 0)
+        _, fixed = template_canvas(kw["template"], model.encode, [0], 0)
     else:
         given = 1 + len(model.encode(kw["prompt"])) if kw.get("prompt") else 1  # BOS (+ the prompt)
         fixed = [True] * given + [False] * ((kw.get("length") or model.context) - given)

@@ -12,9 +12,9 @@
 from dlm.network.families import causal_lm, dream, llada  # noqa: F401  (each registers its families)
 from dlm.network.families.base import FAMILIES, CheckpointFormatError, Family, ModelDescriptor, detect, register
 from dlm.network.families.gguf import load_gguf_network, network_from_transformers
-from dlm.network.families.loading import (load_pretrained_network, load_pretrained_tokenizer,
+from dlm.network.families.loading import (is_open_checkpoint, load_pretrained_network, load_pretrained_tokenizer,
                                           network_from_state_dict)
 
-__all__ = ["FAMILIES", "CheckpointFormatError", "Family", "ModelDescriptor", "detect", "load_gguf_network",
+__all__ = ["FAMILIES", "CheckpointFormatError", "Family", "ModelDescriptor", "detect", "is_open_checkpoint", "load_gguf_network",
            "load_pretrained_network", "load_pretrained_tokenizer", "network_from_state_dict",
            "network_from_transformers", "register"]

@@ -124,6 +124,18 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise CheckpointFormatError(f"{path} is not valid JSON: {e}")
 
 
+def is_open_checkpoint(folder: str | Path) -> bool:
+    """Whether a folder holds a Hugging Face checkpoint (config.json with a model_type or architectures) rather
+    than a dlm export (whose config.json records dlm_format_version)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "dlm_format_version" not in config and (
+        "model_type" in config or "architectures" in config)
+
+
 def load_pretrained_network(folder: str | Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu") -> tuple[Transformer, ModelDescriptor]:
     """(network in eval mode, descriptor) from a downloaded checkpoint folder of a known family (LLaDA, Dream,
