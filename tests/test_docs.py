@@ -74,3 +74,16 @@ def test_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"line {line}: {target} (no heading with anchor #{anchor} in {dest.name})")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_sampler_table_lists_every_registered_sampler():
+    """docs/samplers.md's table names each registered sampler (with its aliases) once, and nothing else."""
+    from dlm.sampler import SAMPLERS
+
+    text = (ROOT / "docs" / "samplers.md").read_text()
+    table = text[text.index("| `--sampler` |"):].split("\n\n")[0]
+    named = set()
+    for row in table.splitlines()[2:]:
+        named |= set(re.findall(r"`([a-z_0-9]+)`", row.split("|")[1]))
+    registered = set(SAMPLERS) | {a for spec in SAMPLERS.values() for a in spec.aliases}
+    assert named == registered
