@@ -8,6 +8,7 @@ Two formats:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dlm.faults import kill_point
 
 # 2: a process's learnable parts are stored under "process." (soft-masking's w: "process.mixer.*", with its EMA as
 #    "ema_process"); format 1 kept them under "softmask." / "ema_softmask" and is migrated on load.
@@ -34,13 +37,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            torch.save(checkpoint, tmp)
-            with open(tmp, "rb") as f:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:  # a file object: a failed write is an OSError with its errno
+                torch.save(checkpoint, f)
+                f.flush()
                 os.fsync(f.fileno())
+            kill_point("checkpoint_written")
             os.replace(tmp, path)
+            kill_point("checkpoint_renamed")
+        except (OSError, RuntimeError) as e:
+            raise _write_error(e, path, checkpoint) from e
         finally:
             tmp.unlink(missing_ok=True)  # a failed save (disk full, ...) leaves no partial file behind
 
@@ -48,6 +56,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Lightning also passes plain state dicts through here (ddp_spawn hands the trained weights back to the
         # main process in a temporary file); only training checkpoints (with a "state_dict") carry dlm metadata.
         return read_checkpoint(path, require_dlm=False)
+
+
+def _write_error(e: BaseException, path: Path, checkpoint) -> CheckpointError:
+    """A clear CheckpointError for a checkpoint that could not be written (full or read-only disk, ...)."""
+    from dlm.guards import disk_error_message, no_space_message, tensor_bytes
+
+    needed = max(tensor_bytes(checkpoint), path.stat().st_size if path.is_file() else 0)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointError(no_space_message(path, needed))
+    if isinstance(e, OSError) and e.errno is not None:
+        return CheckpointError(disk_error_message(e, path, "set trainer.out_dir to a writable folder"))
+    return CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); check that "
+                           "its disk is writable and has space")
 
 
 def read_checkpoint(path: str | Path, require_dlm: bool = True) -> dict:
@@ -58,12 +79,23 @@ def read_checkpoint(path: str | Path, require_dlm: bool = True) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     advice = "use another checkpoint of the run (last.ckpt, best.ckpt) or retrain"
+    if not zipfile.is_zipfile(path):  # every checkpoint dlm writes is a torch zip archive
+        kind = "empty" if path.stat().st_size == 0 else "not a PyTorch zip archive"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a dlm checkpoint at all (the file is "
+                              f"{kind}); {advice}")
     try:
         bad_entry = _first_corrupt_entry(path)
         if bad_entry is None:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
+    except pickle.UnpicklingError as e:  # torch's text would suggest weights_only=False: never do that
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, which dlm refuses to load "
+                              "(unpickling them could run arbitrary code): it was not written by dlm, or was "
+                              f"altered; {advice}") from None
+    except Exception as e:  # noqa: BLE001  (a damaged archive fails in many ways inside torch and zipfile)
+        detail = str(e).split("\n")[0][:200]
+        if "weights_only" in detail:
+            detail = "refused by the weights-only loader"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {detail}); "
                               f"{advice}") from e
     if bad_entry is not None:  # torch.load does not check the archive's CRCs: a flipped byte would load
         raise CheckpointError(f"checkpoint {path} is corrupt: {bad_entry} fails its CRC check; {advice}")
@@ -74,9 +106,7 @@ def read_checkpoint(path: str | Path, require_dlm: bool = True) -> dict:
 
 def _first_corrupt_entry(path: Path) -> str | None:
     """The first entry of a torch zip archive whose CRC-32 does not match its bytes, or None (reads the whole
-    file: ~0.2 s per 250 MB). A file that is not a zip archive (the legacy format) is left to torch.load."""
-    if not zipfile.is_zipfile(path):
-        return None
+    file: ~0.2 s per 250 MB)."""
     with zipfile.ZipFile(path) as archive:
         return archive.testzip()
 

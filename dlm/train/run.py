@@ -19,12 +19,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from dlm.allocator import keep_freed_memory
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
+from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
-from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, StepTimer, Throughput
+from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
+from dlm.train.durable import DurableCSVLogger, StepCheckpoint, truncate_logs
 from dlm.train.lit_module import DiffusionLightningModule
-
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -70,10 +71,21 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
 
 
 def train(cfg: RunConfig) -> Path:
-    """Train (or resume) one run; returns the run folder."""
+    """Train (or resume) one run; returns the run folder. The folder is locked while the run writes it
+    (dlm/train/lock.py): a second `dlm train` on it gets a clear error."""
+    from dlm.train.lock import RunLock
+
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    run_dir = Path(cfg.trainer.out_dir)
+    with RunLock(run_dir):
+        for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # a temp file of a killed run (never read)
+            leftover.unlink(missing_ok=True)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: RunConfig, run_dir: Path) -> Path:
     t = cfg.trainer
-    run_dir = Path(t.out_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last.is_file()
@@ -135,10 +147,7 @@ def train(cfg: RunConfig) -> Path:
     accumulate = t.accumulate
     val_interval = min(t.val_every, t.max_steps) * accumulate
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=0,
-                        enable_version_counter=False),
         Throughput(),
-        SaveLast(last),
         LossCurvePlot(run_dir / "logs", run_dir / "loss_curve.png"),
         # Training time, kept in the checkpoint and summed over resumes; with trainer.max_minutes also the budget.
         StepTimer(timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None),
@@ -146,6 +155,8 @@ def train(cfg: RunConfig) -> Path:
     if t.val_batches > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
                                          save_top_k=1, enable_version_counter=False, save_last=False))
+    # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
+    callbacks.append(StepCheckpoint(last, t.ckpt_every))
     if t.progress:
         callbacks.append(ProgressBar(refresh_rate=1))
     trainer = L.Trainer(
@@ -166,6 +177,8 @@ def train(cfg: RunConfig) -> Path:
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
+    if resume and trainer.is_global_zero:  # rows the killed run logged after its last checkpoint are redone
+        truncate_logs(run_dir / "logs", int(ckpt["global_step"]))
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     if trainer.is_global_zero:
@@ -192,12 +205,10 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
 
 def _make_logger(name: str, run_dir: Path):
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
         # One folder per invocation (logs/part-000, part-001 after a resume, ...): a resumed run must not
         # overwrite the metrics of the part before it. Readers merge the parts, later ones winning.
         part = len(list((run_dir / "logs").glob("part-*")))
-        return CSVLogger(run_dir, name="logs", version=f"part-{part:03d}")
+        return DurableCSVLogger(run_dir, name="logs", version=f"part-{part:03d}")
     try:
         if name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger

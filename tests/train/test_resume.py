@@ -1,6 +1,7 @@
 """Exact resume: a run stopped (cleanly, or killed with SIGKILL) and restarted with the same command ends
 bit-identical to the uninterrupted run A (the `micro_run` fixture): weights, EMA, optimizer state, logged losses."""
 
+import errno
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm.checkpoint import AtomicCheckpointIO, read_checkpoint
+from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from dlm.config import ConfigError, build_config
 from dlm.train.callbacks import read_metrics
 from dlm.train.run import train
@@ -115,11 +116,11 @@ def test_atomic_checkpoint_survives_a_failed_write(micro_run, tmp_path, monkeypa
     before = path.read_bytes()
 
     def dying_save(obj, f, *args, **kw):
-        Path(f).write_bytes(before[: len(before) // 2])  # half of a file, then the process "dies"
-        raise OSError("No space left on device")
+        f.write(before[: len(before) // 2])  # half of a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointError, match=r"no space left on device: need ~\d+ MB free for an atomic checkpoint"):
         io.save_checkpoint(good, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
