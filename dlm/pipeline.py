@@ -106,22 +106,21 @@ class DiffusionLM:
             path = path / "model"
         elif path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
             path = path / "checkpoints" / "last.ckpt"
-        if path.is_dir():
-            meta, weights = load_pretrained_files(path)
-            from transformers import PreTrainedTokenizerFast
+        from dlm.integrity import config_from_meta, model_tokenizer
 
-            stored_tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+        if path.is_dir():
+            meta, weights = load_pretrained_files(path)  # every file checked against the folder's integrity record
             process_state = state_under(weights, "process.")
         elif path.is_file():
             ckpt = read_checkpoint(path)
             meta = ckpt["dlm"]
             weights = network_state_from_checkpoint(ckpt, use_ema)
             process_state = process_state_from_checkpoint(ckpt, use_ema)
-            stored_tok = tokenizer_from_state(meta["tokenizer"])
         else:
             raise CheckpointError(f"no model at {path}: give a run folder, an exported model folder or a .ckpt file")
+        stored_tok = model_tokenizer(path, meta, tokenizer_from_state)  # checked against the stored fingerprint
         fingerprint = meta.get("tokenizer_fingerprint", "")
-        cfg = RunConfig.from_dict(meta["config"])
+        cfg = config_from_meta(meta, path)  # validated like a command-line config
         weights = {k: v for k, v in weights.items() if not k.startswith("process.")}
         network = build_network(cfg)
         if cfg.model.tie_weights:

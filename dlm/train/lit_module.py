@@ -157,10 +157,14 @@ class DiffusionLightningModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint):
+        from dlm.integrity import checkpoint_record
+
+        config, tokenizer = self.cfg.to_dict(), tokenizer_state(self.tokenizer)
         checkpoint["dlm"] = {
             "format_version": FORMAT_VERSION,
-            "config": self.cfg.to_dict(),
-            "tokenizer": tokenizer_state(self.tokenizer),
+            "config": config,
+            "tokenizer": tokenizer,
+            "integrity": checkpoint_record(config, tokenizer),
             "tokenizer_fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_process": self.ema_process.state_dict() if self.ema_process is not None else None,

@@ -79,23 +79,46 @@ def train(cfg: RunConfig) -> Path:
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     run_dir = Path(cfg.trainer.out_dir)
     with RunLock(run_dir):
-        for leftover in (run_dir / "checkpoints").glob("*.tmp"):  # a temp file of a killed run (never read)
+        from dlm.integrity import remove_stale_stages
+
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "model"):  # temp files of a killed run
+            remove_stale_stages(folder)
+        for leftover in (run_dir / "checkpoints").glob("*.tmp"):
             leftover.unlink(missing_ok=True)
         return _train(cfg, run_dir)
 
 
+def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
+    """A run started from another model's weights (init_from) uses that model's tokenizer: the config records it,
+    and a data.tokenizer that asks for another one is an error, not silently ignored."""
+    default = RunConfig().data.tokenizer
+    if cfg.data.tokenizer not in (default, source.data.tokenizer):
+        raise ConfigError(f"init_from={cfg.init_from} brings its own tokenizer (data.tokenizer="
+                          f"{source.data.tokenizer!r}, from {where}) but this run asks for data.tokenizer="
+                          f"{cfg.data.tokenizer!r}; leave data.tokenizer out (the weights only fit their own tokenizer)")
+    cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
+
+
 def _train(cfg: RunConfig, run_dir: Path) -> Path:
+    from dlm.checkpoint import tokenizer_from_state
+    from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
+
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last.is_file()
-    init_model = None
+    init_model = ckpt = None
+    if resume:
+        ckpt = read_checkpoint(last)
+        if not (run_dir / "tokenizer").is_dir():  # restored from the checkpoint, which holds the run's tokenizer
+            save_tokenizer_dir(tokenizer_from_state(ckpt["dlm"]["tokenizer"]), run_dir / "tokenizer")
     if cfg.init_from and not resume:
         from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
         init_model = DiffusionLM.load(cfg.init_from)
+        _adopt_tokenizer(cfg, init_model.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
-        init_model.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        save_tokenizer_dir(init_model.tokenizer, run_dir / "tokenizer")
         cfg.model = dataclasses.replace(init_model.cfg.model)  # the network must match the weights it starts from
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, run_dir)  # the run's own tokenizer once it has one (resume, init_from)
@@ -103,9 +126,12 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     if cfg.process.mask_id < 0:  # recorded with the model from now on: loading never asks the tokenizer for it
         cfg.process.mask_id = tokenizer.mask_token_id
     if resume:
-        ckpt = read_checkpoint(last)
-        if cfg.init_from:  # the network was taken from the init model when the run started: keep it
-            cfg.model = RunConfig.from_dict(ckpt["dlm"]["config"]).model
+        check_tokenizer(tokenizer, ckpt["dlm"].get("tokenizer_fingerprint", ""), run_dir / "tokenizer",
+                        f"delete {run_dir / 'tokenizer'} and run the same command again (it is restored from {last})")
+        if cfg.init_from:  # the network and tokenizer were taken from the init model when the run started: keep them
+            saved = RunConfig.from_dict(ckpt["dlm"]["config"])
+            _adopt_tokenizer(cfg, saved, last)
+            cfg.model = saved.model
         if getattr(cfg.process, "clip_search", False):  # (bd3lm) the interval was chosen when the run started: keep it, no second search
             adopt_saved_interval(cfg, ckpt["dlm"]["config"])
         _check_resumable(cfg, ckpt, last)
@@ -118,7 +144,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
 
     from dlm.data.tokenizer import tokenizer_fingerprint
 
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = DiffusionLightningModule(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
