@@ -89,16 +89,16 @@ def check_accelerator(accelerator: str, devices: int) -> None:
 # ------------------------------------------------------------------------------------------------- sampling
 def check_sampling_args(**args) -> None:
     """Sampling arguments that cannot mean anything are refused (ValueError naming the argument): temperature must
-    be finite and >= 0; top_p in (0, 1]; lengths, strides, steps and counts whole numbers >= 1 (or None: default)."""
+    be finite and >= 0; top_p in (0, 1]; lengths, strides, steps and counts positive integers (or None: default)."""
     for name, value in args.items():
         if value is None:
             continue
         if name in ("temperature", "cfg_scale"):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}={value} must be a finite number >= 0"
+                raise ValueError(f"{name}={value} must be >= 0 and finite"
                                  + (" (0 = argmax, 1 = the model's distribution)" if name == "temperature" else ""))
         elif name == "top_p":
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1):
                 raise ValueError(f"top_p={value} must be in (0, 1] (1 = no nucleus filtering)")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value} must be a whole number >= 1 (leave it out for the default)")
+            raise ValueError(f"{name}={value} must be a positive integer (leave it out for the default)")

@@ -27,6 +27,7 @@ from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_stat
                             process_state_from_checkpoint, read_checkpoint, save_pretrained, state_under,
                             tokenizer_from_state)
 from dlm.config import RunConfig
+from dlm.guards import check_sampling_args
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.precision import use_bf16
@@ -101,6 +102,9 @@ class DiffusionLM:
     def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, tokenizer=None) -> "DiffusionLM":
         """Load a run folder (its exported `model/`, else `checkpoints/last.ckpt`), an exported model folder,
         or a training checkpoint (`.ckpt`). `tokenizer` replaces the stored one (it must match the model)."""
+        from dlm.guards import check_device
+
+        check_device(str(device))
         path = Path(path)
         if path.is_dir() and (path / "model" / "config.json").is_file():
             path = path / "model"
@@ -244,6 +248,8 @@ class DiffusionLM:
             raise ValueError(f"num_samples={num_samples} must be positive")
         if steps < 1:
             raise ValueError(f"steps={steps} must be a positive integer")
+        check_sampling_args(length=length, stride=stride, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                            block_length=block_length)  # 0 or NaN would otherwise mean "default" or garbage
         length = length or self.context
         options = dict(sampler_options or {})
         feedback = self._softmask_feedback(softmask)
@@ -340,6 +346,8 @@ class DiffusionLM:
                              "(use generate(prompt=...))")
         if not prompts:
             raise ValueError("give at least one prompt")
+        check_sampling_args(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                            cfg_scale=cfg_scale, batch_size=batch_size)
         feedback = self._softmask_feedback(softmask)
         ids = [[self.tokenizer.bos_token_id] + self.encode(p) for p in prompts]
         longest = max(len(i) for i in ids)
