@@ -3,7 +3,8 @@
 - `StepCheckpoint` writes `last.ckpt` every `trainer.ckpt_every` optimizer steps, and only at an optimizer-step
   boundary: never inside a gradient-accumulation window, never again for the step a resumed run started from, and,
   at a step that is also validated, only after the validation (so `best.ckpt` and the validation row are never
-  behind the checkpoint a resume starts from). Before each save the CSV rows of every step up to it are on disk.
+  behind the checkpoint a resume starts from). The final state is saved too (at a validated last step right after
+  its validation, else at the end of training). Before each save the CSV rows of every step up to it are on disk.
 - `DurableCSVLogger`: Lightning's CSV logger whose header rewrite is atomic and which ignores the second copy of a
   row (the checkpoint writes a step's row before Lightning would, so that it is on disk before the checkpoint).
 - `truncate_logs`: on resume from step k, rows of steps >= k (logged after that checkpoint by the run that was
@@ -56,20 +57,40 @@ class StepCheckpoint(Checkpoint):
         self._save(trainer)
 
     def on_validation_end(self, trainer, module) -> None:
-        if self._pending and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if self._pending:
             self._pending = False
-            self._save(trainer)
+            self._save(trainer, "validation_end")
 
     def on_train_end(self, trainer, module) -> None:
-        if trainer.global_step != self._saved or self._pending:  # the final state (max_steps, a time budget)
-            self._pending = False
-            self._save(trainer)
+        if trainer.global_step != self._saved:  # the final state (max_steps, a time budget)
+            self._save(trainer, "train_end")
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer, stage: str = "train_batch_end") -> None:
         for logger in trainer.loggers:
             logger.save()
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state (optimizer, loops) for resuming
+        self._stage = stage
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state (optimizer, loops) for resuming
+        finally:
+            self._stage = None
         self._saved = trainer.global_step
+
+    _stage = None
+
+    def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
+        """Every last.ckpt is written in the shape of a save at the end of a training batch, the one point from which
+        Lightning resumes its loop counters unambiguously: after a validation (or at the end of training) the batch
+        is already counted as completed (and, at the end, the logger's step advanced), and Lightning's resume would
+        then, depending on whether the step is a validation step, count it once more or not at all in the step
+        numbers of the logs. The validation itself is not run again: it precedes the save."""
+        if self._stage in ("validation_end", "train_end"):
+            fit = checkpoint["loops"]["fit_loop"]
+            for which in ("total", "current"):
+                fit["epoch_loop.batch_progress"][which]["completed"] -= 1
+            if self._stage == "train_end":
+                fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 class _DurableWriter(ExperimentWriter):

@@ -166,7 +166,7 @@ def test_time_budget_with_gradient_accumulation_stops_between_optimizer_steps(mi
     train(build_config(micro_args(run_a, accumulate)))
     train(build_config(micro_args(run_b, accumulate, "trainer.max_minutes=0.0002")))  # spent by the first micro-batch
     stopped = last_ckpt(run_b)
-    micro_batches = stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    micro_batches = stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert 1 <= stopped["global_step"] < 12 and micro_batches == 2 * stopped["global_step"]
     train(build_config(micro_args(run_b, accumulate)))
     assert_identical_runs(run_a, run_b)
