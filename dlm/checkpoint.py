@@ -63,7 +63,8 @@ def _write_error(e: BaseException, path: Path, checkpoint) -> CheckpointError:
     from dlm.guards import disk_error_message, no_space_message, tensor_bytes
 
     needed = max(tensor_bytes(checkpoint), path.stat().st_size if path.is_file() else 0)
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+    short_write = isinstance(e, RuntimeError) and "unexpected pos" in str(e)  # torch's writer: the disk took less
+    if short_write or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
         return CheckpointError(no_space_message(path, needed))
     if isinstance(e, OSError) and e.errno is not None:
         return CheckpointError(disk_error_message(e, path, "set trainer.out_dir to a writable folder"))

@@ -164,7 +164,7 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
     rc, out = run_once(train_args(reference, texts, steps, accumulate, softmask), work / "reference.log", env, None, rng)
     if rc != 0:
         raise RuntimeError(f"the uninterrupted run failed:\n{out[-3000:]}")
-    window = run_once.fit_seconds or 5.0  # random kills land anywhere in a run's training, saving and export
+    window = 0.7 * (run_once.fit_seconds or 5.0)  # random kills land in a run's training, saving and export
     args = train_args(victim, texts, steps, accumulate, softmask)
     done_kills = resumes = lost = starts = 0
     while done_kills < kills:

@@ -223,3 +223,18 @@ def test_the_dev_extra_holds_every_package_the_tests_import():
                 if not owners & declared:
                     missing.add(f"{top} ({path.relative_to(REPO)})")
     assert not missing, f"imported by tests but not in dependencies or the dev extra: {sorted(missing)}"
+
+
+def test_torch_short_write_on_a_full_disk_is_reported_as_no_space(micro_run, tmp_path, monkeypatch):
+    """On a real full file system (a 1.5 MB tmpfs) torch.save fails with its own RuntimeError ("unexpected pos"),
+    not an OSError; it reads "no space left on device", not inline_container.cc."""
+    ckpt = read_checkpoint(micro_run / "checkpoints" / "last.ckpt")
+
+    def short_write(obj, f, *a, **kw):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1439424 vs 1439312")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(CheckpointError, match=r"^no space left on device: need ~\d+ MB free") as err:
+        AtomicCheckpointIO().save_checkpoint(ckpt, tmp_path / "last.ckpt")
+    assert "inline_container" not in str(err.value) and not list(tmp_path.iterdir())
