@@ -119,7 +119,7 @@ def compare(a: Path, b: Path) -> list[str]:
                 diffs.append(f"{what} {k} (max |diff| {(x[k].float() - y[k].float()).abs().max():.3g})")
 
     same(ca["state_dict"], cb["state_dict"], "weights")
-    for key in ("ema", "ema_softmask"):
+    for key in ("ema", "ema_process"):
         if (ca["dlm"].get(key) is None) != (cb["dlm"].get(key) is None):
             diffs.append(f"{key}: present in one run only")
         elif ca["dlm"].get(key) is not None:

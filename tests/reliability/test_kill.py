@@ -32,7 +32,7 @@ def test_kill_9_campaign_with_accumulation_and_softmask_is_bit_identical(tmp_pat
     assert r["kills"] == len(schedule) and r["resumes"] >= 3
     assert r["identical"], r["diffs"]
     ckpt = read_checkpoint(tmp_path / "victim" / "checkpoints" / "last.ckpt")
-    assert ckpt["dlm"]["ema_softmask"]  # the soft-masking w and their EMA were compared too
+    assert ckpt["dlm"]["ema_process"]  # the soft-masking w and their EMA were compared too
     assert not list((tmp_path / "victim").rglob("*.tmp"))
 
 
