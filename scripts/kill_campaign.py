@@ -171,7 +171,9 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
         if schedule:  # "random", or "point:<name>:<n>"
             kind = schedule[done_kills % len(schedule)]
         else:
-            kind = "random" if rng.random() < 0.5 else f"point:{rng.choice(POINTS)}:{rng.choice([1, 1, 2, 3])}"
+            point = rng.choice(POINTS)  # a checkpoint is renamed up to 6 times in a run; the others happen once or twice
+            nth = rng.choice([1, 1, 2, 3]) if point.startswith("checkpoint") else 1
+            kind = "random" if rng.random() < 0.5 else f"point:{point}:{nth}"
         if kind == "random":
             kind = f"random:{window:.2f}"
         before = checkpoint_step(victim)

@@ -203,8 +203,8 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
-    if resume and trainer.is_global_zero:  # rows the killed run logged after its last checkpoint are redone
-        truncate_logs(run_dir / "logs", int(ckpt["global_step"]))
+    if trainer.is_global_zero:  # rows a killed run logged after its last checkpoint (or before a first) are redone
+        truncate_logs(run_dir / "logs", int(ckpt["global_step"]) if resume else 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     if trainer.is_global_zero:
