@@ -8,15 +8,20 @@ Two formats:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dlm.errors import CheckpointError  # noqa: F401  (defined low, so dlm.integrity can raise it)
+from dlm.faults import kill_point
 
 # 2: a process's learnable parts are stored under "process." (soft-masking's w: "process.mixer.*", with its EMA as
 #    "ema_process"); format 1 kept them under "softmask." / "ema_softmask" and is migrated on load.
@@ -24,8 +29,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, truncated, corrupt, or from an incompatible version."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -34,13 +37,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            torch.save(checkpoint, tmp)
-            with open(tmp, "rb") as f:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:  # a file object: a failed write is an OSError with its errno
+                torch.save(checkpoint, f)
+                f.flush()
                 os.fsync(f.fileno())
+            kill_point("checkpoint_written")
             os.replace(tmp, path)
+            kill_point("checkpoint_renamed")
+        except (OSError, RuntimeError) as e:
+            raise _write_error(e, path, checkpoint) from e
         finally:
             tmp.unlink(missing_ok=True)  # a failed save (disk full, ...) leaves no partial file behind
 
@@ -48,6 +56,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Lightning also passes plain state dicts through here (ddp_spawn hands the trained weights back to the
         # main process in a temporary file); only training checkpoints (with a "state_dict") carry dlm metadata.
         return read_checkpoint(path, require_dlm=False)
+
+
+def _write_error(e: BaseException, path: Path, checkpoint) -> CheckpointError:
+    """A clear CheckpointError for a checkpoint that could not be written (full or read-only disk, ...)."""
+    from dlm.guards import disk_error_message, no_space_message, tensor_bytes
+
+    needed = max(tensor_bytes(checkpoint), path.stat().st_size if path.is_file() else 0)
+    short_write = isinstance(e, RuntimeError) and "unexpected pos" in str(e)  # torch's writer: the disk took less
+    if short_write or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return CheckpointError(no_space_message(path, needed))
+    if isinstance(e, OSError) and e.errno is not None:
+        return CheckpointError(disk_error_message(e, path, "set trainer.out_dir to a writable folder"))
+    return CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); check that "
+                           "its disk is writable and has space")
 
 
 def read_checkpoint(path: str | Path, require_dlm: bool = True) -> dict:
@@ -58,25 +80,38 @@ def read_checkpoint(path: str | Path, require_dlm: bool = True) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     advice = "use another checkpoint of the run (last.ckpt, best.ckpt) or retrain"
+    if not zipfile.is_zipfile(path):  # every checkpoint dlm writes is a torch zip archive
+        kind = "empty" if path.stat().st_size == 0 else "not a PyTorch zip archive"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt, or not a dlm checkpoint at all (the file is "
+                              f"{kind}); {advice}")
     try:
         bad_entry = _first_corrupt_entry(path)
         if bad_entry is None:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
+    except pickle.UnpicklingError as e:  # torch's text would suggest weights_only=False: never do that
+        raise CheckpointError(f"{path} holds objects other than tensors and plain data, which dlm refuses to load "
+                              "(unpickling them could run arbitrary code): it was not written by dlm, or was "
+                              f"altered; {advice}") from None
+    except Exception as e:  # noqa: BLE001  (a damaged archive fails in many ways inside torch and zipfile)
+        detail = str(e).split("\n")[0][:200]
+        if "weights_only" in detail:
+            detail = "refused by the weights-only loader"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {detail}); "
                               f"{advice}") from e
     if bad_entry is not None:  # torch.load does not check the archive's CRCs: a flipped byte would load
         raise CheckpointError(f"checkpoint {path} is corrupt: {bad_entry} fails its CRC check; {advice}")
     if require_dlm or (isinstance(ckpt, dict) and "state_dict" in ckpt):
         check_format(ckpt.get("dlm") if isinstance(ckpt, dict) else None, path)
+        from dlm.integrity import config_from_meta, verify_checkpoint_meta
+
+        verify_checkpoint_meta(ckpt["dlm"], path)
+        config_from_meta(ckpt["dlm"], path)  # validated like a command-line config
     return ckpt
 
 
 def _first_corrupt_entry(path: Path) -> str | None:
     """The first entry of a torch zip archive whose CRC-32 does not match its bytes, or None (reads the whole
-    file: ~0.2 s per 250 MB). A file that is not a zip archive (the legacy format) is left to torch.load."""
-    if not zipfile.is_zipfile(path):
-        return None
+    file: ~0.2 s per 250 MB)."""
     with zipfile.ZipFile(path) as archive:
         return archive.testzip()
 
@@ -160,51 +195,79 @@ def process_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str,
 # ------------------------------------------------------------------------------------- exported folders
 def save_pretrained(folder: str | Path, network: torch.nn.Module, config: dict, tokenizer, extra: dict | None = None,
                     process: torch.nn.Module | None = None) -> Path:
-    """Write `config.json`, `model.safetensors` and the tokenizer files into `folder`.
+    """Write `config.json`, `model.safetensors`, the tokenizer files and, last, `integrity.json` (the SHA-256 of
+    each) into `folder`. Every file is written atomically; until the record is written the folder does not load.
 
     process: its learnable parts (soft-masking's w), if any, are stored beside the network's weights under the
     prefix `process.`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as to_bytes
+
+    from dlm.integrity import RECORD, save_tokenizer_files, write_atomic, write_record
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     if network.cfg.tie_weights:
         state.pop("head.weight", None)  # safetensors refuses shared storage; re-tied on load
     if process is not None:
         state.update({f"process.{k}": v.detach().cpu().contiguous() for k, v in process.state_dict().items()})
-    tmp = folder / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "dlm_format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, folder / "model.safetensors")
-    meta = {"dlm_format_version": FORMAT_VERSION, "config": config, **(extra or {}),
-            "weights_sha256": _sha256(folder / "model.safetensors")}  # checked on load: safetensors has no checksum
-    (folder / "config.json").write_text(json.dumps(meta, indent=2))
-    tokenizer.save_pretrained(str(folder))
+    blob = to_bytes(state, metadata={"format": "pt", "dlm_format_version": str(FORMAT_VERSION)})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RECORD).unlink(missing_ok=True)  # the folder is incomplete until the new record is written
+        write_atomic(folder / "model.safetensors", blob)  # Python's writes: a full disk is an OSError, not silence
+        meta = {"dlm_format_version": FORMAT_VERSION, "config": config, **(extra or {}),
+                "weights_sha256": hashlib.sha256(blob).hexdigest(), "integrity": RECORD}
+        write_atomic(folder / "config.json", json.dumps(meta, indent=2))
+        names = save_tokenizer_files(tokenizer, folder)
+        kill_point("export_written")
+        write_record(folder, ["config.json", "model.safetensors", *names])
+    except OSError as e:
+        from dlm.guards import no_space_message
+
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(no_space_message(folder / "model.safetensors", 2 * len(blob), "the export")) from e
+        raise
     return folder
 
 
 def load_pretrained_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read an exported folder: (metadata from config.json, weights). Checks the format and the file's integrity."""
+    """Read an exported folder: (metadata from config.json, weights). Checks every file against the folder's
+    integrity record, the format, and the config (validated like a command-line one)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from dlm.integrity import RECORD, config_from_meta, verify_folder
 
     folder = Path(folder)
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     for p in (config_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{folder} is not a dlm model folder: {p.name} is missing")
+    fix = ("re-export the model (dlm export RUN/checkpoints/last.ckpt FOLDER; running the run's dlm train command "
+           "again also re-exports it)")
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path} is corrupt ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path} is corrupt ({e}); {fix}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path} is corrupt (not a JSON object); {fix}")
     check_format({"format_version": meta.get("dlm_format_version")} if "dlm_format_version" in meta else None, folder)
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights_path} is truncated or corrupt ({e}); re-export the model") from e
-    if "weights_sha256" in meta and _sha256(weights_path) != meta["weights_sha256"]:  # a damaged tensor byte
-        raise CheckpointError(f"{weights_path} is corrupt: its SHA-256 differs from the one recorded in config.json "
-                              "when it was exported; re-export the model (dlm train exports it at the end)")
+        raise CheckpointError(f"{weights_path} is truncated or corrupt ({e}); {fix}") from e
+    if meta.get("integrity") or (folder / RECORD).exists():
+        verify_folder(folder, fix)  # every file, the weights included, against integrity.json
+    else:  # an export written before integrity records: only its weights can be checked
+        if "weights_sha256" not in meta:
+            raise CheckpointError(f"{config_path} records no checksum of the weights (no weights_sha256, no "
+                                  f"{RECORD}), so {weights_path} cannot be checked; {fix}")
+        if _sha256(weights_path) != meta["weights_sha256"]:  # a damaged tensor byte
+            raise CheckpointError(f"{weights_path} is corrupt: its SHA-256 differs from the one recorded in "
+                                  f"config.json when it was exported; {fix}")
+        warnings.warn(f"{folder} was exported before dlm wrote integrity records: its config and tokenizer files "
+                      f"cannot be checked; {fix}", stacklevel=3)
+    config_from_meta(meta, config_path)
     if meta.get("dlm_format_version", FORMAT_VERSION) < 2:
         weights = _renamed_softmask(weights, "process.")
     return meta, weights

@@ -66,8 +66,13 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from dlm.guards import check_device, check_sampling_args
     from dlm.pipeline import load
 
+    check_device(args.device)
+    check_sampling_args(temperature=args.temperature, top_p=args.top_p, length=args.length, stride=args.stride,
+                        steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
+                        gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
     model = load(args.model, device=args.device)
     if args.sampler == "llada":
         return _sample_llada(model, args)
@@ -189,6 +194,10 @@ def _add_sampling_args(p) -> None:
 
 def cmd_eval(args) -> int:
     from dlm.eval.report import evaluate_models, print_table
+    from dlm.guards import check_sampling_args
+
+    check_sampling_args(top_p=args.top_p, steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
+                        num_t_samples=args.num_t_samples, max_rows=args.max_rows)
 
     args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)
     rows = evaluate_models(args)
@@ -326,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.config import ConfigError
     from dlm.train.lit_module import TrainingDiverged
 
+    from dlm.guards import disk_error_message, is_disk_error
+
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
@@ -333,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk, wherever it is met: one line, not a traceback
+        if os.environ.get("DLM_DEBUG") or not is_disk_error(e):
+            raise
+        print(f"dlm {args.command}: error: {disk_error_message(e, hint=WRITE_HINTS[args.command])}", file=sys.stderr)
+        return 2
+
+
+WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",
+               "eval": "--json sets the results' file", "export": "the second argument is the export folder",
+               "presets": ""}
 
 
 if __name__ == "__main__":

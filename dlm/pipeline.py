@@ -27,6 +27,8 @@ from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_stat
                             process_state_from_checkpoint, read_checkpoint, save_pretrained, state_under,
                             tokenizer_from_state)
 from dlm.config import RunConfig
+from dlm.guards import check_device, check_sampling_args
+from dlm.integrity import config_from_meta, model_tokenizer
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.network.families import is_open_checkpoint, load_pretrained_network, load_pretrained_tokenizer
@@ -59,6 +61,7 @@ class DiffusionLM:
     def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, tokenizer=None) -> "DiffusionLM":
         """Load a run folder (its exported `model/`, else `checkpoints/last.ckpt`), an exported model folder,
         or a training checkpoint (`.ckpt`). `tokenizer` replaces the stored one (it must match the model)."""
+        check_device(str(device))
         path = Path(path)
         if path.is_dir() and (path / "model" / "config.json").is_file():
             path = path / "model"
@@ -67,21 +70,18 @@ class DiffusionLM:
         if path.is_dir() and is_open_checkpoint(path):
             return cls.load_open(path, device)
         if path.is_dir():
-            meta, weights = load_pretrained_files(path)
-            from transformers import PreTrainedTokenizerFast
-
-            stored_tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+            meta, weights = load_pretrained_files(path)  # every file checked against the folder's integrity record
             process_state = state_under(weights, "process.")
         elif path.is_file():
             ckpt = read_checkpoint(path)
             meta = ckpt["dlm"]
             weights = network_state_from_checkpoint(ckpt, use_ema)
             process_state = process_state_from_checkpoint(ckpt, use_ema)
-            stored_tok = tokenizer_from_state(meta["tokenizer"])
         else:
             raise CheckpointError(f"no model at {path}: give a run folder, an exported model folder or a .ckpt file")
+        stored_tok = model_tokenizer(path, meta, tokenizer_from_state)  # checked against the stored fingerprint
         fingerprint = meta.get("tokenizer_fingerprint", "")
-        cfg = RunConfig.from_dict(meta["config"])
+        cfg = config_from_meta(meta, path)  # validated like a command-line config
         weights = {k: v for k, v in weights.items() if not k.startswith("process.")}
         network = build_network(cfg)
         if cfg.model.tie_weights:
@@ -190,9 +190,9 @@ class DiffusionLM:
         """
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be positive integers")
-        for name, value in (("length", length), ("gen_length", gen_length), ("stride", stride)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer (or left out for the default)")
+        check_sampling_args(length=length, gen_length=gen_length, stride=stride, steps=steps, temperature=temperature,
+                            top_p=top_p, batch_size=batch_size, block_length=block_length,
+                            cfg_scale=options.get("cfg_scale"))  # 0 or NaN would otherwise mean "default" or garbage
         sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p, softmask,
                                            {**(sampler_options or {}), **options})
         given, fixed = given_rows(self.tokenizer, self.process, prompts, prompt, template, messages)

@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parent.parent / "dlm"
 
 # Lowest first. A module may import its own package (the same unit) and any lower layer, never a higher one.
 LAYERS = [
-    ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network"),
+    ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults"),
     ("dlm.process",),
     ("dlm.sampler",),
     ("dlm.softmask",),
     ("dlm.config",),
+    ("dlm.guards", "dlm.integrity"),
     ("dlm.checkpoint", "dlm.build", "dlm.generation"),
     ("dlm.pipeline",),
     ("dlm.eval",),

@@ -146,7 +146,10 @@ def _cache_key(texts: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: in
 
 def _read_cache(path: Path, key: str, seq_len: int, packing: str) -> dict[str, torch.Tensor | None] | None:
     """The cached dataset, or None if the file is missing; a damaged file is reported and ignored."""
-    if not path.exists():
+    try:
+        if not path.exists():
+            return None
+    except OSError:  # an unreadable cache folder: as if empty
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -211,5 +214,9 @@ def build_token_dataset(
     else:
         input_ids, mask = pack_pad(token_lists, seq_len, pad_id=tokenizer.pad_token_id, **ids)
         data = {"input_ids": input_ids, "attention_mask": mask}
-    _write_cache(path, data, key)
+    try:
+        _write_cache(path, data, key)
+    except OSError as e:  # a read-only or full disk: the cache is an optimisation, the run goes on without it
+        warnings.warn(f"token cache {path.parent} is not writable ({e.strerror or e}): continuing without the cache "
+                      "(set DLM_CACHE or data.cache_dir to a writable folder to keep tokenised data)", stacklevel=2)
     return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ EOS_TOKEN = "[EOS]"
 PAD_TOKEN = "[PAD]"
 MASK_TOKEN = "[MASK]"
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN]  # ids 0..3 in a trained BPE
+_LONG_RUN = re.compile(r"\S{257,}")  # longer than LONGEST_RUN
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
@@ -31,7 +33,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokeniz
     The vocabulary holds the 4 special tokens (ids 0-3), the 256 byte symbols, then merges up to
     ``vocab_size``. Deterministic: the same texts give the same tokenizer.
     """
-    texts = list(texts)
+    texts = [split_long_runs(t) for t in texts]
     if not any(t.strip() for t in texts):
         raise ValueError("train_bpe needs some non-empty text to learn merges from")
     if vocab_size < len(SPECIAL_TOKENS) + 256:
@@ -56,6 +58,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokeniz
         mask_token=MASK_TOKEN,
         clean_up_tokenization_spaces=False,  # else decode would turn " ." into "." and break round trips
     )
+
+
+LONGEST_RUN = 256  # characters without whitespace that BPE training sees as one piece
+
+
+def split_long_runs(text: str, longest: int = LONGEST_RUN) -> str:
+    """`text` with a line break after every `longest` characters of a run without whitespace (for BPE training
+    only). The trainer re-scans a whole pre-tokenised word at every merge that touches it, so one long run (a 3 MB
+    line without spaces: a minified file, a base64 blob) makes training quadratic in its length; cut into pieces it
+    is linear. Merges never span a run of this length in ordinary text, so the vocabulary is unchanged there."""
+    if len(text) <= longest:
+        return text
+    return _LONG_RUN.sub(lambda m: "\n".join(m.group(0)[i:i + longest] for i in range(0, len(m.group(0)), longest)),
+                         text) if _LONG_RUN.search(text) else text
 
 
 def gpt2_tokenizer() -> PreTrainedTokenizerFast:

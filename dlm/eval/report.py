@@ -16,7 +16,18 @@ def load_eval_lm(spec: str):
         from dlm.pipeline import load
 
         return EvalLM.from_dlm(load(spec[4:]), name=spec)
-    return EvalLM.from_pretrained(spec)
+    from pathlib import Path
+
+    looks_like_path = spec.startswith((".", "~", "/")) or Path(spec).expanduser().exists() or spec.count("/") > 1
+    if looks_like_path and not Path(spec).expanduser().is_dir():
+        raise ValueError(f"--eval-model {spec}: no such folder; give smollm2, a folder holding a Hugging Face causal "
+                         "LM, or dlm:PATH for a dlm autoregressive model")
+    try:
+        return EvalLM.from_pretrained(str(Path(spec).expanduser()) if looks_like_path else spec)
+    except (OSError, ValueError, KeyError) as e:  # transformers: missing files, no network for a Hub id, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--eval-model {spec} could not be loaded ({first}); give smollm2, a folder holding a "
+                         "Hugging Face causal LM, or dlm:PATH") from None
 
 
 def evaluate_models(args) -> list[dict]:

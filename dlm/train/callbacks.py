@@ -1,4 +1,5 @@
-"""Small Lightning callbacks: throughput in the progress bar, the loss-curve plot, the final checkpoint."""
+"""Small Lightning callbacks: throughput in the progress bar, the loss-curve plot, the step timer (checkpoints:
+dlm/train/durable.py)."""
 
 from __future__ import annotations
 
@@ -62,16 +63,6 @@ class ProgressBar(TQDMProgressBar):
         items = super().get_metrics(trainer, module)
         items.pop("v_num", None)
         return items
-
-
-class SaveLast(L.Callback):
-    """Writes `last.ckpt` at the end of training (the periodic ones come from ModelCheckpoint)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_end(self, trainer, module):
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state (optimizer, loops) for resuming
 
 
 class LossCurvePlot(L.Callback):

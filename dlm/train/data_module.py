@@ -119,16 +119,26 @@ def load_rows(cfg: RunConfig, tokenizer, split: str) -> TokenRows:
 
 def build_tokenizer(cfg: RunConfig, run_dir: Path | None):
     """The run's tokenizer: reused from `run_dir/tokenizer` when the run already has one (resume), else built."""
-    from transformers import PreTrainedTokenizerFast
-
     from dlm.data.corpus import load_texts
     from dlm.data.tokenizer import load_tokenizer
 
     saved = run_dir / "tokenizer" if run_dir is not None else None
-    if saved is not None and (saved / "tokenizer.json").exists():
-        return PreTrainedTokenizerFast.from_pretrained(str(saved))
+    if saved is not None and saved.is_dir():  # written whole with its integrity record (dlm.integrity)
+        from dlm.integrity import RECORD, load_tokenizer_dir
+
+        fix = (f"delete {saved} and run the same command again (it is restored from the run's checkpoint, or "
+               "rebuilt if the run has none yet)")
+        return load_tokenizer_dir(saved, fix, verify=(saved / RECORD).exists() or not _legacy_tokenizer_dir(saved))
     train_texts = load_texts(cfg.data.source, split="train", text_field=cfg.data.text_field) if cfg.data.tokenizer == "bpe" else None
     tok = load_tokenizer(cfg.data.tokenizer, train_texts=train_texts, vocab_size=cfg.data.vocab_size)
     if saved is not None:
-        tok.save_pretrained(str(saved))
+        from dlm.integrity import save_tokenizer_dir
+
+        save_tokenizer_dir(tok, saved)
     return tok
+
+
+def _legacy_tokenizer_dir(folder: Path) -> bool:
+    """A run's tokenizer/ written before integrity records: a complete save has tokenizer_config.json (the last file
+    transformers writes). Such a folder is still read; the resume checks it against the checkpoint's fingerprint."""
+    return (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file()

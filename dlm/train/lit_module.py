@@ -50,9 +50,8 @@ class DiffusionLightningModule(L.LightningModule):
             self.log_dict(logged, on_step=True, on_epoch=False, sync_dist=False)
         if not torch.isfinite(out.loss):
             raise TrainingDiverged(
-                f"the training loss is {out.loss.item()} at step {self.global_step}; training stopped and the last "
-                f"good checkpoint is kept in {self.cfg.trainer.out_dir}/checkpoints. Lower optim.lr, raise "
-                "optim.warmup_steps, or use trainer.precision=32"
+                f"the training loss is {out.loss.item()} at step {self.global_step}; training stopped{self._kept()}. "
+                "Lower optim.lr, raise optim.warmup_steps, or use trainer.precision=32"
             )
         self.log("train/loss", out.loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         return out.loss
@@ -68,9 +67,17 @@ class DiffusionLightningModule(L.LightningModule):
         if not bool(finite):
             raise TrainingDiverged(
                 f"the gradient norm is {norm.item()} at step {self.global_step} (the loss was finite); training "
-                f"stopped before the weights changed, and the last good checkpoint is kept in "
-                f"{self.cfg.trainer.out_dir}/checkpoints. Lower optim.lr, or use trainer.precision=32"
+                f"stopped before the weights changed{self._kept()}. Lower optim.lr, or use trainer.precision=32"
             )
+
+    def _kept(self) -> str:
+        """What a stop leaves behind: the last checkpoint, when there is one (none before the first is written)."""
+        from pathlib import Path
+
+        last = Path(self.cfg.trainer.out_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            return f", and the last good checkpoint ({last}) is kept"
+        return f"; no checkpoint had been written yet (the first comes at step {self.cfg.trainer.ckpt_every})"
 
     def on_train_start(self):
         # A resumed run restores its schedule with the total it was started with; trainer.max_steps may have been
@@ -150,10 +157,14 @@ class DiffusionLightningModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint):
+        from dlm.integrity import checkpoint_record
+
+        config, tokenizer = self.cfg.to_dict(), tokenizer_state(self.tokenizer)
         checkpoint["dlm"] = {
             "format_version": FORMAT_VERSION,
-            "config": self.cfg.to_dict(),
-            "tokenizer": tokenizer_state(self.tokenizer),
+            "config": config,
+            "tokenizer": tokenizer,
+            "integrity": checkpoint_record(config, tokenizer),
             "tokenizer_fingerprint": self.fingerprint,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ema_process": self.ema_process.state_dict() if self.ema_process is not None else None,

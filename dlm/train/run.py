@@ -19,12 +19,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from dlm.allocator import keep_freed_memory
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
+from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
-from dlm.train.callbacks import LossCurvePlot, ProgressBar, SaveLast, StepTimer, Throughput
+from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
+from dlm.train.durable import DurableCSVLogger, StepCheckpoint, truncate_logs
 from dlm.train.lit_module import DiffusionLightningModule
-
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -70,20 +71,54 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
 
 
 def train(cfg: RunConfig) -> Path:
-    """Train (or resume) one run; returns the run folder."""
+    """Train (or resume) one run; returns the run folder. The folder is locked while the run writes it
+    (dlm/train/lock.py): a second `dlm train` on it gets a clear error."""
+    from dlm.train.lock import RunLock
+
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
+    check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    run_dir = Path(cfg.trainer.out_dir)
+    with RunLock(run_dir):
+        from dlm.integrity import remove_stale_stages
+
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "model"):  # temp files of a killed run
+            remove_stale_stages(folder)
+        for leftover in (run_dir / "checkpoints").glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+        return _train(cfg, run_dir)
+
+
+def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
+    """A run started from another model's weights (init_from) uses that model's tokenizer: the config records it,
+    and a data.tokenizer that asks for another one is an error, not silently ignored."""
+    default = RunConfig().data.tokenizer
+    if cfg.data.tokenizer not in (default, source.data.tokenizer):
+        raise ConfigError(f"init_from={cfg.init_from} brings its own tokenizer (data.tokenizer="
+                          f"{source.data.tokenizer!r}, from {where}) but this run asks for data.tokenizer="
+                          f"{cfg.data.tokenizer!r}; leave data.tokenizer out (the weights only fit their own tokenizer)")
+    cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
+
+
+def _train(cfg: RunConfig, run_dir: Path) -> Path:
+    from dlm.checkpoint import tokenizer_from_state
+    from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
+
     t = cfg.trainer
-    run_dir = Path(t.out_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last.is_file()
-    init_model = None
+    init_model = ckpt = None
+    if resume:
+        ckpt = read_checkpoint(last)
+        if not (run_dir / "tokenizer").is_dir():  # restored from the checkpoint, which holds the run's tokenizer
+            save_tokenizer_dir(tokenizer_from_state(ckpt["dlm"]["tokenizer"]), run_dir / "tokenizer")
     if cfg.init_from and not resume:
         from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
         init_model = DiffusionLM.load(cfg.init_from)
+        _adopt_tokenizer(cfg, init_model.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
-        init_model.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        save_tokenizer_dir(init_model.tokenizer, run_dir / "tokenizer")
         cfg.model = dataclasses.replace(init_model.cfg.model)  # the network must match the weights it starts from
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, run_dir)  # the run's own tokenizer once it has one (resume, init_from)
@@ -91,9 +126,12 @@ def train(cfg: RunConfig) -> Path:
     if cfg.process.mask_id < 0:  # recorded with the model from now on: loading never asks the tokenizer for it
         cfg.process.mask_id = tokenizer.mask_token_id
     if resume:
-        ckpt = read_checkpoint(last)
-        if cfg.init_from:  # the network was taken from the init model when the run started: keep it
-            cfg.model = RunConfig.from_dict(ckpt["dlm"]["config"]).model
+        check_tokenizer(tokenizer, ckpt["dlm"].get("tokenizer_fingerprint", ""), run_dir / "tokenizer",
+                        f"delete {run_dir / 'tokenizer'} and run the same command again (it is restored from {last})")
+        if cfg.init_from:  # the network and tokenizer were taken from the init model when the run started: keep them
+            saved = RunConfig.from_dict(ckpt["dlm"]["config"])
+            _adopt_tokenizer(cfg, saved, last)
+            cfg.model = saved.model
         if getattr(cfg.process, "clip_search", False):  # (bd3lm) the interval was chosen when the run started: keep it, no second search
             adopt_saved_interval(cfg, ckpt["dlm"]["config"])
         _check_resumable(cfg, ckpt, last)
@@ -106,7 +144,7 @@ def train(cfg: RunConfig) -> Path:
 
     from dlm.data.tokenizer import tokenizer_fingerprint
 
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = DiffusionLightningModule(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
@@ -135,10 +173,7 @@ def train(cfg: RunConfig) -> Path:
     accumulate = t.accumulate
     val_interval = min(t.val_every, t.max_steps) * accumulate
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=0,
-                        enable_version_counter=False),
         Throughput(),
-        SaveLast(last),
         LossCurvePlot(run_dir / "logs", run_dir / "loss_curve.png"),
         # Training time, kept in the checkpoint and summed over resumes; with trainer.max_minutes also the budget.
         StepTimer(timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None),
@@ -146,6 +181,8 @@ def train(cfg: RunConfig) -> Path:
     if t.val_batches > 0:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
                                          save_top_k=1, enable_version_counter=False, save_last=False))
+    # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
+    callbacks.append(StepCheckpoint(last, t.ckpt_every))
     if t.progress:
         callbacks.append(ProgressBar(refresh_rate=1))
     trainer = L.Trainer(
@@ -166,6 +203,8 @@ def train(cfg: RunConfig) -> Path:
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
+    if trainer.is_global_zero:  # rows a killed run logged after its last checkpoint (or before a first) are redone
+        truncate_logs(run_dir / "logs", int(ckpt["global_step"]) if resume else 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     if trainer.is_global_zero:
@@ -192,12 +231,10 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
 
 def _make_logger(name: str, run_dir: Path):
     if name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
         # One folder per invocation (logs/part-000, part-001 after a resume, ...): a resumed run must not
         # overwrite the metrics of the part before it. Readers merge the parts, later ones winning.
         part = len(list((run_dir / "logs").glob("part-*")))
-        return CSVLogger(run_dir, name="logs", version=f"part-{part:03d}")
+        return DurableCSVLogger(run_dir, name="logs", version=f"part-{part:03d}")
     try:
         if name == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger

@@ -1,6 +1,7 @@
 """Exact resume: a run stopped (cleanly, or killed with SIGKILL) and restarted with the same command ends
 bit-identical to the uninterrupted run A (the `micro_run` fixture): weights, EMA, optimizer state, logged losses."""
 
+import errno
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlm.checkpoint import AtomicCheckpointIO, read_checkpoint
+from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from dlm.config import ConfigError, build_config
 from dlm.train.callbacks import read_metrics
 from dlm.train.run import train
@@ -115,11 +116,11 @@ def test_atomic_checkpoint_survives_a_failed_write(micro_run, tmp_path, monkeypa
     before = path.read_bytes()
 
     def dying_save(obj, f, *args, **kw):
-        Path(f).write_bytes(before[: len(before) // 2])  # half of a file, then the process "dies"
-        raise OSError("No space left on device")
+        f.write(before[: len(before) // 2])  # half of a file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointError, match=r"no space left on device: need ~\d+ MB free for an atomic checkpoint"):
         io.save_checkpoint(good, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -165,7 +166,7 @@ def test_time_budget_with_gradient_accumulation_stops_between_optimizer_steps(mi
     train(build_config(micro_args(run_a, accumulate)))
     train(build_config(micro_args(run_b, accumulate, "trainer.max_minutes=0.0002")))  # spent by the first micro-batch
     stopped = last_ckpt(run_b)
-    micro_batches = stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    micro_batches = stopped["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
     assert 1 <= stopped["global_step"] < 12 and micro_batches == 2 * stopped["global_step"]
     train(build_config(micro_args(run_b, accumulate)))
     assert_identical_runs(run_a, run_b)
