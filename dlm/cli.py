@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,8 +24,6 @@ config groups and fields (defaults):
 
 
 def _field_listing() -> str:
-    import dataclasses
-
     from dlm.config import RunConfig
 
     lines = []
@@ -62,6 +61,16 @@ def cmd_presets(args) -> int:
             first = (CONFIG_DIR / group / f"{name}.yaml").read_text().splitlines()[0]
             note = first[1:].strip() if first.startswith("#") else ""
             print(f"  {group}={name:10s} {note}")
+    from dlm.process import PROCESSES
+    from dlm.sampler.registry import describe_samplers
+
+    print("processes (process.name=NAME; each with its own process.* fields):")
+    for name, cls in sorted(PROCESSES.items()):
+        fields = [f.name for f in dataclasses.fields(cls.config_class) if f.name not in ("name", "mask_id")]
+        print(f"  {name:10s} {cls.corruption} corruption; fields: {', '.join(fields) or 'none'}")
+    print("samplers (--sampler NAME):")
+    for name, aliases, description in describe_samplers():
+        print(f"  {name:16s} {description}" + (f" (also: {aliases})" if aliases else ""))
     return 0
 
 
