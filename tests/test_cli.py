@@ -90,6 +90,10 @@ def test_presets_and_print_config(tmp_path, capsys):
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
     assert "model=tiny" in listing and "process=ar" in listing and "model:" in listing
+    from dlm.process import PROCESSES
+    from dlm.sampler import SAMPLERS
+
+    assert all(f"\n  {name} " in listing for name in [*PROCESSES, *SAMPLERS])  # read from the registries
     out_dir = tmp_path / "never"
     assert main(["train", "--print-config", "model=tiny", "trainer.max_steps=77", f"trainer.out_dir={out_dir}"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
