@@ -30,10 +30,15 @@ A time-conditioned network is fed, at each step, the time t whose mask rate 1 - 
 the row's generated positions still masked (the time its training paired with that many masks).
 
 Classifier-free guidance (cfg_scale s > 0): logits = u + (s + 1)(c - u), u from the same canvas with the
-prompt masked; both passes run as one doubled batch (counted as one network call). `suppress_ids_in_confidence`
-(e.g. EOS) moves positions predicting those ids below every other candidate in the ordering, so they are
-committed last; the prediction itself is unchanged (the reference applies this after the choice, where it
-has no effect).
+prompt masked; both passes run as one doubled batch (counted as one network call), combined in float32 (bf16
+halves would round the difference c - u away). `suppress_ids_in_confidence` (e.g. EOS) moves positions
+predicting those ids below every other candidate in the ordering, so they are committed last; the prediction
+and the other positions' confidences are unchanged. LLaDA's reference option `confidence_eos_eot_inf` differs:
+after the argmax it sets the EoT logit to -inf in the logits its confidences are computed from (and the EOS logit
+in the Gumbel-perturbed copy, which at temperature 0 is the same tensor, so both then), so a position predicting
+EoT (and EOS at temperature 0) gets confidence 0 and every other position's confidence is renormalised without
+that mass, p / (1 - p_EoT - p_EOS): under the count schedule the order is the same as ours, but a confidence
+threshold or the factor rule commits more positions there than here.
 
 Prompts of different lengths are left-padded (`Canvas.left_padded`): pads are masked out as keys and every row's
 rotary positions start at 0 on its first real token, so a prompt's tokens do not depend on its padding.

@@ -77,10 +77,14 @@ def forward_block(ctx: Context, x, span, block, block_embeds, cache, mask, cache
     out = network(None if embeds is not None else ids, inputs_embeds=embeds, t=t, attn_mask=mask, positions=positions,
                   kv_cache=cache, cache_update=cache_update,
                   logits_at=slice(start - qs, end - qs))  # (B or 2B, block_length, V)
-    if ctx.cfg_scale > 0:
-        cond, uncond = out.chunk(2)
-        out = uncond + (ctx.cfg_scale + 1) * (cond - uncond)
-    return out
+    return guided_logits(out, ctx.cfg_scale) if ctx.cfg_scale > 0 else out
+
+
+def guided_logits(out: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance of a doubled batch (2B, ..., V) = [conditional ; unconditional]: u + (s + 1)(c - u),
+    in float32 (bf16 halves would round the difference c - u away)."""
+    cond, uncond = out.float().chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
 def feedback_inputs(feedback, ctx: Context, x, rows, block, raw_block, generated, block_embeds):

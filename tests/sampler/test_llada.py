@@ -278,3 +278,17 @@ def test_pipeline_and_cli(micro_run, capsys):
                  "--steps", "4", "--threshold", "0.9", "--cache", "prefix", "--prompt", "The", "--prompt", "A"])
     out = capsys.readouterr().out
     assert code == 0 and "NFE" in out and "tokens/NFE" in out and out.count("--- sample") == 2
+
+
+def test_guidance_combines_bf16_halves_in_float32():
+    """u + (s + 1)(c - u) from a bf16 network is computed in float32 (a bf16 combination rounds c - u away)."""
+    from dlm.sampler.llada_forward import guided_logits
+
+    torch.manual_seed(0)
+    cond = (8 + torch.randn(2, 4, 50)).bfloat16()
+    uncond = (cond.float() + 0.01 * torch.randn(2, 4, 50)).bfloat16()
+    got = guided_logits(torch.cat((cond, uncond)), 2.0)
+    want = uncond.float() + 3.0 * (cond.float() - uncond.float())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    in_bf16 = uncond + 3.0 * (cond - uncond)
+    assert not torch.equal(in_bf16.float(), want)  # what combining in bf16 would have given
