@@ -6,7 +6,8 @@ run with an uninterrupted one, bit for bit.
     python scripts/kill_campaign.py --kills 100 --seed 3 --keep /tmp/campaign
 
 Prints kills / resumes / lost steps / identical (weights, EMA, optimizer state, best.ckpt, every logged CSV value,
-each step exactly once). Exit status 0 when identical, 1 otherwise. A kill is either a named point
+each step exactly once). A run that finishes before its kill lands is compared too, then started over from
+scratch; "identical" holds for every finished run. Exit status 0 when identical, 1 otherwise. A kill is either a named point
 (`DLM_KILL_AT`, dlm/faults.py: the process SIGKILLs itself there) or a timer that fires at a random moment after
 the process has started training.
 """
@@ -166,7 +167,8 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
         raise RuntimeError(f"the uninterrupted run failed:\n{out[-3000:]}")
     window = 0.7 * (run_once.fit_seconds or 5.0)  # random kills land in a run's training, saving and export
     args = train_args(victim, texts, steps, accumulate, softmask)
-    done_kills = resumes = lost = starts = 0
+    done_kills = resumes = lost = starts = compared = 0
+    diffs: list[str] = []
     while done_kills < kills:
         if schedule:  # "random", or "point:<name>:<n>"
             kind = schedule[done_kills % len(schedule)]
@@ -190,9 +192,13 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
             lost += max(0, reached - (after or 0))
             if verbose:
                 print(f"kill {done_kills:3d}: {kind:32s} checkpoint step {before} -> {after}", flush=True)
-        elif rc == 0:
+        elif rc == 0:  # finished before the kill: compared like the final one, then started over from scratch
+            found = compare(reference, victim)
+            diffs += found
+            compared += 1
             if verbose:
-                print(f"  (the run finished before the {kind} kill; starting over from scratch)", flush=True)
+                print(f"  (the run finished before the {kind} kill: {'identical' if not found else 'DIFFERENT'}; "
+                      "starting over from scratch)", flush=True)
             shutil.rmtree(victim)
         else:
             raise RuntimeError(f"dlm train exited with {rc}:\n{out[-3000:]}")
@@ -200,9 +206,9 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
     resumes += "dlm: resuming" in out
     if rc != 0:
         raise RuntimeError(f"the final restart failed:\n{out[-3000:]}")
-    diffs = compare(reference, victim)
+    diffs += compare(reference, victim)
     return {"kills": done_kills, "resumes": resumes, "lost_steps": lost, "identical": not diffs, "diffs": diffs,
-            "work": work, "starts": starts + 2}
+            "work": work, "starts": starts + 2, "runs_compared": compared + 1}
 
 
 def main() -> int:
@@ -222,7 +228,7 @@ def main() -> int:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(f"kills {r['kills']} / resumes {r['resumes']} / lost steps {r['lost_steps']} / identical "
-          f"{'yes' if r['identical'] else 'no'}  (accumulate={a.accumulate}, soft-masking "
+          f"{'yes' if r['identical'] else 'no'}  ({r['runs_compared']} finished runs compared; accumulate={a.accumulate}, soft-masking "
           f"{'off' if a.no_softmask else 'on'}, {a.steps} steps, seed {a.seed}, {time.time() - t0:.0f} s)")
     for d in r["diffs"]:
         print("  differs:", d)
