@@ -107,4 +107,32 @@ def load_causal_lm(init_from: str, context: int, data_vocab_size: int) -> Causal
     return CausalStart(state, tokenizer, cfg)
 
 
-__all__ = ["CAUSAL_PREFIX", "CausalStart", "is_causal_lm_spec", "load_causal_lm", "smollm2_gguf"]
+def anneal_window(step: int, anneal_steps: int, length: int) -> int:
+    """How far past itself each position may attend at `step` of a causal-to-bidirectional anneal over
+    `anneal_steps` (DiffuLLaMA, arXiv 2410.17891): 0 (causal) at step 0, `length` (bidirectional) from then on."""
+    if anneal_steps <= 0 or step >= anneal_steps:
+        return length
+    return (length * step) // anneal_steps
+
+
+class AnnealedAttention:
+    """The network with its attention limited to a band: position i sees keys <= i + window (and what the caller's
+    attn_mask allows). Wraps the network for one training step so the processes need not know about annealing;
+    attributes other than the call are the network's."""
+
+    def __init__(self, network, window: int):
+        self.network, self.window = network, window
+
+    def __call__(self, input_ids=None, *args, attn_mask=None, **kw):
+        x = input_ids if input_ids is not None else kw["inputs_embeds"]
+        T = x.shape[1]
+        i = torch.arange(T, device=x.device)
+        band = (i[None, :] <= i[:, None] + self.window)[None, None]  # (1, 1, T, T): query row, key column
+        attn_mask = band if attn_mask is None else attn_mask & band
+        return self.network(input_ids, *args, attn_mask=attn_mask, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+
+__all__ = ["AnnealedAttention", "anneal_window", "CAUSAL_PREFIX", "CausalStart", "is_causal_lm_spec", "load_causal_lm", "smollm2_gguf"]

@@ -55,7 +55,7 @@ def causal_folder(tmp_path_factory, text_folder) -> tuple[Path, object]:
 def _args(micro_args, out: Path, folder, *extra) -> list[str]:
     keep = [a for a in micro_args(out) if not a.startswith("model.") or a.startswith("model.context=")]
     return ["train", f"init_from=hf:{folder}", "process=mdlm", *keep, "trainer.max_steps=4", "trainer.ckpt_every=2",
-            "trainer.val_every=2", *extra]
+            "trainer.val_every=2", "trainer.attention_anneal_steps=2", *extra]
 
 
 @torch.no_grad()
@@ -124,3 +124,25 @@ def test_smollm2_short_name():
     init = load_causal_lm("hf:smollm2", context=32, data_vocab_size=300)
     assert init.cfg.model.prediction == "shifted" and init.tokenizer.mask_token_id == init.cfg.process.mask_id
     assert init.cfg.model.vocab_size >= len(init.tokenizer)
+
+
+@torch.no_grad()
+def test_annealed_attention_widens_from_causal_to_bidirectional(causal_folder):
+    from dlm.train.adapt import AnnealedAttention, anneal_window
+
+    folder, _ = causal_folder
+    init = load_causal_lm(f"hf:{folder}", context=32, data_vocab_size=300)
+    network = Transformer(init.cfg.model)
+    network.load_state_dict(init.state)
+    network.eval()
+    x = torch.randint(0, VOCAB, (1, 8))
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % VOCAB  # change token 5: who sees it?
+    assert [anneal_window(s, 4, 8) for s in (0, 1, 2, 4, 9)] == [0, 2, 4, 8, 8]
+    # Shifted: the logits at i read the hidden state at i - 1 (position 0 its own); with 2 layers a window w lets
+    # the hidden state at j see keys <= j + 2w. Window 0 is the causal LM.
+    for window, first_changed in ((0, 6), (2, 2), (8, 0)):
+        net = AnnealedAttention(network, window)
+        diff = (net(x) - net(y)).abs().amax(-1)[0]
+        assert (diff[:first_changed] == 0).all() and diff[first_changed] > 0
+    assert net.cfg is network.cfg
