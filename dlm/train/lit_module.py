@@ -116,6 +116,8 @@ class DiffusionLightningModule(L.LightningModule):
         o = self.cfg.optim
         decay, no_decay = [], []
         for name, p in self.network.named_parameters():
+            if not p.requires_grad:  # frozen under LoRA (trainer.lora_rank)
+                continue
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups += self.process.optimizer_groups()  # e.g. soft-masking's w: their own learning rate, no decay

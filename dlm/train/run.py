@@ -17,11 +17,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dlm.allocator import keep_freed_memory
+from dlm.build import build_network
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
+from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
@@ -54,7 +56,8 @@ def training_minutes(ckpt: dict) -> float:
 # is a function of the seed, the batch size, the accumulation and the number of devices). trainer.max_steps may
 # change (the learning-rate schedule follows it), and so may validation, checkpointing, logging and the budget.
 RESUME_MUST_MATCH = {"model": None, "process": None, "data": None, "softmask": None, "optim": None,
-                     "trainer": ("batch_size", "accumulate", "seed", "devices", "num_nodes")}
+                     "trainer": ("batch_size", "accumulate", "seed", "devices", "num_nodes", "lora_rank", "lora_alpha",
+                                 "lora_embeddings")}
 
 
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
@@ -162,6 +165,9 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
         # e.g. learned soft-masking w: continue from them too
         if init_process and init_process.keys() == module.process.state_dict().keys():
             module.process.load_state_dict(init_process)
+    if t.lora_rank > 0:  # on top of the initial weights (the adapters start at zero); resume loads them
+        add_lora(module.network, t.lora_rank, t.lora_alpha, t.lora_embeddings)
+    if init_state is not None or t.lora_rank > 0:
         for name, target in (("ema", module.network), ("ema_process", module.process)):
             if getattr(module, name) is not None:  # the EMA starts from the weights the run starts from
                 setattr(module, name, type(module.ema)(target, t.ema))
@@ -231,7 +237,11 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
     """Export the EMA weights and w (or the live ones without EMA) with config and tokenizer."""
     module.swap_in_ema()
     try:
-        return save_pretrained(folder, module.network, module.cfg.to_dict(), module.tokenizer,
+        network = module.network
+        if has_lora(network):  # the adapters merged into plain weights: the export is an ordinary network
+            network = build_network(module.cfg)
+            network.load_state_dict(merged_state(module.network))
+        return save_pretrained(folder, network, module.cfg.to_dict(), module.tokenizer,
                                extra={"tokenizer_fingerprint": module.fingerprint,
                                       "trained_steps": int(module.global_step)}, process=module.process)
     finally:

@@ -146,3 +146,30 @@ def test_annealed_attention_widens_from_causal_to_bidirectional(causal_folder):
         diff = (net(x) - net(y)).abs().amax(-1)[0]
         assert (diff[:first_changed] == 0).all() and diff[first_changed] > 0
     assert net.cfg is network.cfg
+
+
+def test_lora_trains_adapters_only_and_merges_them_at_export(causal_folder, micro_args, tmp_path):
+    pytest.importorskip("peft")
+    import dlm
+    from dlm.checkpoint import read_checkpoint
+    from dlm.cli import main
+
+    folder, model = causal_folder
+    out = tmp_path / "lora"
+    args = _args(micro_args, out, folder, "trainer.lora_rank=4", "trainer.ema=0", "optim.lr=1e-2")
+    assert main(args) == 0
+    state = read_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    q = "network.blocks.0.attn.q"
+    source_q = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(state[f"{q}.base_layer.weight"], source_q)  # frozen
+    assert state[f"{q}.lora_B.default.weight"].abs().max() > 0  # trained
+    lm = dlm.load(out)  # the export: plain names, adapters merged
+    merged = lm.network.blocks[0].attn.q.weight
+    delta = state[f"{q}.lora_B.default.weight"] @ state[f"{q}.lora_A.default.weight"] * (16.0 / 4)
+    assert torch.allclose(merged, source_q + delta, atol=1e-6)
+    assert not torch.equal(lm.network.embed.weight[:VOCAB], model.model.embed_tokens.weight)  # trained too
+    assert len(lm.generate("the", length=12, steps=4).texts) == 1
+    # resumed with EMA switched on (the micro run's 0.99): the EMA of the adapters starts from the restored ones
+    assert main(_args(micro_args, out, folder, "trainer.lora_rank=4", "optim.lr=1e-2",
+                      "trainer.max_steps=6")) == 0
+    assert dlm.load(out).trained_steps == 6
