@@ -71,6 +71,14 @@ class TrainerConfig:
     logger: str = "csv"  # "csv" | "tensorboard" | "wandb"
     progress: bool = True
     compile: bool = False
+    # > 0: attention starts causal and widens to bidirectional over this many steps (DiffuLLaMA's annealing, for a
+    # run adapted from a causal LM; dlm/train/adapt.py): at step s position i sees the keys <= i + T * s / N
+    attention_anneal_steps: int = 0
+    # > 0: train LoRA adapters of this rank (scale lora_alpha / rank) instead of all weights; merged at export
+    # (dlm/train/lora.py, needs peft). lora_embeddings: also train the embedding and the head
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_embeddings: bool = True
 
 
 @dataclass
@@ -268,6 +276,9 @@ def validate(cfg: RunConfig) -> None:
            f"process.mask_id={p.mask_id} lies outside the vocabulary ({m.vocab_size} tokens)")
     _check(d.packing in ("wrap", "pad"), f"unknown data.packing '{d.packing}'; valid: wrap, pad")
     _check(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE; use at least 260")
+    _check(cfg.trainer.attention_anneal_steps >= 0,
+           f"trainer.attention_anneal_steps={cfg.trainer.attention_anneal_steps} must be >= 0 (0: no annealing)")
+    _check(cfg.trainer.lora_rank >= 0, f"trainer.lora_rank={cfg.trainer.lora_rank} must be >= 0 (0: no LoRA)")
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _check(o.decay in ("constant", "cosine"), f"unknown optim.decay '{o.decay}'; valid: constant, cosine")
     _check(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")

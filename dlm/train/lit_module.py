@@ -10,6 +10,7 @@ import torch
 from dlm.build import build_network, build_process, mask_id_of
 from dlm.checkpoint import FORMAT_VERSION, migrate_checkpoint, state_under, tokenizer_state
 from dlm.config import RunConfig
+from dlm.train.adapt import AnnealedAttention, anneal_window
 from dlm.train.ema import EMA
 
 
@@ -44,7 +45,11 @@ class DiffusionLightningModule(L.LightningModule):
         seed = step_seed(self.cfg.trainer.seed, micro_step, self.global_rank)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=self.device).manual_seed(seed)  # noise: t and masks
-        out = self.process.loss(self.network, batch, generator)  # every random draw from the step's generator
+        network = self.network
+        anneal = self.cfg.trainer.attention_anneal_steps
+        if self.global_step < anneal:  # causal attention widened to bidirectional over the first steps
+            network = AnnealedAttention(network, anneal_window(self.global_step, anneal, batch["input_ids"].shape[1]))
+        out = self.process.loss(network, batch, generator)  # every random draw from the step's generator
         logged = self.process.log_values()
         if logged:
             self.log_dict(logged, on_step=True, on_epoch=False, sync_dist=False)
@@ -111,6 +116,8 @@ class DiffusionLightningModule(L.LightningModule):
         o = self.cfg.optim
         decay, no_decay = [], []
         for name, p in self.network.named_parameters():
+            if not p.requires_grad:  # frozen under LoRA (trainer.lora_rank)
+                continue
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups += self.process.optimizer_groups()  # e.g. soft-masking's w: their own learning rate, no decay

@@ -17,10 +17,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dlm.allocator import keep_freed_memory
+from dlm.build import build_network
 from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint, save_pretrained
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
+from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
+from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
@@ -53,7 +56,8 @@ def training_minutes(ckpt: dict) -> float:
 # is a function of the seed, the batch size, the accumulation and the number of devices). trainer.max_steps may
 # change (the learning-rate schedule follows it), and so may validation, checkpointing, logging and the budget.
 RESUME_MUST_MATCH = {"model": None, "process": None, "data": None, "softmask": None, "optim": None,
-                     "trainer": ("batch_size", "accumulate", "seed", "devices", "num_nodes")}
+                     "trainer": ("batch_size", "accumulate", "seed", "devices", "num_nodes", "lora_rank", "lora_alpha",
+                                 "lora_embeddings")}
 
 
 def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
@@ -107,22 +111,30 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last.is_file()
-    init_model = ckpt = None
+    init_state = init_process = ckpt = None
     if resume:
         ckpt = read_checkpoint(last)
         if not (run_dir / "tokenizer").is_dir():  # restored from the checkpoint, which holds the run's tokenizer
             save_tokenizer_dir(tokenizer_from_state(ckpt["dlm"]["tokenizer"]), run_dir / "tokenizer")
     if cfg.init_from and not resume:
-        from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
+        if is_causal_lm_spec(cfg.init_from):  # adaptation of a causal LM (dlm/train/adapt.py)
+            init = load_causal_lm(cfg.init_from, cfg.model.context, cfg.data.vocab_size)
+            init_state, init_process = init.state, {}
+            if cfg.process.mask_id < 0:
+                cfg.process.mask_id = init.cfg.process.mask_id
+        else:
+            from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
-        init_model = DiffusionLM.load(cfg.init_from)
-        _adopt_tokenizer(cfg, init_model.cfg, cfg.init_from)
+            init = DiffusionLM.load(cfg.init_from)
+            init_state, init_process = init.network.state_dict(), init.process.state_dict()
+        _adopt_tokenizer(cfg, init.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_tokenizer_dir(init_model.tokenizer, run_dir / "tokenizer")
-        cfg.model = dataclasses.replace(init_model.cfg.model)  # the network must match the weights it starts from
+        save_tokenizer_dir(init.tokenizer, run_dir / "tokenizer")
+        cfg.model = dataclasses.replace(init.cfg.model)  # the network must match the weights it starts from
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg, run_dir)  # the run's own tokenizer once it has one (resume, init_from)
-    cfg.model.vocab_size = len(tokenizer)
+    # An adapted causal LM may have more embedding rows than tokens (padded vocabularies): the network keeps them.
+    cfg.model.vocab_size = max(len(tokenizer), cfg.model.vocab_size) if cfg.init_from else len(tokenizer)
     if cfg.process.mask_id < 0:  # recorded with the model from now on: loading never asks the tokenizer for it
         cfg.process.mask_id = tokenizer.mask_token_id
     if resume:
@@ -148,11 +160,14 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
 
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = DiffusionLightningModule(cfg, tokenizer, tokenizer_fingerprint(tokenizer))
-    if init_model is not None:
-        module.network.load_state_dict(init_model.network.state_dict())
-        init_process = init_model.process.state_dict()  # e.g. learned soft-masking w: continue from them too
+    if init_state is not None:
+        module.network.load_state_dict(init_state)
+        # e.g. learned soft-masking w: continue from them too
         if init_process and init_process.keys() == module.process.state_dict().keys():
             module.process.load_state_dict(init_process)
+    if t.lora_rank > 0:  # on top of the initial weights (the adapters start at zero); resume loads them
+        add_lora(module.network, t.lora_rank, t.lora_alpha, t.lora_embeddings)
+    if init_state is not None or t.lora_rank > 0:
         for name, target in (("ema", module.network), ("ema_process", module.process)):
             if getattr(module, name) is not None:  # the EMA starts from the weights the run starts from
                 setattr(module, name, type(module.ema)(target, t.ema))
@@ -222,7 +237,11 @@ def export(module: DiffusionLightningModule, folder: Path) -> Path:
     """Export the EMA weights and w (or the live ones without EMA) with config and tokenizer."""
     module.swap_in_ema()
     try:
-        return save_pretrained(folder, module.network, module.cfg.to_dict(), module.tokenizer,
+        network = module.network
+        if has_lora(network):  # the adapters merged into plain weights: the export is an ordinary network
+            network = build_network(module.cfg)
+            network.load_state_dict(merged_state(module.network))
+        return save_pretrained(folder, network, module.cfg.to_dict(), module.tokenizer,
                                extra={"tokenizer_fingerprint": module.fingerprint,
                                       "trained_steps": int(module.global_step)}, process=module.process)
     finally:
