@@ -17,7 +17,6 @@ import logging
 
 import torch
 
-from dlm.process.schedules import time_of_mask_rate  # noqa: F401  (re-exported: the clip search uses it)
 
 log = logging.getLogger("dlm")
 

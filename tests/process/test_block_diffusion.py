@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from dlm.config import ConfigError, ModelConfig, build_config
 from dlm.network import Transformer
 from dlm.process.block_diffusion import BlockDiffusion
-from dlm.process.clipped_schedule import clip_grid, search_clip_interval, time_of_mask_rate
+from dlm.process.clipped_schedule import clip_grid, search_clip_interval
 from dlm.process.mdlm import MaskedDiffusion, subs_logits
-from dlm.process.schedules import make_schedule
+from dlm.process.schedules import make_schedule, time_of_mask_rate
 from dlm.data.batch import make_batch
 
 V, MASK = 11, 10
