@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dlm.errors import CheckpointError  # noqa: F401  (defined low, so dlm.integrity can raise it)
 from dlm.faults import kill_point
+from dlm.integrity import sha256_file
 
 # 2: a process's learnable parts are stored under "process." (soft-masking's w: "process.mixer.*", with its EMA as
 #    "ema_process"); format 1 kept them under "softmask." / "ema_softmask" and is migrated on load.
@@ -114,14 +115,6 @@ def _first_corrupt_entry(path: Path) -> str | None:
     file: ~0.2 s per 250 MB)."""
     with zipfile.ZipFile(path) as archive:
         return archive.testzip()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_format(meta: dict | None, path) -> None:
@@ -262,7 +255,7 @@ def load_pretrained_files(folder: str | Path) -> tuple[dict, dict[str, torch.Ten
         if "weights_sha256" not in meta:
             raise CheckpointError(f"{config_path} records no checksum of the weights (no weights_sha256, no "
                                   f"{RECORD}), so {weights_path} cannot be checked; {fix}")
-        if _sha256(weights_path) != meta["weights_sha256"]:  # a damaged tensor byte
+        if sha256_file(weights_path) != meta["weights_sha256"]:  # a damaged tensor byte
             raise CheckpointError(f"{weights_path} is corrupt: its SHA-256 differs from the one recorded in "
                                   f"config.json when it was exported; {fix}")
         warnings.warn(f"{folder} was exported before dlm wrote integrity records: its config and tokenizer files "

@@ -268,20 +268,6 @@ class DiffusionLM:
         return self.generate(list(prompts), gen_length=gen_length, sampler=kw.pop("sampler", "llada"),
                              block_length=block_length, steps=steps, temperature=temperature, **kw)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def build_canvas(self, length: int, prompt: str | None = None, template: str | None = None):
-        """(canvas (L,), fixed (L,) bool) of one row as `generate` builds it: BOS, then the prompt (a prefix, the
-        rest up to `length` generated) or the template (its own length), the prior at the positions to generate."""
-        (ids,), fixed = given_rows(self.tokenizer, self.process, None, prompt, template, None)
-        if fixed is None:
-            if len(ids) >= length:
-                raise ValueError(f"the prompt leaves nothing to generate in {length} tokens")
-            fixed = torch.arange(length) < len(ids)
-            ids = ids + [self.tokenizer.pad_token_id] * (length - len(ids))
-        return self.process.prior(torch.tensor([ids]), ~fixed[None])[0], fixed
-
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""
         return decode_rows(self.tokenizer, tokens)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlm.process.base import LossOutput, Process, register_process
+from dlm.process.base import LossOutput, register_process
 from dlm.process.block_mask import training_mask
-from dlm.process.mdlm import MDLMConfig, check_schedule_fields, evaluation_times, subs_logits, uniform
+from dlm.process.mdlm import MDLMConfig, SUBSProcess, check_schedule_fields, evaluation_times, subs_logits, uniform
 from dlm.process.schedules import NoiseSchedule, make_schedule, time_of_mask_rate
 
 MAX_RESAMPLES = 100
@@ -49,7 +49,7 @@ class BD3LMConfig(MDLMConfig):
 
 
 @register_process
-class BlockDiffusion(Process):
+class BlockDiffusion(SUBSProcess):
     """The BD3-LM process: per-block noising, the one-pass training loss and the (full-range) NELBO."""
 
     name = "bd3lm"
@@ -101,16 +101,6 @@ class BlockDiffusion(Process):
         if not 0.0 <= p.clip_low < p.clip_high <= 1.0:
             raise ValueError(f"the mask-rate interval process.clip_low={p.clip_low}, process.clip_high={p.clip_high} "
                               "must satisfy 0 <= clip_low < clip_high <= 1")
-
-    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
-        """SUBS zero-masking, as MDLM."""
-        return subs_logits(logits, self.mask_id)
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.alpha(t)
-
-    def time_of_mask_rate(self, rate):
-        return time_of_mask_rate(self.schedule, rate)
 
     def with_clip(self, clip_low: float, clip_high: float) -> "BlockDiffusion":
         """The same process training on mask rates in [clip_low, clip_high]."""

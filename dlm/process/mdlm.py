@@ -95,8 +95,25 @@ class MDLMConfig(ProcessConfig):
     antithetic: bool = True  # low-discrepancy time sampling over the batch
 
 
+class SUBSProcess(Process):
+    """What MDLM and BD3-LM share for samplers (dlm.process.base): the SUBS parameterisation and a noise schedule
+    (`self.schedule`)."""
+
+    schedule: NoiseSchedule
+
+    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
+        """SUBS zero-masking: x_theta never predicts [MASK] (carry-over is the samplers' rule: clean tokens stay)."""
+        return subs_logits(logits, self.mask_id)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return self.schedule.alpha(t)
+
+    def time_of_mask_rate(self, rate):
+        return time_of_mask_rate(self.schedule, rate)
+
+
 @register_process
-class MaskedDiffusion(Process):
+class MaskedDiffusion(SUBSProcess):
     """The MDLM process: noising, the training loss and the NELBO used for evaluation."""
 
     name = "mdlm"
@@ -118,16 +135,6 @@ class MaskedDiffusion(Process):
     def check_config(cls, cfg) -> None:
         check_schedule_fields(cfg.process)
 
-    # ------------------------------------------------------------------ what samplers ask (dlm.process.base)
-    def denoise(self, logits: torch.Tensor) -> torch.Tensor:
-        """SUBS zero-masking: x_theta never predicts [MASK] (carry-over is the samplers' rule: clean tokens stay)."""
-        return subs_logits(logits, self.mask_id)
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.alpha(t)
-
-    def time_of_mask_rate(self, rate):
-        return time_of_mask_rate(self.schedule, rate)
 
     def add_noise(self, x: torch.Tensor, t: torch.Tensor, loss_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """z_t (B, L): each position in loss_mask becomes [MASK] with probability 1 - alpha_t (t is (B,))."""
