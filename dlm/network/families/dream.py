@@ -21,6 +21,13 @@ def _id(config, key: str, default: int) -> int:
     return default if value is None else value
 
 
+def _qwen_ids(family: str, config, model, mask_default: int) -> dict:
+    """The descriptor fields every Qwen-tokenizer diffusion family shares: its ids, defaulting to Qwen's."""
+    return dict(family=family, vocab_size=model.vocab_size, mask_id=_id(config, "mask_token_id", mask_default),
+                pad_id=_id(config, "pad_token_id", QWEN_EOS), eos_id=_id(config, "eos_token_id", QWEN_EOS),
+                eot_id=QWEN_IM_END, bos_id=first_id(config.get("bos_token_id")))
+
+
 class Dream(Family):
     name, model_types, architectures = "dream", ("Dream",), ("DreamModel",)
 
@@ -28,12 +35,7 @@ class Dream(Family):
         return llama_style_config(config, self.name, qkv_bias=True, proj_bias=False, prediction="shifted")
 
     def descriptor(self, config, model):
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
-                               mask_id=_id(config, "mask_token_id", 151666),
-                               pad_id=_id(config, "pad_token_id", QWEN_EOS),
-                               eos_id=_id(config, "eos_token_id", QWEN_EOS), eot_id=QWEN_IM_END,
-                               bos_id=first_id(config.get("bos_token_id")), prediction="shifted",
-                               padding_side="left")
+        return ModelDescriptor(**_qwen_ids(self.name, config, model, 151666), prediction="shifted", padding_side="left")
 
     def module_names(self, model):
         return LLAMA_MODULES
@@ -46,11 +48,7 @@ class SDAR(Family):
         return llama_style_config(config, self.name, qk_norm=True, prediction="same_position")
 
     def descriptor(self, config, model):
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
-                               mask_id=_id(config, "mask_token_id", 151669),
-                               pad_id=_id(config, "pad_token_id", QWEN_EOS),
-                               eos_id=_id(config, "eos_token_id", QWEN_EOS), eot_id=QWEN_IM_END,
-                               bos_id=first_id(config.get("bos_token_id")), topology="block_causal",
+        return ModelDescriptor(**_qwen_ids(self.name, config, model, 151669), topology="block_causal",
                                block_size=int(config.get("block_size") or 4))
 
     def module_names(self, model):
