@@ -298,7 +298,9 @@ class DiffusionLM:
             sampler = make_sampler(name, **{k: v for k, v in common.items() if k in accepted and v is not None},
                                    **options)
         if self.is_autoregressive:
-            sampler.suppress_ids = [self.tokenizer.mask_token_id, self.tokenizer.pad_token_id, self.tokenizer.bos_token_id]
+            tok = self.tokenizer  # never generated: [MASK], [PAD], BOS; a causal LM's pad is often its EOS, kept
+            special = (tok.mask_token_id, tok.pad_token_id, tok.bos_token_id)
+            sampler.suppress_ids = sorted({i for i in special if i is not None and i != tok.eos_token_id})
         self.process.check_sampler(sampler)
         return sampler, blockwise
 

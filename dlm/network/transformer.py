@@ -33,8 +33,9 @@ class KVCache:
 
     A forward pass with `kv_cache=cache` attends to the cached keys before its own; with
     `cache_update=True` it also appends its own keys/values (autoregressive decoding, a finished block).
-    hidden (B, T_cache, C): the final hidden states of the cached positions, kept only by networks with shifted
-    predictions, whose first new position reads the hidden state of the last cached one.
+    hidden (B, T_h, C): the final hidden states of the first T_h cached positions, kept only by networks with shifted
+    predictions, whose first new position reads hidden[:, -1] (none when T_h = 0). Usually T_h = T_cache; a cache
+    whose later entries sit after the queries (Fast-dLLM's dual cache: [prefix ; suffix]) holds the prefix's only.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -290,7 +291,7 @@ class Transformer(nn.Module):
             if t is None:
                 t = torch.zeros(B, device=x.device)
             cond = F.silu(self.time_embed(t))  # (B, cond_dim)
-        previous = self._previous_hidden(kv_cache, start)  # read before the blocks extend the cache
+        previous = self._previous_hidden(kv_cache, start, cache_update)  # read before the blocks extend the cache
         for block in self.blocks:
             x = block(x, cond, cos, sin, attn_mask, causal, kv_cache, cache_update)
         x = self.ln_f(x)
@@ -306,12 +307,14 @@ class Transformer(nn.Module):
             return x
         return self.head(x)  # (B, T, V), (B, T', V) or (N, V)
 
-    def _previous_hidden(self, kv_cache: KVCache | None, start: int) -> torch.Tensor | None:
+    def _previous_hidden(self, kv_cache: KVCache | None, start: int, cache_update: bool) -> torch.Tensor | None:
         """A shifted network's hidden state (B, 1, C) at the last cached position (None without a cached prefix)."""
         if self.cfg.prediction != "shifted" or start == 0:
             return None
-        if kv_cache.hidden is None or kv_cache.hidden.shape[1] != start:
+        held = None if kv_cache.hidden is None else kv_cache.hidden.shape[1]
+        if held is None or held > start or (cache_update and held != start):
             raise ValueError("this network's predictions are shifted (position i reads the hidden state at i - 1), "
-                             "so its KV cache must hold the final hidden states of the cached positions: fill the "
-                             "cache through this network's forward(cache_update=True), not by assembling layers")
-        return kv_cache.hidden[:, -1:]
+                             "so its KV cache must hold the final hidden states of the cached positions before the "
+                             "queries (all of them when the cache is extended): fill the cache through this "
+                             "network's forward(cache_update=True) and keep `hidden` when assembling layers")
+        return kv_cache.hidden[:, -1:] if held > 0 else None

@@ -51,11 +51,14 @@ def cached_positions(mode: str, start: int, end: int, length: int, device) -> to
 
 def keep_cached(mode: str, full: KVCache, start: int, end: int) -> KVCache:
     """From the keys/values of the whole canvas (a refresh forward), the cache for the block's later steps."""
+    # A shifted network's block reads the final hidden state at start - 1: the prefix's states go along (both modes
+    # put the prefix first, right before the block's queries).
+    hidden = None if full.hidden is None else full.hidden[:, :start]  # (B, start, C)
     if mode == "prefix":
-        return KVCache([(k[:, :, :start], v[:, :, :start]) for k, v in full.layers])
+        return KVCache([(k[:, :, :start], v[:, :, :start]) for k, v in full.layers], hidden)
     if mode == "dual":
         return KVCache([(torch.cat((k[:, :, :start], k[:, :, end:]), 2), torch.cat((v[:, :, :start], v[:, :, end:]), 2))
-                        for k, v in full.layers])  # each (B, nh, T - (end - start), hd)
+                        for k, v in full.layers], hidden)  # each (B, nh, T - (end - start), hd)
     raise ValueError(f"cache mode '{mode}' keeps nothing")
 
 
