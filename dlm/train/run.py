@@ -214,7 +214,8 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     why = ""
     if trainer.strategy.root_device.type == "cpu" and t.precision == "auto":
         why = " (this CPU has bf16 instructions)" if cpu_has_fast_bf16() else " (this CPU has no bf16 instructions)"
-    print(f"dlm: {'resuming' if resume else 'training'} {cfg.process.name} ({n_params / 1e6:.1f}M parameters, "
+    what = cfg.process.name + (" + soft-masking" if cfg.softmask.enabled else "")
+    print(f"dlm: {'resuming' if resume else 'training'} {what} ({n_params / 1e6:.1f}M parameters, "
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)

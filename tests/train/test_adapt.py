@@ -173,3 +173,39 @@ def test_lora_trains_adapters_only_and_merges_them_at_export(causal_folder, micr
     assert main(_args(micro_args, out, folder, "trainer.lora_rank=4", "optim.lr=1e-2",
                       "trainer.max_steps=6")) == 0
     assert dlm.load(out).trained_steps == 6
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_soft_masking_trains_on_top_of_an_adapted_causal_lm(causal_folder, micro_args, tmp_path, lora):
+    """The SM paper's continued-training setting from the CLI: a causal LM adapted into an MDLM with the soft-masking
+    process on top (its mixer trained with the network, or with the LoRA adapters); the export loads as a
+    soft-masked, shifted model, samples with its learned mixing and resumes."""
+    if lora:
+        pytest.importorskip("peft")
+    import dlm
+    from dlm.checkpoint import read_checkpoint
+    from dlm.cli import main
+
+    folder, _ = causal_folder
+    out = tmp_path / "sm"
+    # w_b = -6 so that lambda is not ~0 on the random network's high-entropy predictions and w visibly moves
+    extra = ["softmask.enabled=true", "softmask.omega_s=0.3", "softmask.omega_b=-6.0", "softmask.p_sm=0.5",
+             *(["trainer.lora_rank=4"] if lora else [])]
+    assert main(_args(micro_args, out, folder, *extra)) == 0
+    state = read_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"]
+    mixer = {k: v for k, v in state.items() if k.startswith("process.mixer.")}
+    assert mixer, sorted(state)[:5]
+    lm = dlm.load(out)
+    assert lm.process.name == "softmask" and lm.network.cfg.prediction == "shifted"
+    assert lm.cfg.process.mask_id == lm.tokenizer.mask_token_id == VOCAB
+    from dlm.softmask.mixer import SoftMaskMixer
+
+    initial = SoftMaskMixer(omega_s=0.3, omega_b=-6.0)  # the run's initial omegas
+    trained = state["process.mixer.raw_s"]
+    assert not torch.allclose(trained, initial.raw_s)  # the mixer learned, with the network or its adapters
+    assert not torch.allclose(lm.process.mixer.raw_s.float(), initial.raw_s)  # and the export holds it (EMA'd)
+    plain = lm.generate("the", length=12, steps=4, seed=0, softmask=False)
+    soft = lm.generate("the", length=12, steps=4, seed=0)
+    assert soft.tokens.shape == plain.tokens.shape == (1, 12)
+    assert main(_args(micro_args, out, folder, *extra, "trainer.max_steps=6")) == 0
+    assert dlm.load(out).trained_steps == 6
