@@ -124,3 +124,32 @@ def test_dream_cache_without_the_prefix_hidden_state_is_refused(family_model):
     with_hidden = net(x[:, 4:8], kv_cache=KVCache(layers, full.hidden[:, :4]), positions=torch.arange(4, 8))
     uncached = net(x)[:, 4:8]
     assert torch.allclose(with_hidden, uncached, atol=1e-5)  # the refresh's own keys: the same forward
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@torch.no_grad()
+def test_an_open_causal_lm_scores_and_decodes_like_transformers(tmp_path, family):
+    """A causal LM loaded by dlm (shifted predictions) is an exact autoregressive model: its NLL is transformers'
+    next-token NLL, and greedy decoding (with the KV cache and without) picks transformers' greedy tokens."""
+    import torch.nn.functional as F
+
+    from dlm.data.batch import make_batch
+
+    torch.manual_seed(0)
+    write_family(tmp_path, family)
+    lm = dlm.load(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    x = torch.randint(3, 90, (2, 12))
+    ref_logits = ref(x).logits  # (B, T, V): position l is about token l + 1
+    assert torch.allclose(lm.network.next_token_logits(x), ref_logits, atol=1e-4)
+    ref_nll = F.cross_entropy(ref_logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    out = lm.process.loss(lm.network, make_batch(x))
+    assert torch.allclose(out.nll_sum, ref_nll, rtol=1e-4), (float(out.nll_sum), float(ref_nll))
+    prompt = "w%d w%d w%d w%d" % tuple(x[0, 1:5].tolist())
+    for kv_cache in (True, False):
+        gen = lm.generate([prompt], gen_length=6, sampler="autoregressive", temperature=0.0, kv_cache=kv_cache)
+        given = gen.tokens[:1, :-6]  # the prompt as the canvas holds it (with BOS where the tokenizer has one)
+        expected = ref.generate(given, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, given.shape[1]:]
+        assert gen.tokens[0, -6:].tolist() == expected.tolist(), kv_cache

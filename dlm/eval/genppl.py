@@ -158,8 +158,8 @@ class _CausalDLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kw):
         if not output_hidden_states:
-            return self.network(input_ids, causal=True)
-        hidden = self.network(input_ids, causal=True, return_hidden=True)  # (B, T, C): MAUVE features
+            return self.network.next_token_logits(input_ids)  # (B, T, V): position l predicts token l + 1
+        hidden = self.network.next_token_logits(input_ids, return_hidden=True)  # (B, T, C): MAUVE features
         return SimpleNamespace(logits=self.network.head(hidden), hidden_states=(hidden,))
 
 

@@ -24,6 +24,11 @@ A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its
   cache the first position of a chunk reads the hidden state of the last cached position: a shifted network keeps
   its final hidden states in the cache (`KVCache.hidden`) and refuses a cache that lacks them.
 
+Left-to-right use (the autoregressive process and sampler, a model as an evaluator) goes through
+`next_token_logits(input_ids=None, inputs_embeds=None, positions=None, kv_cache=None, cache_update=False,
+return_hidden=False, logits_at=None)`: causal attention, and the logits at position l are about token l + 1, for both
+kinds (a shifted network reads each position's own hidden state there, so the last position predicts the next token).
+
 Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings (soft-masking mixes them), and the
 properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
 """
@@ -53,6 +58,9 @@ class Network(Protocol):
 
     def forward(self, input_ids=None, inputs_embeds=None, t=None, attn_mask=None, causal=False, positions=None,
                 kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor: ...
+
+    def next_token_logits(self, input_ids=None, inputs_embeds=None, positions=None, kv_cache=None,
+                          cache_update=False, return_hidden=False, logits_at=None) -> torch.Tensor: ...
 
 
 def select_positions(x: torch.Tensor, logits_at) -> torch.Tensor:

@@ -260,6 +260,31 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, T', V) / (N, V) at the positions `logits_at` chooses. For a shifted network the
         logits (and `return_hidden`'s states) at position i are computed from the hidden state at i - 1."""
+        x, previous = self._final_states(input_ids, inputs_embeds, t, attn_mask, causal, positions, kv_cache,
+                                         cache_update)
+        if self.cfg.prediction == "shifted":
+            x = shift_hidden(x, previous)  # row i now holds the hidden state of position i - 1
+        x = select_positions(x, logits_at)
+        if return_hidden:
+            return x
+        return self.head(x)  # (B, T, V), (B, T', V) or (N, V)
+
+    def next_token_logits(self, input_ids=None, inputs_embeds=None, positions=None, kv_cache=None,
+                          cache_update=False, return_hidden=False, logits_at=None) -> torch.Tensor:
+        """Left-to-right decoding and scoring: causal attention, and the logits at position l are about token l + 1
+        (B, T, V) (or the positions `logits_at` chooses). A dlm autoregressive network was trained that way; a
+        shifted network (a causal LM's own head) gets them from each position's own hidden state, unshifted, so the
+        last position predicts the token after the input."""
+        if self.cfg.prediction != "shifted":
+            return self(input_ids, inputs_embeds, causal=True, positions=positions, kv_cache=kv_cache,
+                        cache_update=cache_update, return_hidden=return_hidden, logits_at=logits_at)
+        x, _ = self._final_states(input_ids, inputs_embeds, None, None, True, positions, kv_cache, cache_update)
+        x = select_positions(x, logits_at)
+        return x if return_hidden else self.head(x)
+
+    def _final_states(self, input_ids, inputs_embeds, t, attn_mask, causal, positions, kv_cache, cache_update):
+        """(final hidden states (B, T, C) after the last norm, unshifted; the last cached position's state (B, 1, C)
+        that a shifted network's first position reads, or None). Extends the cache's states with cache_update."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give the network either input_ids (B, T) or inputs_embeds (B, T, C), not both or neither")
         if input_ids is not None and input_ids.dim() != 2:
@@ -298,14 +323,9 @@ class Transformer(nn.Module):
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
-        if self.cfg.prediction == "shifted":
-            if kv_cache is not None and cache_update:
-                kv_cache.hidden = x if kv_cache.hidden is None or start == 0 else torch.cat((kv_cache.hidden, x), 1)
-            x = shift_hidden(x, previous)  # row i now holds the hidden state of position i - 1
-        x = select_positions(x, logits_at)
-        if return_hidden:
-            return x
-        return self.head(x)  # (B, T, V), (B, T', V) or (N, V)
+        if self.cfg.prediction == "shifted" and kv_cache is not None and cache_update:
+            kv_cache.hidden = x if kv_cache.hidden is None or start == 0 else torch.cat((kv_cache.hidden, x), 1)
+        return x, previous
 
     def _previous_hidden(self, kv_cache: KVCache | None, start: int, cache_update: bool) -> torch.Tensor | None:
         """A shifted network's hidden state (B, 1, C) at the last cached position (None without a cached prefix)."""

@@ -35,7 +35,7 @@ class Autoregressive(Process):
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
-        logits = network(x[:, :-1], causal=True)  # (B, L-1, V): position l predicts token l+1
+        logits = network.next_token_logits(x[:, :-1])  # (B, L-1, V): position l predicts token l+1
         # Padding is on the right, so a causal mask never lets a real token see a pad.
         targets = x[:, 1:]
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, L-1)

@@ -54,9 +54,10 @@ class AutoregressiveSampler(Sampler):
         next_input = z[:, :n_prompt]
         for pos in range(n_prompt, L):
             if cache is not None:
-                logits = network(next_input, causal=True, kv_cache=cache, cache_update=True)[:, -1]
+                logits = network.next_token_logits(next_input, kv_cache=cache, cache_update=True,
+                                                   logits_at=slice(-1, None))[:, -1]
             else:
-                logits = network(z[rows, :pos], causal=True)[:, -1]
+                logits = network.next_token_logits(z[rows, :pos], logits_at=slice(-1, None))[:, -1]
             steps.called(rows)
             if self.suppress_ids:
                 logits[:, self.suppress_ids] = float("-inf")
