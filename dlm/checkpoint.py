@@ -134,15 +134,25 @@ def tokenizer_state(tokenizer) -> dict:
     """A tokenizer as plain data (JSON string + special tokens), storable in a weights-only checkpoint."""
     return {
         "json": tokenizer.backend_tokenizer.to_str(),
-        "special": {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "mask_token")},
+        "special": {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "pad_token", "mask_token", "unk_token")},
     }
 
 
 def tokenizer_from_state(state: dict):
+    """The tokenizer of `tokenizer_state`. States written before the unknown token was stored take it from the
+    tokenizer model's own `unk_token` (a Hugging Face tokenizer adopted by an adapted run has one, and the
+    fingerprint counts it)."""
+    import json
+
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"])
+    special = dict(state["special"])
+    if "unk_token" not in special:
+        unk = json.loads(state["json"]).get("model", {}).get("unk_token")
+        if unk is not None:
+            special["unk_token"] = unk
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **special)
 
 
 def state_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -173,6 +183,21 @@ def network_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str,
     if use_ema and ema:
         return ema
     return state_under(ckpt["state_dict"], "network.")
+
+
+def merge_lora(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A LoRA run's network weights (peft's names: `X.base_layer.weight`, `X.lora_A.<adapter>.weight` (R, in),
+    `X.lora_B.<adapter>.weight` (out, R)) as the plain network's: X.weight = base + B A scale (scale = alpha / rank),
+    the same merge as the export's (dlm/train/lora.py), without peft."""
+    merged = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        module, adapter = key.split(".lora_A.")
+        b = state[f"{module}.lora_B.{adapter}"]
+        weight = merged[f"{module}.weight"]
+        merged[f"{module}.weight"] = (weight.float() + (b.float() @ a.float()) * scale).to(weight.dtype)
+    return merged
 
 
 def process_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:

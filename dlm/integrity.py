@@ -215,5 +215,24 @@ def model_tokenizer(path: Path, meta: dict, tokenizer_from_state):
         check_tokenizer(tok, fingerprint, path / "tokenizer.json", fix)
     else:
         tok = tokenizer_from_state(meta["tokenizer"])
+        if fingerprint and "unk_token" not in meta["tokenizer"]["special"]:
+            tok = _with_unknown_token(tok, meta["tokenizer"], fingerprint, tokenizer_from_state)
         check_tokenizer(tok, fingerprint, path, "use another checkpoint of the run (last.ckpt, best.ckpt) or retrain")
+    return tok
+
+
+def _with_unknown_token(tok, state: dict, fingerprint: str, tokenizer_from_state):
+    """Checkpoints written before the unknown token was stored (adapted runs, whose Hugging Face tokenizer names
+    one outside its model): the special token whose choice as unk_token gives the stored fingerprint, else `tok`."""
+    import json
+
+    from dlm.data.tokenizer import same_tokenizer
+
+    if same_tokenizer(tok, fingerprint):
+        return tok
+    added = [t["content"] for t in json.loads(state["json"]).get("added_tokens", []) if t.get("special")]
+    for candidate in added:
+        trial = tokenizer_from_state({**state, "special": {**state["special"], "unk_token": candidate}})
+        if same_tokenizer(trial, fingerprint):
+            return trial
     return tok

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm.build import build_network, build_process, mask_id_of, process_for_descriptor
-from dlm.checkpoint import (CheckpointError, load_pretrained_files, network_state_from_checkpoint,
+from dlm.checkpoint import (CheckpointError, load_pretrained_files, merge_lora, network_state_from_checkpoint,
                             process_state_from_checkpoint, read_checkpoint, save_pretrained, state_under,
                             tokenizer_from_state)
 from dlm.config import RunConfig
@@ -82,6 +82,8 @@ class DiffusionLM:
         stored_tok = model_tokenizer(path, meta, tokenizer_from_state)  # checked against the stored fingerprint
         fingerprint = meta.get("tokenizer_fingerprint", "")
         cfg = config_from_meta(meta, path)  # validated like a command-line config
+        if any(".lora_A." in k for k in weights):  # a LoRA run's checkpoint: adapters merged as at export
+            weights = merge_lora(weights, cfg.trainer.lora_alpha / cfg.trainer.lora_rank)
         weights = {k: v for k, v in weights.items() if not k.startswith("process.")}
         network = build_network(cfg)
         if cfg.model.tie_weights:

@@ -159,3 +159,29 @@ def test_torch_load_is_always_weights_only():
         for call in found:
             assert re.search(r"weights_only\s*=\s*True", call), f"{f.relative_to(PACKAGE)}: {call}"
     assert torch_load_calls("x = torch.load(p, map_location=f(a, b))") == ["torch.load(p, map_location=f(a, b))"]
+
+
+def test_checkpoint_tokenizer_keeps_an_unknown_token_outside_the_model(tmp_path):
+    """A Hugging Face tokenizer whose unk_token is not its model's (SmolLM2's <|endoftext|>, adopted by an adapted
+    run) round-trips through a checkpoint's tokenizer state with the same fingerprint, and states written before
+    unk_token was stored still load (the special token that reproduces the fingerprint is found)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from dlm.checkpoint import tokenizer_from_state, tokenizer_state
+    from dlm.data.tokenizer import tokenizer_fingerprint
+    from dlm.integrity import model_tokenizer
+
+    backend = Tokenizer(WordLevel({"a": 0, "b": 1, "<end>": 2, "<s>": 3, "[MASK]": 4}))  # no unk in the model
+    backend.pre_tokenizer = Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<end>", unk_token="<end>",
+                                  mask_token="[MASK]")
+    fingerprint = tokenizer_fingerprint(tok)
+    state = tokenizer_state(tok)
+    assert tokenizer_fingerprint(tokenizer_from_state(state)) == fingerprint
+    old = {**state, "special": {k: v for k, v in state["special"].items() if k != "unk_token"}}
+    assert tokenizer_fingerprint(tokenizer_from_state(old)) != fingerprint  # what the old state alone gives
+    meta = {"tokenizer": old, "tokenizer_fingerprint": fingerprint}
+    assert model_tokenizer(tmp_path / "last.ckpt", meta, tokenizer_from_state).unk_token == "<end>"

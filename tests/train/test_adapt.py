@@ -169,6 +169,10 @@ def test_lora_trains_adapters_only_and_merges_them_at_export(causal_folder, micr
     assert torch.allclose(merged, source_q + delta, atol=1e-6)
     assert not torch.equal(lm.network.embed.weight[:VOCAB], model.model.embed_tokens.weight)  # trained too
     assert len(lm.generate("the", length=12, steps=4).texts) == 1
+    # the checkpoint itself loads too: its adapters merged as at export (the same weights: the export is of it)
+    from_ckpt = dlm.load(out / "checkpoints" / "last.ckpt")
+    for name, value in lm.network.state_dict().items():
+        assert torch.allclose(from_ckpt.network.state_dict()[name], value, atol=1e-6), name
     # resumed with EMA switched on (the micro run's 0.99): the EMA of the adapters starts from the restored ones
     assert main(_args(micro_args, out, folder, "trainer.lora_rank=4", "optim.lr=1e-2",
                       "trainer.max_steps=6")) == 0
