@@ -240,7 +240,8 @@ def write_report(path: Path, args, model, eval_lm, reference, results) -> None:
     front = set(pareto_front([(r["tokens_per_s"], r["gen_ppl"]) for r in results]))
     lines = [
         "# Prompted samplers: quality against speed", "",
-        f"Written by `python bench/prompted_samplers.py {args.model}` on {platform.machine()} "
+        f"Written by `python bench/prompted_samplers.py {' '.join(sys.argv[1:]) or args.model}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
         f"({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads, float32, model "
         f"{model.network.num_params(False):,} parameters (context {model.context}).", "",
         f"{len(model.tokenizer)}-token vocabulary; {args.num_prompts} prompts of {args.prompt_length} tokens from the "

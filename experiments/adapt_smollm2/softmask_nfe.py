@@ -34,7 +34,9 @@ from measure import load_random_or, score  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default="runs/adapt_smollm2/smollm2-mdlm")
-    parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 31],
+                        help="step counts; the ancestral sampler adds one call when masks are left at the end, "
+                             "so 31 steps make at most 32 network calls")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
@@ -109,9 +111,9 @@ def plot(results: dict, path: Path) -> None:
     for steps, variant, rows in grouped(results):
         ppl = [r["gen_ppl"] for r in rows]
         series.setdefault(variant, []).append((steps, statistics.mean(ppl), min(ppl), max(ppl)))
-    for variant, points in series.items():
+    for shift, (variant, points) in zip((0.97, 1.03), series.items()):  # side by side, so the bars do not overlap
         x, mean, lo, hi = zip(*points)
-        ax.errorbar(x, mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
+        ax.errorbar([v * shift for v in x], mean, yerr=[[m - a for m, a in zip(mean, lo)], [b - m for m, b in zip(mean, hi)]],
                     marker="o", capsize=4, label=variant)
     setup = results["setup"]
     ax.set(xscale="log", xlabel="sampling steps (network calls)", ylabel="generative perplexity (lower is better)",
@@ -120,6 +122,7 @@ def plot(results: dict, path: Path) -> None:
     ax.title.set_fontsize(8)
     ax.set_xticks(sorted({p[0] for pts in series.values() for p in pts}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
