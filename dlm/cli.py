@@ -83,12 +83,16 @@ def cmd_sample(args) -> int:
     check_sampling_args(temperature=args.temperature, top_p=args.top_p, length=args.length, stride=args.stride,
                         steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
                         gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
+    if args.gen_length is not None and args.length is not None:
+        raise ValueError("give --length (tokens per sample) or --gen-length (tokens after each prompt), not both")
     model = load(args.model, device=args.device)
     if args.sampler == "llada":
+        args.gen_length = 64 if args.gen_length is None else args.gen_length
         return _sample_llada(model, args)
     blockwise = model.process.blockwise or args.sampler == "blockwise"
     gen = model.generate(
         args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
+        gen_length=args.gen_length,
         template=args.template, sampler=args.sampler, steps=args.steps,
         temperature=1.0 if args.temperature is None else args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("sample", allow_abbrev=False, help="generate text from a trained model")
-    p.add_argument("model", help="run folder, exported model folder, or .ckpt file")
+    p.add_argument("model", help="run folder, exported model folder, .ckpt file, open checkpoint folder or .gguf")
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--length", type=int, default=None,
                    help="tokens per sample incl. BOS (default: the model's context; longer = semi-autoregressive)")
@@ -276,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
     _add_sampling_args(p)
     g = p.add_argument_group("LLaDA-style block sampler (--sampler llada; names as in diffusers' LLaDA2 pipeline)")
-    g.add_argument("--gen-length", type=int, default=64, help="tokens generated after each prompt")
+    g.add_argument("--gen-length", type=int, default=None,
+                   help="tokens generated after each prompt (llada: default 64; other samplers: instead of --length)")
     g.add_argument("--block-length", type=int, default=None,
                    help="tokens per block, generated left to right (llada: must divide --gen-length, default one "
                         "block; blockwise: default the bd3lm model's block size)")

@@ -31,7 +31,8 @@ from dlm.guards import check_device, check_sampling_args
 from dlm.integrity import config_from_meta, model_tokenizer
 from dlm.memory import PeakMemory
 from dlm.network import Transformer
-from dlm.network.families import is_open_checkpoint, load_pretrained_network, load_pretrained_tokenizer
+from dlm.network.families import (is_open_checkpoint, load_gguf_network, load_pretrained_network,
+                                  load_pretrained_tokenizer)
 from dlm.precision import use_bf16
 from dlm.process import Process
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
@@ -60,7 +61,8 @@ class DiffusionLM:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, tokenizer=None) -> "DiffusionLM":
         """Load a run folder (its exported `model/`, else `checkpoints/last.ckpt`), an exported model folder,
-        or a training checkpoint (`.ckpt`). `tokenizer` replaces the stored one (it must match the model)."""
+        a training checkpoint (`.ckpt`), an open checkpoint folder or a causal LM's `.gguf` file. `tokenizer`
+        replaces the stored one (it must match the model)."""
         check_device(str(device))
         path = Path(path)
         if path.is_dir() and (path / "model" / "config.json").is_file():
@@ -69,6 +71,8 @@ class DiffusionLM:
             path = path / "checkpoints" / "last.ckpt"
         if path.is_dir() and is_open_checkpoint(path):
             return cls.load_open(path, device)
+        if path.is_file() and path.suffix == ".gguf":
+            return cls.load_gguf(path, device)
         if path.is_dir():
             meta, weights = load_pretrained_files(path)  # every file checked against the folder's integrity record
             process_state = state_under(weights, "process.")
@@ -115,6 +119,14 @@ class DiffusionLM:
         network, descriptor = load_pretrained_network(folder, dtype, device)
         process, process_cfg = process_for_descriptor(descriptor)
         tokenizer = load_pretrained_tokenizer(folder, descriptor)
+        return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
+
+    @classmethod
+    def load_gguf(cls, path: str | Path, device: str = "cpu") -> "DiffusionLM":
+        """A causal LM in a GGUF file (Llama / Qwen / GPT-2 families, read and de-quantised to float32 by
+        transformers) as dlm's autoregressive model, with the file's tokenizer: `dlm.load("model.gguf")`."""
+        network, descriptor, tokenizer = load_gguf_network(path)
+        process, process_cfg = process_for_descriptor(descriptor)
         return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
 
     def save_pretrained(self, folder: str | Path) -> Path:

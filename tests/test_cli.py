@@ -169,3 +169,18 @@ def test_abbreviated_options_are_refused(micro_run, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["sample", str(micro_run), "--num", "1"])
     assert exit_.value.code == 2 and "unrecognized arguments: --num" in capsys.readouterr().err
+
+
+def test_sample_gen_length_counts_the_tokens_after_the_prompt(micro_run, tmp_path, capsys):
+    """--gen-length works for every sampler (not only llada): that many tokens after each prompt; with --length
+    as well it is refused (before, a non-llada sampler ignored it and generated the whole context)."""
+    model = dlm.load(micro_run)
+    out = tmp_path / "g.jsonl"
+    prompt_ids = [model.tokenizer.bos_token_id] + model.encode("And the king")
+    args = ["sample", str(micro_run), "--num-samples", "2", "--steps", "6", "--seed", "4", "--prompt", "And the king"]
+    assert main([*args, "--gen-length", "7", "--out", str(out)]) == 0
+    for row in read_jsonl(out):
+        assert row["ids"][: len(prompt_ids)] == prompt_ids and len(row["ids"]) == len(prompt_ids) + 7
+    capsys.readouterr()
+    assert main([*args, "--gen-length", "7", "--length", "20"]) == 2
+    assert "give --length (tokens per sample) or --gen-length" in capsys.readouterr().err

