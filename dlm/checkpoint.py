@@ -138,21 +138,30 @@ def tokenizer_state(tokenizer) -> dict:
     }
 
 
-def tokenizer_from_state(state: dict):
-    """The tokenizer of `tokenizer_state`. States written before the unknown token was stored take it from the
-    tokenizer model's own `unk_token` (a Hugging Face tokenizer adopted by an adapted run has one, and the
-    fingerprint counts it)."""
-    import json
-
+def tokenizer_from_state(state: dict, fingerprint: str = ""):
+    """The tokenizer of `tokenizer_state`. States written before the unknown token was stored lack it (a Hugging Face
+    tokenizer adopted by an adapted run names one, SmolLM2's <|endoftext|>, and the fingerprint counts it): given the
+    `fingerprint` stored beside the state, the candidate (the tokenizer model's own unk, then each special token)
+    that reproduces it is taken; without a match the tokenizer is returned as stored, for the caller's check."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    special = dict(state["special"])
-    if "unk_token" not in special:
-        unk = json.loads(state["json"]).get("model", {}).get("unk_token")
-        if unk is not None:
-            special["unk_token"] = unk
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **special)
+    from dlm.data.tokenizer import same_tokenizer
+
+    def build(special: dict):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **special)
+
+    tok = build(state["special"])
+    if not fingerprint or "unk_token" in state["special"] or same_tokenizer(tok, fingerprint):
+        return tok
+    spec = json.loads(state["json"])
+    candidates = [spec.get("model", {}).get("unk_token")]
+    candidates += [t["content"] for t in spec.get("added_tokens", []) if t.get("special")]
+    for candidate in dict.fromkeys(c for c in candidates if c is not None):
+        trial = build({**state["special"], "unk_token": candidate})
+        if same_tokenizer(trial, fingerprint):
+            return trial
+    return tok
 
 
 def state_under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -206,7 +206,8 @@ def verify_checkpoint_meta(meta: dict, path: Path) -> None:
 
 def model_tokenizer(path: Path, meta: dict, tokenizer_from_state):
     """The tokenizer stored with a model: an export's files (already checked against its record) or a checkpoint's
-    state (read by `tokenizer_from_state`), checked against the fingerprint stored with the weights."""
+    state (read by `tokenizer_from_state(state, fingerprint)`), checked against the fingerprint stored with the
+    weights."""
     path = Path(path)
     fingerprint = meta.get("tokenizer_fingerprint", "")
     if path.is_dir():
@@ -214,25 +215,6 @@ def model_tokenizer(path: Path, meta: dict, tokenizer_from_state):
         tok = load_tokenizer_dir(path, fix, verify=False)
         check_tokenizer(tok, fingerprint, path / "tokenizer.json", fix)
     else:
-        tok = tokenizer_from_state(meta["tokenizer"])
-        if fingerprint and "unk_token" not in meta["tokenizer"]["special"]:
-            tok = _with_unknown_token(tok, meta["tokenizer"], fingerprint, tokenizer_from_state)
+        tok = tokenizer_from_state(meta["tokenizer"], fingerprint)
         check_tokenizer(tok, fingerprint, path, "use another checkpoint of the run (last.ckpt, best.ckpt) or retrain")
-    return tok
-
-
-def _with_unknown_token(tok, state: dict, fingerprint: str, tokenizer_from_state):
-    """Checkpoints written before the unknown token was stored (adapted runs, whose Hugging Face tokenizer names
-    one outside its model): the special token whose choice as unk_token gives the stored fingerprint, else `tok`."""
-    import json
-
-    from dlm.data.tokenizer import same_tokenizer
-
-    if same_tokenizer(tok, fingerprint):
-        return tok
-    added = [t["content"] for t in json.loads(state["json"]).get("added_tokens", []) if t.get("special")]
-    for candidate in added:
-        trial = tokenizer_from_state({**state, "special": {**state["special"], "unk_token": candidate}})
-        if same_tokenizer(trial, fingerprint):
-            return trial
     return tok

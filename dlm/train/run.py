@@ -115,7 +115,8 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     if resume:
         ckpt = read_checkpoint(last)
         if not (run_dir / "tokenizer").is_dir():  # restored from the checkpoint, which holds the run's tokenizer
-            save_tokenizer_dir(tokenizer_from_state(ckpt["dlm"]["tokenizer"]), run_dir / "tokenizer")
+            state, fingerprint = ckpt["dlm"]["tokenizer"], ckpt["dlm"].get("tokenizer_fingerprint", "")
+            save_tokenizer_dir(tokenizer_from_state(state, fingerprint), run_dir / "tokenizer")
     if cfg.init_from and not resume:
         if is_causal_lm_spec(cfg.init_from):  # adaptation of a causal LM (dlm/train/adapt.py)
             init = load_causal_lm(cfg.init_from, cfg.model.context, cfg.data.vocab_size)
