@@ -117,15 +117,18 @@ class DiffusionLM:
         """A downloaded open checkpoint (LLaDA, Dream, SDAR, or a Llama / Qwen / GPT-2 causal LM; docs/open_models.md)
         with its own tokenizer, weights memory-mapped in their dtype unless `dtype` is given."""
         network, descriptor = load_pretrained_network(folder, dtype, device)
-        process, process_cfg = process_for_descriptor(descriptor)
-        tokenizer = load_pretrained_tokenizer(folder, descriptor)
-        return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
+        return cls._from_descriptor(network, descriptor, load_pretrained_tokenizer(folder, descriptor), device)
 
     @classmethod
     def load_gguf(cls, path: str | Path, device: str = "cpu") -> "DiffusionLM":
         """A causal LM in a GGUF file (Llama / Qwen / GPT-2 families, read and de-quantised to float32 by
         transformers) as dlm's autoregressive model, with the file's tokenizer: `dlm.load("model.gguf")`."""
         network, descriptor, tokenizer = load_gguf_network(path)
+        return cls._from_descriptor(network, descriptor, tokenizer, device)
+
+    @classmethod
+    def _from_descriptor(cls, network, descriptor, tokenizer, device) -> "DiffusionLM":
+        """An open model from its network and model descriptor: the process the descriptor names."""
         process, process_cfg = process_for_descriptor(descriptor)
         return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
 
