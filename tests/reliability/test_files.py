@@ -1,5 +1,6 @@
 """Damaged, foreign or edited files are caught on load, with an error naming the file (issue 14, items 2-4 and 9)."""
 
+import contextlib
 import json
 import pickle
 import random
@@ -20,6 +21,15 @@ OTHER_TEXT = ["An entirely different text, about ships and harbours, tides and r
 
 def export_copy(micro_run, tmp_path):
     return shutil.copytree(micro_run / "model", tmp_path / "model")
+
+
+@contextlib.contextmanager
+def config_json(folder, source=None):
+    """Edit an export's config.json in place: yields its parsed content (read from `source`'s, default the folder's
+    own) and writes it back."""
+    meta = json.loads(((source or folder) / "config.json").read_text())
+    yield meta
+    (folder / "config.json").write_text(json.dumps(meta))
 
 
 def rebless(folder):
@@ -60,9 +70,8 @@ def test_a_deleted_or_added_tokenizer_file_is_refused(micro_run, tmp_path):
 def test_config_json_edits_that_keep_the_weight_shapes_are_refused(micro_run, tmp_path, edit):
     folder = export_copy(micro_run, tmp_path)
     group, key, value = edit
-    meta = json.loads((folder / "config.json").read_text())
-    meta["config"][group][key] = value
-    (folder / "config.json").write_text(json.dumps(meta))
+    with config_json(folder) as meta:
+        meta["config"][group][key] = value
     dlm.load(micro_run / "model")  # control: the original loads
     with pytest.raises(CheckpointError, match=r"config\.json is corrupt or was changed after it was written"):
         dlm.load(folder)
@@ -70,15 +79,13 @@ def test_config_json_edits_that_keep_the_weight_shapes_are_refused(micro_run, tm
 
 def test_a_config_json_without_config_or_with_an_invalid_value_is_a_clear_error(micro_run, tmp_path):
     folder = export_copy(micro_run, tmp_path)
-    meta = json.loads((folder / "config.json").read_text())
-    del meta["config"]
-    (folder / "config.json").write_text(json.dumps(meta))
+    with config_json(folder) as meta:
+        del meta["config"]
     rebless(folder)
     with pytest.raises(CheckpointError, match=r"config\.json has no \"config\" entry"):
         dlm.load(folder)
-    meta = json.loads((micro_run / "model" / "config.json").read_text())
-    meta["config"]["model"]["n_head"] = 3  # 64 / 3: validated like a command line would be
-    (folder / "config.json").write_text(json.dumps(meta))
+    with config_json(folder, source=micro_run / "model") as meta:
+        meta["config"]["model"]["n_head"] = 3  # 64 / 3: validated like a command line would be
     rebless(folder)
     with pytest.raises(CheckpointError, match=r"config\.json holds an invalid config: model\.d_model=64 must be "
                                               r"divisible by model\.n_head=3"):
@@ -87,9 +94,8 @@ def test_a_config_json_without_config_or_with_an_invalid_value_is_a_clear_error(
 
 def test_an_export_without_its_integrity_record_or_weights_hash_is_refused(micro_run, tmp_path):
     folder = export_copy(micro_run, tmp_path)
-    meta = json.loads((folder / "config.json").read_text())
-    del meta["weights_sha256"]
-    (folder / "config.json").write_text(json.dumps(meta))
+    with config_json(folder) as meta:
+        del meta["weights_sha256"]
     with pytest.raises(CheckpointError, match=r"config\.json is corrupt or was changed"):
         dlm.load(folder)
     (folder / "integrity.json").unlink()
