@@ -23,8 +23,8 @@ def load_eval_lm(spec: str):
 
     looks_like_path = spec.startswith((".", "~", "/")) or Path(spec).expanduser().exists() or spec.count("/") > 1
     if looks_like_path and not Path(spec).expanduser().is_dir():
-        raise ValueError(f"--eval-model {spec}: no such folder; give smollm2, gemma3, a folder holding a Hugging Face causal "
-                         "LM, or dlm:PATH for a dlm autoregressive model")
+        raise ValueError(f"--eval-model {spec}: no such folder; give smollm2, gemma3, a folder holding a Hugging "
+                         "Face causal LM, or dlm:PATH for a dlm autoregressive model")
     try:
         return EvalLM.from_pretrained(str(Path(spec).expanduser()) if looks_like_path else spec)
     except (OSError, ValueError, KeyError) as e:  # transformers: missing files, no network for a Hub id, ...
