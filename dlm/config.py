@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses, YAML presets and `key=value` overrides.
 
 A run is described by one `RunConfig`. It is built from defaults, then presets (`model=tiny`,
-`process=ar`, `run=demo`, each a YAML file under `dlm/configs/<group>/`), then dotted overrides
+`process=ar`, `run=demo`, each a YAML file under `dlm/configs/<group>/`; `process=NAME` also names any
+registered process without a file: its config dataclass's defaults), then dotted overrides
 (`trainer.max_steps=2000`). The resolved config is saved with every checkpoint.
 """
 
@@ -132,12 +133,11 @@ def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def preset_groups() -> dict[str, list[str]]:
-    """The preset names available for each group, e.g. {"model": ["medium", "small", "tiny"], ...}."""
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONFIG_DIR.iterdir())
-        if d.is_dir()
-    }
+    """The preset names available for each group, e.g. {"model": ["medium", "small", "tiny"], ...}: the YAML files
+    of dlm/configs/<group>/, and for "process" every registered process (its config dataclass is its preset)."""
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(CONFIG_DIR.iterdir()) if d.is_dir()}
+    groups["process"] = sorted(set(groups.get("process", [])) | set(PROCESSES))
+    return groups
 
 
 def load_preset(group: str, name: str) -> dict[str, Any]:
@@ -146,7 +146,10 @@ def load_preset(group: str, name: str) -> dict[str, Any]:
         raise ConfigError(
             f"unknown {group} preset '{name}'; valid presets: {', '.join(groups.get(group, [])) or 'none'}"
         )
-    data = yaml.safe_load((CONFIG_DIR / group / f"{name}.yaml").read_text()) or {}
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if group == "process" and not path.is_file():  # a registered process without a YAML file: its config's defaults
+        return {"process": dataclasses.asdict(PROCESSES[name].config_class())}
+    data = yaml.safe_load(path.read_text()) or {}
     # A preset for group "model" holds the fields of ModelConfig; a "run" preset holds a whole RunConfig.
     return data if group == "run" else {group: data}
 

@@ -38,7 +38,7 @@ from dlm.process import Process
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
 from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
-from dlm.sampler.registry import make_sampler, sampler_spec
+from dlm.sampler.registry import sampler_spec
 from dlm.softmask import SoftMaskFeedback, build_feedback
 
 class DiffusionLM:
@@ -199,8 +199,10 @@ class DiffusionLM:
         the total budget of steps, `block_length` the tokens per block (block-wise samplers), `temperature` and
         `top_p` as the sampler defines them (None: the sampler's defaults); any other keyword (or
         `sampler_options`) is an option of the named sampler, e.g. threshold=, factor=, cfg_scale=, cache=,
-        remasking= of "llada", eta= of ReMDM. An autoregressive model always decodes left to right; a sampler the
-        process cannot serve is refused. softmask: True = soft-masking with the learned w; a dict overrides
+        remasking= of "llada", eta= of ReMDM. An option the sampler does not take (steps= for first_hitting,
+        temperature= for a sampler without one) is refused, naming its options. An autoregressive model always
+        decodes left to right (a non-autoregressive sampler named for it is replaced, with its options, by the
+        process's own); a sampler the process cannot serve is refused. softmask: True = soft-masking with the learned w; a dict overrides
         omega_s, omega_a, omega_b, k, schedule (a model trained without SM needs omega_s); None/False = plain.
         callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: a
         progress bar on a terminal; record_trajectory: keep the canvas after every step.
@@ -302,24 +304,50 @@ class DiffusionLM:
                 sampler.feedback = feedback
             blockwise = isinstance(sampler, BlockwiseSampler)
         else:
-            name = sampler or self.process.default_sampler
-            if self.is_autoregressive and not getattr(sampler_spec(name).build, "autoregressive", False):
-                name, options = self.process.default_sampler, {}  # an AR model always decodes left to right
-            blockwise = not self.is_autoregressive and (self.process.blockwise or name == "blockwise")
+            typed = sampler or self.process.default_sampler  # the name the user typed (or the process's default)
+            name = self.sampler_name(sampler)
+            common = {"steps": steps, "temperature": temperature, "top_p": top_p}
+            if self.is_autoregressive and name != sampler_spec(typed).name:
+                options, common = {}, {}  # an AR model always decodes left to right: the other sampler's options go
+            blockwise = name == "blockwise"
             if blockwise:
-                name, options = "blockwise", blockwise_options(self.process, self.tokenizer, name, options, block_length)
+                options = blockwise_options(self.process, self.tokenizer, typed, options, block_length)
             elif block_length is not None:
                 options["block_length"] = block_length
-            common = {"steps": steps, "temperature": temperature, "top_p": top_p}
+            common = {k: v for k, v in common.items() if v is not None}
             accepted = sampler_spec(name).options
-            sampler = make_sampler(name, **{k: v for k, v in common.items() if k in accepted and v is not None},
-                                   **options)
+            refused = sorted(k for k in common if k not in accepted)
+            if refused:
+                raise ValueError(f"sampler '{typed}' does not take {', '.join(refused)}; its options: "
+                                 f"{', '.join(accepted) or '(none)'} (leave {', '.join(refused)} unset)")
+            twice = sorted(set(common) & set(options))
+            if twice:
+                raise ValueError(f"{', '.join(twice)} given twice: as an argument and as a sampler option; give it once")
+            label = typed if sampler_spec(typed).name == name else name  # refusals name what the user typed
+            sampler = sampler_spec(name).make(label, **common, **options)
         if self.is_autoregressive:
             tok = self.tokenizer  # never generated: [MASK], [PAD], BOS; a causal LM's pad is often its EOS, kept
             special = (tok.mask_token_id, tok.pad_token_id, tok.bos_token_id)
             sampler.suppress_ids = sorted({i for i in special if i is not None and i != tok.eos_token_id})
         self.process.check_sampler(sampler)
         return sampler, blockwise
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The registered sampler that `generate(sampler=...)` builds for this model: `sampler` (a name or alias),
+        the process's `default_sampler` when None, the autoregressive sampler for an autoregressive model (it
+        always decodes left to right), "blockwise" (with `sampler` inside) for a block-causal process."""
+        name = sampler_spec(sampler or self.process.default_sampler).name
+        if self.is_autoregressive and not getattr(sampler_spec(name).build, "autoregressive", False):
+            return sampler_spec(self.process.default_sampler).name
+        if not self.is_autoregressive and (self.process.blockwise or name == "blockwise"):
+            return "blockwise"
+        return name
+
+    def sampler_options(self, sampler: str | None, items: list[str]) -> dict:
+        """`key=value` strings (the CLI's `-o`) as options of the sampler `generate(sampler=...)` builds, parsed by
+        its config's field types; refused naming its options when it has no such option."""
+        return sampler_spec(self.sampler_name(sampler)).parse_options(list(items), label=sampler or
+                                                                      self.process.default_sampler)
 
     def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
         """The sampling feedback a `softmask=` argument asks for: None/False = plain masks; True or {} = the learned

@@ -184,3 +184,26 @@ def test_sample_gen_length_counts_the_tokens_after_the_prompt(micro_run, tmp_pat
     capsys.readouterr()
     assert main([*args, "--gen-length", "7", "--length", "20"]) == 2
     assert "give --length (tokens per sample) or --gen-length" in capsys.readouterr().err
+
+
+def test_sample_defaults_to_the_process_sampler_and_takes_sampler_options(micro_run, tmp_path, capsys):
+    """No --sampler: the process's default_sampler; -o key=value sets any option of its config, typed by it."""
+    out = tmp_path / "o.jsonl"
+    args = ["--num-samples", "2", "--length", "20", "--seed", "4"]
+    assert main(["sample", str(micro_run), *args, "-o", "steps=6", "--option", "top_p=0.9", "-o", "cache=false",
+                 "--out", str(out)]) == 0
+    model = dlm.load(micro_run)
+    assert f"| {model.process.default_sampler}, 6 steps |" in capsys.readouterr().out
+    api = model.generate(num_samples=2, length=20, seed=4, sampler=model.process.default_sampler, steps=6, top_p=0.9,
+                         cache=False)
+    assert [r["ids"] for r in read_jsonl(out)] == api.tokens.tolist()
+    for bad, message in ((["-o", "eta=0.1"], "sampler 'ancestral_cache' has no option 'eta'; its options: steps, "
+                                                "temperature, top_p, cache"),
+                         (["-o", "steps=six"], "option steps of sampler 'ancestral_cache' is an int, not 'six'"),
+                         (["--steps", "4", "-o", "steps=6"], "steps given twice"),
+                         (["--sampler", "first_hitting", "--steps", "4"], "sampler 'first_hitting' does not take steps")):
+        assert main(["sample", str(micro_run), *args, *bad]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(micro_run), "--sampler", "nope"])
+    assert e.value.code == 2 and "unknown sampler 'nope'; valid: ancestral" in capsys.readouterr().err

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent / "dlm"
 
 # Lowest first. A module may import its own package (the same unit) and any lower layer, never a higher one.
 LAYERS = [
+    ("dlm.plugins",),
     ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults"),
     ("dlm.process",),
     ("dlm.sampler",),

@@ -42,7 +42,8 @@ def test_an_open_llada_folder_loads_as_a_masked_diffusion_model(llada_folder):
     for sampler, options in (("ancestral_cache", {}), ("first_hitting", {}), ("remdm_cap", {}),
                              ("llada", {"cache": "dual", "block_length": 4}),
                              ("llada", {"threshold": 0.5, "block_length": 4})):
-        gen = model.generate(["w5 w6 w7", "w9"], gen_length=8, sampler=sampler, steps=8, seed=0, **options)
+        steps = {} if sampler == "first_hitting" else {"steps": 8}  # first_hitting has no step budget
+        gen = model.generate(["w5 w6 w7", "w9"], gen_length=8, sampler=sampler, seed=0, **steps, **options)
         assert gen.generated_tokens == 16 and not bool((gen.tokens[gen.generated] == 126336).any())
     cached = model.generate(["w5 w6 w7"], gen_length=8, sampler="llada", steps=8, block_length=4, cache="none")
     assert cached.nfe == 8

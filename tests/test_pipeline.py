@@ -131,7 +131,8 @@ def test_perplexity_of_a_short_text_scores_every_token(model):
 def test_batched_prompts_of_different_lengths_are_left_padded_for_any_sampler(model):
     prompts = ["And the king said unto", "The"]
     for sampler in ("ancestral_cache", "first_hitting", "llada"):
-        gen = model.generate(prompts, gen_length=6, sampler=sampler, steps=6, seed=1)
+        steps = {} if sampler == "first_hitting" else {"steps": 6}  # first_hitting has no step budget
+        gen = model.generate(prompts, gen_length=6, sampler=sampler, seed=1, **steps)
         assert gen.tokens.shape == (2, 1 + len(model.encode(prompts[0])) + 6) and gen.generated.sum(1).tolist() == [6, 6]
         for row, generated, text in zip(gen.tokens, gen.generated, prompts):
             given = [model.tokenizer.bos_token_id] + model.encode(text)
@@ -140,6 +141,31 @@ def test_batched_prompts_of_different_lengths_are_left_padded_for_any_sampler(mo
             assert set(kept[:len(kept) - len(given)]) <= {model.tokenizer.pad_token_id}
             assert not bool((row[generated] == model.tokenizer.mask_token_id).any())
         assert gen.nfe_per_row.shape == (2,) and gen.row_calls >= gen.nfe and len(gen.continuations) == 2
+
+
+def test_options_a_sampler_does_not_take_are_refused_naming_its_options(model):
+    with pytest.raises(ValueError, match=r"sampler 'first_hitting' does not take steps; its options: temperature, top_p"):
+        model.generate(num_samples=1, length=12, sampler="first_hitting", steps=6)
+    with pytest.raises(ValueError, match=r"sampler 'ddpm' does not accept eta; its options: steps, temperature"):
+        model.generate(num_samples=1, length=12, sampler="ddpm", steps=6, eta=0.1)
+    with pytest.raises(ValueError, match=r"steps given twice"):
+        model.generate(num_samples=1, length=12, sampler="ancestral", steps=6, sampler_options={"steps": 4})
+    assert model.sampler_name() == model.process.default_sampler and model.sampler_name("ddpm") == "ancestral"
+    assert model.sampler_options("ddpm", ["steps=4", "cache=true"]) == {"steps": 4, "cache": True}
+    with pytest.raises(ValueError, match=r"sampler 'ddpm' has no option 'eta'; its options: steps, temperature, top_p"):
+        model.sampler_options("ddpm", ["eta=0.1"])
+
+
+def test_refusals_name_the_sampler_as_typed(model):
+    from dlm.process.base import Process
+
+    class Uniform(Process):
+        name, corruption = "uniform_refusal", "uniform"
+
+    sampler = model._sampler("remdm_cap", 4, None, None, None, None, {})[0]
+    assert sampler.name == "remdm_cap"
+    with pytest.raises(ValueError, match="sampler 'remdm_cap' cannot sample a 'uniform_refusal' model"):
+        Uniform().check_sampler(sampler)
 
 
 def test_callback_sees_every_network_call_and_can_stop_rows(model):

@@ -37,6 +37,7 @@ def evaluate_models(args) -> list[dict]:
     from dlm.pipeline import load
     from dlm.data.entropy import mean_sample_entropy
     from dlm.eval.genppl import generative_perplexity
+    from dlm.sampler.registry import sampler_spec
 
     want_mauve = getattr(args, "mauve", False)
     eval_lm = load_eval_lm(args.eval_model) if args.gen_ppl or want_mauve else None
@@ -52,14 +53,19 @@ def evaluate_models(args) -> list[dict]:
         row.update({f"val_{k}": v for k, v in ppl.items()}, val_seconds=time.perf_counter() - t0)
         if eval_lm is not None:
             softmask = getattr(args, "softmask_kw", None)
-            gen = model.generate(num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                                 top_p=args.top_p, seed=args.seed, softmask=softmask,
-                                 sampler_options=getattr(args, "sampler_kw", None))
+            sampler = args.sampler or model.process.default_sampler  # each model's own unless one is named
+            options = {**(getattr(args, "sampler_kw", None) or {}),
+                       **model.sampler_options(sampler, getattr(args, "option", None) or [])}
+            takes_steps = "steps" in sampler_spec(model.sampler_name(sampler)).options
+            steps = None if "steps" in options else args.steps if args.steps is not None else 128 if takes_steps else None
+            gen = model.generate(num_samples=args.num_samples, sampler=sampler, steps=steps,
+                                 top_p=args.top_p, seed=args.seed, softmask=softmask, sampler_options=options)
             g = generative_perplexity(gen.texts, eval_lm)
             row.update(gen_ppl=g["gen_ppl"], eval_model=g["eval_model"],
                        entropy=mean_sample_entropy(gen.tokens.tolist()), nfe=gen.nfe,
                        tokens_per_s=gen.tokens_per_second, sampler="autoregressive" if model.is_autoregressive
-                       else f"{args.sampler}/{args.steps}" + ("+SM" if softmask else ""), num_samples=args.num_samples)
+                       else f"{sampler}/{options.get('steps', steps)}" + ("+SM" if softmask else ""),
+                       num_samples=args.num_samples)
             if want_mauve:
                 from dlm.eval.mauve import mauve_score
                 from dlm.eval.reference import human_reference

@@ -33,6 +33,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from dlm.plugins import Registry
+
 CORRUPTIONS = ("absorbing", "uniform", "none")
 
 
@@ -178,7 +180,8 @@ class Process(nn.Module):
         return f"corruption={self.corruption}, mask_id={self.mask_id}"
 
 
-PROCESSES: dict[str, type[Process]] = {}
+# Filled by discovery (dlm.plugins): every module of dlm/process/ and every installed plugin, on first read.
+PROCESSES: Registry = Registry("dlm.process")
 
 
 def register_process(cls: type[Process]) -> type[Process]:
@@ -187,7 +190,8 @@ def register_process(cls: type[Process]) -> type[Process]:
         raise ValueError(f"process '{cls.name}': corruption must be one of {CORRUPTIONS}, not '{cls.corruption}'")
     if cls.config_class().name != cls.name:
         raise ValueError(f"process '{cls.name}': its config_class's default name must be '{cls.name}'")
-    if cls.name in PROCESSES and PROCESSES[cls.name] is not cls:
-        raise ValueError(f"two processes are registered as '{cls.name}': {PROCESSES[cls.name]} and {cls}")
+    other = PROCESSES.registered(cls.name)
+    if other is not None and other is not cls:
+        raise ValueError(f"two processes are registered as '{cls.name}': {other} and {cls}")
     PROCESSES[cls.name] = cls
     return cls

@@ -22,6 +22,7 @@ is flagged in `SampleOutput.stopped`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -196,6 +197,22 @@ class Sampler:
     autoregressive: ClassVar[bool] = False
     takes_feedback: ClassVar[bool] = False
 
+    config = None  # the config dataclass instance it was built from (dlm.sampler.registry), when it was
+
+    @classmethod
+    def from_config(cls, config) -> "Sampler":
+        """The sampler of a config dataclass instance (what the registry calls). A sampler class without its own
+        `__init__` gets the config's fields as attributes (`self.steps`, ...) and the config as `self.config`;
+        one with an `__init__` is called with the fields as keywords."""
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # shallow: modules stay
+        if cls.__init__ is Sampler.__init__:
+            sampler = cls()
+            sampler.__dict__.update(values)
+        else:
+            sampler = cls(**values)
+        sampler.config = config
+        return sampler
+
     def sample(self, network, process, canvas: Canvas, generator: torch.Generator | None = None,
                callback: Callback | None = None) -> SampleOutput:
         raise NotImplementedError
@@ -206,6 +223,8 @@ class Sampler:
             raise ValueError(f"steps={steps} must be a positive integer")
         new = copy.copy(self)
         new.steps = steps
+        if self.config is not None and "steps" in {f.name for f in dataclasses.fields(self.config)}:
+            new.config = dataclasses.replace(self.config, steps=steps)
         return new
 
 

@@ -122,6 +122,12 @@ def run_case(models: dict, case: dict) -> dict:
         kw.update(length=56, stride=16)
     if case["sampler"] == "blockwise" or model.process.block_size is not None:  # block by block
         kw["steps"] = 8 * _blocks_to_generate(model, kw, case)  # recorded with 8 steps per block; steps is now the total
+    from dlm.sampler.registry import sampler_spec
+
+    takes = sampler_spec(model.sampler_name(kw["sampler"])).options  # generate refuses what the sampler does not
+    for key in ("steps", "temperature", "top_p"):  # take; recorded when it dropped them silently (same tokens)
+        if key not in takes:
+            kw.pop(key)
     out = model.generate(**kw)
     return {"tokens": out.tokens.tolist(), "nfe": out.nfe}
 

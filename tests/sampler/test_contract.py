@@ -3,6 +3,7 @@ a test): fixed tokens are kept, no noise is left, NFE is counted (one step event
 gives the same tokens, canvas samplers work inside the blockwise wrapper, callbacks see every step and can stop
 rows, and a process refuses a sampler it does not support."""
 
+import dataclasses
 import math
 
 import pytest
@@ -13,7 +14,8 @@ from dlm.process.base import Process
 from dlm.process.block_diffusion import BlockDiffusion
 from dlm.process.schedules import LogLinearSchedule
 from dlm.sampler import BlockwiseSampler, Canvas, TrajectoryRecorder, chain_callbacks
-from dlm.sampler.registry import SAMPLERS, make_sampler, sampler_names
+from dlm.sampler import Sampler
+from dlm.sampler.registry import SAMPLERS, make_sampler, register_sampler, sampler_names
 from tests.toy_canvas import MASK, V, canvas_and_fixed
 
 PROMPT_ONLY = {"llada", "autoregressive"}  # continue a prompt: the positions to generate are one suffix
@@ -208,11 +210,21 @@ def test_make_sampler_checks_options_and_values():
         make_sampler("llada", top_p=0.9)
 
 
-def test_cli_sampler_choices_come_from_the_registry():
+def test_cli_sampler_names_are_checked_against_the_registry_when_parsed():
     from dlm.cli import build_parser
 
-    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    parser = build_parser()
+    sample = parser._subparsers._group_actions[0].choices["sample"]
     action = next(a for a in sample._actions if a.dest == "sampler")
-    assert list(action.choices) == sampler_names()
+    assert action.choices is None and action.default is None  # nothing frozen; default: the model's own
     for name in NAMES:
         assert name in action.help
+    for name in sampler_names():
+        assert parser.parse_args(["sample", "m", "--sampler", name]).sampler == name
+    register_sampler("late_sampler", dataclasses.make_dataclass("LateConfig", []))(Sampler)
+    try:  # registered after the parser was built (as a plugin's would be): accepted
+        assert parser.parse_args(["sample", "m", "--sampler", "late_sampler"]).sampler == "late_sampler"
+    finally:
+        SAMPLERS.pop("late_sampler")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "m", "--sampler", "nope"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlm.network.config import ModelConfig
+from dlm.plugins import Registry
 
 TOPOLOGIES = ("bidirectional", "causal", "block_causal")
 CORRUPTIONS = ("absorbing", "uniform", "none")
@@ -129,7 +130,8 @@ class Family(ABC):
         return False
 
 
-FAMILIES: dict[str, Family] = {}
+# dlm's families are imported by the package's __init__; installed plugins (dlm.plugins) add theirs on first read.
+FAMILIES: Registry = Registry(None)
 
 
 def register(family: Family) -> Family:
