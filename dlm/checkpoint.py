@@ -214,9 +214,10 @@ def process_state_from_checkpoint(ckpt: dict, use_ema: bool = True) -> dict[str,
     with the network's weights: the EMA ones beside the EMA network, else (no EMA, or a checkpoint from before the
     process had one) the live ones."""
     meta = migrate_checkpoint(ckpt)["dlm"]
+    live = state_under(ckpt["state_dict"], "process.")
     if use_ema and meta.get("ema") and meta.get("ema_process"):
-        return meta["ema_process"]
-    return state_under(ckpt["state_dict"], "process.")
+        return {**live, **meta["ema_process"]}  # the EMA follows parameters; buffers are the live ones
+    return live
 
 
 # ------------------------------------------------------------------------------------- exported folders

@@ -129,7 +129,7 @@ class DiffusionLM:
     @classmethod
     def _from_descriptor(cls, network, descriptor, tokenizer, device) -> "DiffusionLM":
         """An open model from its network and model descriptor: the process the descriptor names."""
-        process, process_cfg = process_for_descriptor(descriptor)
+        process, process_cfg = process_for_descriptor(descriptor, network.cfg)
         return cls(network, process, tokenizer, RunConfig(model=network.cfg, process=process_cfg), device)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -387,8 +387,9 @@ class DiffusionLM:
     def perplexity(self, source: str = "embedded", split: str = "test", texts: list[str] | None = None,
                    num_t_samples: int = 8, seed: int = 0, batch_size: int = 16, max_rows: int | None = None,
                    precision: str = "auto", progress: bool = False, softmask: bool | None = None) -> dict:
-        """Validation perplexity: exp of the per-token NELBO (an upper bound) for diffusion models, the exact
-        perplexity for autoregressive ones, on a split of `source` or on given `texts`, packed like training
+        """Validation perplexity: exp of the per-token `nelbo` of the process, which is an upper bound (diffusion
+        models), exact (autoregressive ones) or an estimate, as `process.likelihood` says and the result's
+        "likelihood" reports ("bound": whether it is an upper bound), on a split of `source` or on given `texts`, packed like training
         (given texts: every token, the last row padded, so even one short sentence can be scored).
         softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM)."""
         from dlm.data.packing import build_token_dataset
@@ -429,7 +430,8 @@ class DiffusionLM:
             raise ValueError("no token to score: the text is empty")
         nll = total / count
         return {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": count, "num_rows": int(ids.shape[0]),
-                "bound": not self.is_autoregressive, "num_t_samples": 0 if self.is_autoregressive else num_t_samples,
+                "likelihood": self.process.likelihood, "bound": self.process.likelihood == "bound",
+                "num_t_samples": 0 if self.process.likelihood == "exact" else num_t_samples,
                 "seed": seed, "split": "texts" if given_texts else split,
                 "softmask": bool(self.softmask is not None if softmask is None else softmask)}
 

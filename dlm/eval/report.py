@@ -80,7 +80,7 @@ def evaluate_models(args) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "model", "{}"), ("process", "process", "{}"), ("params", "params", "{:,}"),
             ("steps", "steps", "{:,}"),
-            ("val_ppl", "val ppl", "{:.2f}"), ("val_bound", "bound", "{}"), ("val_num_tokens", "tokens", "{:,}"),
+            ("val_ppl", "val ppl", "{:.2f}"), ("val_likelihood", "ppl is", "{}"), ("val_num_tokens", "tokens", "{:,}"),
             ("gen_ppl", "gen ppl", "{:.1f}"), ("entropy", "entropy", "{:.2f}"), ("mauve", "MAUVE", "{:.3f}"),
             ("nfe", "NFE", "{}"),
             ("tokens_per_s", "tok/s", "{:.0f}")]
@@ -91,11 +91,11 @@ def print_table(rows: list[dict]) -> None:
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
     r0 = rows[0]
-    bound = next((r for r in rows if r.get("val_bound")), None)  # a diffusion row: its Monte Carlo settings
-    notes = [f"perplexity on the '{r0['val_split']}' split; AR rows are exact"]
-    if bound is not None:
-        notes[0] += (f"; diffusion rows are NELBO upper bounds with {bound['val_num_t_samples']} time samples per "
-                     f"sequence (seed {bound['val_seed']})")
+    mc = next((r for r in rows if r.get("val_likelihood") != "exact"), None)  # a Monte Carlo row: its settings
+    notes = [f"perplexity on the '{r0['val_split']}' split; 'ppl is': exact (an AR model's NLL), bound (a NELBO: "
+             "an upper bound) or estimate (neither)"]
+    if mc is not None:
+        notes[0] += f"; bounds and estimates use {mc['val_num_t_samples']} time samples per sequence (seed {mc['val_seed']})"
     if "eval_model" in r0:
         notes.append(f"generative perplexity by {r0['eval_model']} on {r0['num_samples']} samples; entropy = mean "
                      "unigram entropy of each sample's token ids (low = repetitive)")

@@ -22,6 +22,7 @@ class Autoregressive(Process):
     name = "ar"
     corruption = "none"
     autoregressive = True
+    likelihood = "exact"
     default_sampler = "autoregressive"
     exact_caches = frozenset({"causal"})
     config_class = ARConfig
@@ -30,7 +31,7 @@ class Autoregressive(Process):
         super().__init__(None, False)  # nothing is masked and no time is fed
 
     @classmethod
-    def from_config(cls, cfg, mask_id=None, time_conditioning=False):
+    def from_config(cls, cfg, description=None):
         return cls()
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
@@ -42,7 +43,8 @@ class Autoregressive(Process):
         nll = torch.where(loss_mask[:, 1:], nll, 0.0)
         num_tokens = loss_mask[:, 1:].sum()
         total = nll.sum()
-        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach())
+        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach(), nll.detach().sum(1),
+                          loss_mask[:, 1:].sum(1))
 
     @torch.no_grad()
     def nelbo(self, network, batch: dict, num_t_samples: int = 1, generator=None) -> LossOutput:

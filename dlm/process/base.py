@@ -20,9 +20,12 @@ and what training and evaluation ask: `loss(network, batch, generator)` and `nel
 num_t_samples, generator)`, both returning a `LossOutput`. Batches are dicts with `input_ids` (B, L), `loss_mask`
 (B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
 
-A new process is one file: subclass `Process`, decorate it with `@register_process`, give it a `from_config`,
-give it a config dataclass (`config_class`, extending `ProcessConfig`) and the shared contract tests
-(tests/process/test_contract.py) check it.
+A new process is one file (in dlm/process/, or in a plugin: dlm.plugins): subclass `Process`, decorate it with
+`@register_process`, give it a `from_config(cfg, description)` (description: a `ModelDescription`), a config
+dataclass (`config_class`, extending `ProcessConfig`; `process=NAME` on the command line is its defaults),
+`likelihood` ("bound" / "exact" / "estimate"), and the shared contract tests (tests/process/test_contract.py)
+check it. Its buffers and parameters are module state: saved, EMA'd, exported, loaded and optimised (AdamW over
+`optimizer_groups()`, by default every parameter) like the network's, with no special case.
 """
 
 from __future__ import annotations
@@ -46,11 +49,33 @@ class ProcessConfig:
     mask_id: int = -1  # the [MASK] token id, recorded when training starts (-1: the tokenizer's)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a process is told about the model it is built for (dlm.build makes it from the ModelConfig, or from an
+    open checkpoint's network): enough to fill a uniform prior (vocab_size) or size a learnable part (d_model)."""
+
+    vocab_size: int = 0  # classes of the network's output (0: not known, e.g. a process built by hand)
+    d_model: int = 0  # width of the network's embeddings (0: not known)
+    mask_id: int | None = None  # the [MASK] token id (None: the model has none)
+    time_conditioning: bool = False  # whether the network takes the diffusion time
+    context: int = 0  # tokens the network sees at once (0: not known)
+
+
+LIKELIHOODS = ("bound", "exact", "estimate")
+# How a report names a process's `nelbo` (perplexity(), dlm eval, the training log and its loss curve).
+LIKELIHOOD_WORDS = {"bound": "an upper bound (NELBO)", "exact": "exact", "estimate": "an estimate, not a bound"}
+
+
 @dataclass
 class LossOutput:
+    """What `loss` and `nelbo` return. nll_sum and nll_per_row are in nats: a bound on the negative log-likelihood,
+    the exact NLL, or an estimate, as the process's `likelihood` says."""
+
     loss: torch.Tensor  # scalar to minimise: NELBO (or NLL) per scored token
     nll_sum: torch.Tensor  # scalar, detached: the summed bound in nats
     num_tokens: torch.Tensor  # scalar, detached: scored tokens
+    nll_per_row: torch.Tensor | None = None  # (B,) detached: each row's part of nll_sum (they sum to it)
+    tokens_per_row: torch.Tensor | None = None  # (B,) long: each row's scored tokens (they sum to num_tokens)
 
 
 class Process(nn.Module):
@@ -66,17 +91,23 @@ class Process(nn.Module):
     exact_caches: ClassVar[frozenset[str]] = frozenset()
     blockwise: ClassVar[bool] = False  # generated block by block (block-causal attention, block_size tokens each)
     config_class: ClassVar[type] = ProcessConfig  # its own config dataclass: RunConfig.process for this process
+    # What `nelbo` returns: "bound" (an upper bound on the NLL: a diffusion ELBO), "exact" (the NLL itself: an
+    # autoregressive model) or "estimate" (neither: e.g. a Monte Carlo estimate of a quantity that is no bound).
+    likelihood: ClassVar[str] = "bound"
 
-    def __init__(self, mask_id: int | None = None, time_conditioning: bool = False):
+    def __init__(self, mask_id: int | None = None, time_conditioning: bool = False,
+                 description: ModelDescription | None = None):
         super().__init__()
         self.mask_id = mask_id
         self.time_conditioning = time_conditioning
         self.block_size: int | None = None  # tokens per block of a block-causal process; None: the whole sequence
+        self.description = description  # the model it is built for (make_process sets it); None: built by hand
 
     # ------------------------------------------------------------------------------------ building
     @classmethod
-    def from_config(cls, cfg, mask_id: int | None, time_conditioning: bool = False) -> "Process":
-        """Build from its `config_class` instance and the model description's mask id."""
+    def from_config(cls, cfg, description: ModelDescription) -> "Process":
+        """Build from its `config_class` instance and the description of the model (vocabulary size, width, mask
+        id, time conditioning, context). `make_process` then sets `process.description`."""
         raise NotImplementedError
 
     @classmethod
@@ -112,7 +143,12 @@ class Process(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        raise ValueError(f"process '{self.name}' needs the vocabulary size for a uniform prior")
+        """The network's output classes, from the model description."""
+        size = 0 if self.description is None else self.description.vocab_size
+        if size <= 0:
+            raise ValueError(f"process '{self.name}' was built without the model's vocabulary size (build it with "
+                             "dlm.process.make_process(cfg, ModelDescription(vocab_size=...)))")
+        return size
 
     # ------------------------------------------------------------------------------------ parameterisation
     def forward_logits(self, network, z: torch.Tensor, t: torch.Tensor | None, batch: dict | None = None,
@@ -146,8 +182,10 @@ class Process(nn.Module):
         return {}
 
     def optimizer_groups(self) -> list[dict]:
-        """AdamW parameter groups of the process's learnable parts (their own lr, no weight decay); none by default."""
-        return []
+        """AdamW parameter groups of the process's learnable parts; by default one group of all its parameters
+        (the run's lr and weight decay) when it has any. Override to give them their own lr (soft-masking)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
 
     @property
     def plain(self) -> "Process":
@@ -186,6 +224,8 @@ PROCESSES: Registry = Registry("dlm.process")
 
 def register_process(cls: type[Process]) -> type[Process]:
     """Class decorator: make a process available by its `name` (config `process=NAME`, the CLI, the docs)."""
+    if cls.likelihood not in LIKELIHOODS:
+        raise ValueError(f"process '{cls.name}': likelihood must be one of {LIKELIHOODS}, not '{cls.likelihood}'")
     if cls.corruption not in CORRUPTIONS:
         raise ValueError(f"process '{cls.name}': corruption must be one of {CORRUPTIONS}, not '{cls.corruption}'")
     if cls.config_class().name != cls.name:

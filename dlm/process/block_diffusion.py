@@ -80,9 +80,9 @@ class BlockDiffusion(SUBSProcess):
         self.t_high = float(time_of_mask_rate(schedule, clip_high))
 
     @classmethod
-    def from_config(cls, cfg, mask_id, time_conditioning=False):
-        return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.block_size, cfg.sampling_eps, cfg.antithetic,
-                   time_conditioning, cfg.clip_low, cfg.clip_high, cfg.resample)
+    def from_config(cls, cfg, description):
+        return cls(make_schedule(cfg.schedule, cfg.eps), description.mask_id, cfg.block_size, cfg.sampling_eps,
+                   cfg.antithetic, description.time_conditioning, cfg.clip_low, cfg.clip_high, cfg.resample)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -192,7 +192,8 @@ class BlockDiffusion(SUBSProcess):
         terms = self._terms(network, batch, generator, t)
         num_tokens = batch["loss_mask"].sum()
         total = terms.sum()
-        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach())
+        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach(), terms.detach().sum(1),
+                          batch["loss_mask"].sum(1))
 
     @torch.no_grad()
     def per_block_nelbo(self, network, batch: dict, generator=None) -> torch.Tensor:
@@ -214,10 +215,14 @@ class BlockDiffusion(SUBSProcess):
         nb = L // self.block_size
         times = evaluation_times((B, nb), num_t_samples, self.sampling_eps, generator, x.device)  # (B, nb, n)
         nll_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+        per_row = torch.zeros(B, device=x.device, dtype=torch.float64)
         for j in range(num_t_samples):
-            nll_sum += full._terms(network, batch, generator, times[..., j]).sum().double()
+            terms = full._terms(network, batch, generator, times[..., j])  # (B, L)
+            nll_sum += terms.sum().double()
+            per_row += terms.sum(1).double()
         num_tokens = batch["loss_mask"].sum()
-        return LossOutput(nll_sum / num_t_samples / num_tokens, nll_sum / num_t_samples, num_tokens)
+        return LossOutput(nll_sum / num_t_samples / num_tokens, nll_sum / num_t_samples, num_tokens,
+                          per_row / num_t_samples, batch["loss_mask"].sum(1))
 
 
 @functools.lru_cache(maxsize=16)

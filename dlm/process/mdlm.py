@@ -128,8 +128,9 @@ class MaskedDiffusion(SUBSProcess):
         self.antithetic = antithetic
 
     @classmethod
-    def from_config(cls, cfg, mask_id, time_conditioning=False):
-        return cls(make_schedule(cfg.schedule, cfg.eps), mask_id, cfg.sampling_eps, cfg.antithetic, time_conditioning)
+    def from_config(cls, cfg, description):
+        return cls(make_schedule(cfg.schedule, cfg.eps), description.mask_id, cfg.sampling_eps, cfg.antithetic,
+                   description.time_conditioning)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -175,9 +176,13 @@ class MaskedDiffusion(SUBSProcess):
         logits = subs_logits(raw, self.mask_id)
         ce = F.cross_entropy(logits, x[masked], reduction="none")  # (N,)
         weights = self.schedule.loss_weight(t)[:, None].expand_as(z)[masked]  # (N,)
-        total = (ce * weights).sum()
+        terms = ce * weights  # (N,)
+        total = terms.sum()
         num_tokens = loss_mask.sum()
-        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach())
+        row_of = masked.nonzero()[:, 0]  # (N,): the row of each scored term
+        per_row = torch.zeros(x.shape[0], device=x.device, dtype=terms.dtype).index_add_(0, row_of, terms.detach())
+        return LossOutput(total / num_tokens.clamp(min=1), total.detach(), num_tokens.detach(), per_row,
+                          loss_mask.sum(1))
 
     @torch.no_grad()
     def nelbo(self, network, batch: dict, num_t_samples: int, generator: torch.Generator, embed_fn=None) -> LossOutput:
@@ -186,11 +191,14 @@ class MaskedDiffusion(SUBSProcess):
         x = batch["input_ids"]
         times = evaluation_times((x.shape[0],), num_t_samples, self.sampling_eps, generator, x.device)  # (B, n)
         nll_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+        per_row = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
         for j in range(num_t_samples):
             out = self.loss(network, batch, generator, t=times[:, j], embed_fn=embed_fn)
             nll_sum += out.nll_sum.double()
+            per_row += out.nll_per_row.double()
         num_tokens = batch["loss_mask"].sum()
-        return LossOutput(nll_sum / num_t_samples / num_tokens, nll_sum / num_t_samples, num_tokens)
+        return LossOutput(nll_sum / num_t_samples / num_tokens, nll_sum / num_t_samples, num_tokens,
+                          per_row / num_t_samples, batch["loss_mask"].sum(1))
 
 
 def key_padding_mask(batch: dict) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ class SoftMaskedDiffusion(Process):
     def __init__(self, base: Process, mixer: SoftMaskMixer, p_sm: float = 0.8, lr: float = 1e-2):
         self.check_base(type(base))
         check_p_sm(p_sm)
-        super().__init__(base.mask_id, base.time_conditioning)
+        super().__init__(base.mask_id, base.time_conditioning, base.description)
         self.base, self.mixer, self.p_sm, self.lr = base, mixer, p_sm, lr
         self.default_sampler = base.default_sampler
         self.last_applied = False  # whether the last training batch got soft-masking (logged)

@@ -68,13 +68,13 @@ class ProgressBar(TQDMProgressBar):
 class LossCurvePlot(L.Callback):
     """Redraws `loss_curve.png` (training loss and validation perplexity against step) after each validation."""
 
-    def __init__(self, log_dir: Path, out_path: Path):
-        self.log_dir, self.out_path = log_dir, out_path
+    def __init__(self, log_dir: Path, out_path: Path, likelihood: str = "bound"):
+        self.log_dir, self.out_path, self.likelihood = log_dir, out_path, likelihood
 
     def on_validation_end(self, trainer, module):
         if trainer.is_global_zero and not trainer.sanity_checking:
             trainer.logger.save()
-            plot_loss_curve(self.log_dir, self.out_path)
+            plot_loss_curve(self.log_dir, self.out_path, self.likelihood)
 
     def on_train_end(self, trainer, module):
         self.on_validation_end(trainer, module)
@@ -93,7 +93,8 @@ def read_metrics(log_dir: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def plot_loss_curve(log_dir: Path, out_path: Path) -> Path | None:
+def plot_loss_curve(log_dir: Path, out_path: Path, likelihood: str = "bound") -> Path | None:
+    """likelihood: what the validation perplexity is (the process's `likelihood`: bound, exact, estimate)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +115,7 @@ def plot_loss_curve(log_dir: Path, out_path: Path) -> Path | None:
         vs, vp = zip(*sorted(series["val/ppl"].items()))
         ax2.plot(vs, vp, marker="o")
         ax2.set_yscale("log")
-    ax2.set(xlabel="step", ylabel="perplexity (bound for diffusion)", title="validation perplexity (EMA weights)")
+    ax2.set(xlabel="step", ylabel=f"perplexity ({likelihood})", title="validation perplexity (EMA weights)")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

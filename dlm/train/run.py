@@ -22,6 +22,7 @@ from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint,
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
+from dlm.process.base import LIKELIHOOD_WORDS
 from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
 from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
@@ -190,7 +191,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     val_interval = min(t.val_every, t.max_steps) * accumulate
     callbacks = [
         Throughput(),
-        LossCurvePlot(run_dir / "logs", run_dir / "loss_curve.png"),
+        LossCurvePlot(run_dir / "logs", run_dir / "loss_curve.png", module.process.likelihood),
         # Training time, kept in the checkpoint and summed over resumes; with trainer.max_minutes also the budget.
         StepTimer(timedelta(minutes=t.max_minutes) if t.max_minutes > 0 else None),
     ]
@@ -216,6 +217,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     if trainer.strategy.root_device.type == "cpu" and t.precision == "auto":
         why = " (this CPU has bf16 instructions)" if cpu_has_fast_bf16() else " (this CPU has no bf16 instructions)"
     what = cfg.process.name + (" + soft-masking" if cfg.softmask.enabled else "")
+    what += f"; validation perplexity {LIKELIHOOD_WORDS[module.process.likelihood]}"
     print(f"dlm: {'resuming' if resume else 'training'} {what} ({n_params / 1e6:.1f}M parameters, "
           f"vocab {cfg.model.vocab_size}, context {cfg.model.context}) for {t.max_steps} steps on "
           f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()} x {trainer.num_devices}, "

@@ -1,6 +1,7 @@
 """The process contract (dlm/process/base.py), checked for every registered process and for soft-masking: a new
 process is tested by being registered."""
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -9,22 +10,70 @@ import torch
 from dlm.build import build_process
 from dlm.config import build_config
 from dlm.data.batch import make_batch
-from dlm.process import PROCESSES, Process
+from dlm.process import PROCESSES, MaskedDiffusion, MDLMConfig, Process, register_process
+from dlm.process.base import LIKELIHOODS
 
 V, L, MASK = 13, 16, 12
-EXTRA = {"bd3lm": ["process.block_size=4"]}  # what a process needs beyond its preset to train at context L
+
+
+# ------------------------------------------------------------------------------------------ a learnable process
+@dataclass
+class LearnedConfig(MDLMConfig):
+    name: str = "learned_test"
+
+
+class _Scaled:
+    """The network with its logits scaled by exp(log_scale) and shifted by the process's bias (V,)."""
+
+    def __init__(self, network, process):
+        self.network, self.process = network, process
+
+    def __call__(self, *args, **kw):
+        return self.network(*args, **kw) * self.process.log_scale.exp() + self.process.bias
+
+    def __getattr__(self, name):
+        return getattr(self.network, name)
+
+
+class LearnedTemperature(MaskedDiffusion):
+    """MDLM whose logits get a learned temperature (a parameter) and a fixed bias sized by the model's vocabulary
+    (a buffer): a process with state of both kinds, which must be saved, EMA'd, exported, loaded and optimised
+    like the network's with no special case."""
+
+    name, config_class = "learned_test", LearnedConfig
+
+    @classmethod
+    def from_config(cls, cfg, description):
+        process = super().from_config(cfg, description)
+        process.log_scale = torch.nn.Parameter(torch.zeros(()))
+        process.register_buffer("bias", torch.linspace(0.0, 0.1, description.vocab_size))
+        return process
+
+    def loss_at(self, network, batch, z, t, inputs_embeds=None):
+        return super().loss_at(_Scaled(network, self), batch, z, t, inputs_embeds)
+
+    def forward_logits(self, network, z, t, batch, inputs_embeds=None):
+        return super().forward_logits(_Scaled(network, self), z, t, batch, inputs_embeds)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def learned_process_registered():
+    """LearnedTemperature is registered while this module's tests run (as a plugin's process would be)."""
+    register_process(LearnedTemperature)
+    yield
+    PROCESSES.pop("learned_test")
 
 
 def make(name: str) -> Process:
     """The process `name` as `dlm train process=NAME` builds it ("softmask": MDLM with soft-masking)."""
     overrides = ["softmask.enabled=true", "softmask.omega_s=0.5", "softmask.omega_b=-8.0"] if name == "softmask" else [
-        f"process.name={name}", *EXTRA.get(name, [])]
+        f"process={name}"]  # a registered process's preset: its YAML file if it has one, else its config's defaults
     cfg = build_config([f"model.context={L}", "data.vocab_size=300", *overrides])
     cfg.model.vocab_size = V
     return build_process(cfg, MASK)
 
 
-NAMES = sorted(PROCESSES) + ["softmask"]
+NAMES = sorted({*PROCESSES, "learned_test"}) + ["softmask"]
 
 
 def batch(B=3, seed=0):
@@ -94,14 +143,60 @@ def test_refuses_samplers_it_cannot_serve(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_is_a_module_whose_learnable_parts_round_trip(name):
+def test_is_a_module_whose_state_round_trips_and_is_optimised(name):
+    """Buffers and parameters are module state; every parameter is in an optimizer group (trained)."""
     process = make(name)
     assert isinstance(process, torch.nn.Module)
     state = {k: v.clone() for k, v in process.state_dict().items()}
     with torch.no_grad():
-        for p in process.parameters():
-            p.add_(1.0)
+        for v in process.state_dict().values():
+            v.add_(1.0)
     assert all(not torch.equal(v, process.state_dict()[k]) for k, v in state.items())
     process.load_state_dict(state)
     assert all(torch.equal(v, process.state_dict()[k]) for k, v in state.items())
-    assert (name == "softmask") == bool(list(process.parameters()))  # only soft-masking learns anything here
+    grouped = {id(p) for g in process.optimizer_groups() for p in g["params"]}
+    assert grouped == {id(p) for p in process.parameters() if p.requires_grad}
+    assert (name in ("softmask", "learned_test")) == bool(list(process.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_it_knows_its_model_and_says_what_its_likelihood_is(name):
+    process = make(name)
+    assert process.vocab_size == V and process.description.mask_id == MASK and process.description.context == L
+    assert process.likelihood in LIKELIHOODS and (process.likelihood == "exact") == process.autoregressive
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_row_values_sum_to_the_totals_and_equal_each_row_alone(name, tiny_network):
+    process, net, full = make(name), tiny_network(V), batch(B=3)
+    gens = lambda rows: [torch.Generator().manual_seed(100 + r) for r in rows]  # noqa: E731
+    together = process.nelbo(net, full, 2, gens(range(3)))
+    for out in (together, process.loss(net, full, torch.Generator().manual_seed(1))):
+        assert out.nll_per_row.shape == out.tokens_per_row.shape == (3,)
+        assert float(out.nll_per_row.sum()) == pytest.approx(float(out.nll_sum), rel=1e-5)
+        assert int(out.tokens_per_row.sum()) == int(out.num_tokens) and bool((out.nll_per_row >= 0).all())
+    for r in range(3):
+        alone = process.nelbo(net, {k: v[r:r + 1] for k, v in full.items()}, 2, gens([r]))
+        assert float(together.nll_per_row[r]) == pytest.approx(float(alone.nll_sum), rel=1e-5, abs=1e-6)
+        assert int(together.tokens_per_row[r]) == int(alone.num_tokens)
+
+
+def test_a_learnable_process_is_trained_saved_emad_exported_and_loaded(micro_args, tmp_path):
+    """`dlm train process=learned_test`: its parameter gets gradients and AdamW updates, its EMA is kept, and the
+    checkpoint and the export carry the parameter and the buffer, loaded back into the process."""
+    import dlm
+    from dlm.checkpoint import read_checkpoint
+    from dlm.cli import main
+
+    out = tmp_path / "learned"
+    assert main(["train", *micro_args(out, "process=learned_test", "trainer.max_steps=4", "optim.warmup_steps=0",
+                                      "optim.lr=1e-2")]) == 0
+    ckpt = read_checkpoint(out / "checkpoints" / "last.ckpt")
+    live = float(ckpt["state_dict"]["process.log_scale"])
+    ema = float(ckpt["dlm"]["ema_process"]["log_scale"])
+    assert live != 0.0 and ema != live  # optimised (it starts at 0), and its EMA lags behind
+    exported, from_ckpt = dlm.load(out), dlm.load(out / "checkpoints" / "last.ckpt", use_ema=False)
+    assert isinstance(exported.process, LearnedTemperature) and float(exported.process.log_scale.detach()) == pytest.approx(ema)
+    assert float(from_ckpt.process.log_scale.detach()) == pytest.approx(live)
+    want_bias = torch.linspace(0.0, 0.1, exported.network.cfg.vocab_size)
+    assert torch.equal(exported.process.bias, want_bias) and torch.equal(from_ckpt.process.bias, want_bias)
