@@ -69,9 +69,12 @@ def cmd_presets(args) -> int:
     for name, cls in sorted(PROCESSES.items()):
         fields = [f.name for f in dataclasses.fields(cls.config_class) if f.name not in ("name", "mask_id")]
         print(f"  {name:10s} {cls.corruption} corruption; fields: {', '.join(fields) or 'none'}")
-    print("samplers (--sampler NAME):")
+    from dlm.sampler.registry import sampler_spec
+
+    print("samplers (--sampler NAME; -o KEY=VALUE sets an option):")
     for name, aliases, description in describe_samplers():
         print(f"  {name:16s} {description}" + (f" (also: {aliases})" if aliases else ""))
+        print(f"  {'':16s} options: {', '.join(sampler_spec(name).settable_options()) or 'none'}")
     return 0
 
 

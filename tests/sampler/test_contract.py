@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from dlm.process import Autoregressive, MaskedDiffusion
+from dlm.build import describe_model
+from dlm.process import PROCESSES, Autoregressive, MaskedDiffusion, make_process
 from dlm.process.base import Process
 from dlm.process.block_diffusion import BlockDiffusion
 from dlm.process.schedules import LogLinearSchedule
@@ -43,12 +44,31 @@ def setup(name: str, tiny_network, make=None):
         fixed = torch.zeros_like(fixed)
         fixed[:, :4] = True  # BOS + a 3-token prompt
         return sampler, net, Autoregressive(), Canvas.from_fixed(canvas, fixed)
+    if "absorbing" not in sampler.corruptions:  # e.g. uniform corruption: a registered process it serves, its prior
+        process = serving_process(sampler, net)
+        canvas, fixed = canvas_and_fixed(3)
+        return sampler, net, process, Canvas.from_fixed(canvas, fixed, process, torch.Generator().manual_seed(0))
     mdlm = MaskedDiffusion(LogLinearSchedule(1e-3), MASK)
     if name == "llada":
         return sampler, net, mdlm, Canvas.left_padded([[0, 5, 6, 7], [0, 4], [0, 3, 9]], 8, mdlm, pad_id=2)
     if name == "blockwise":
         return sampler, net, BlockDiffusion(LogLinearSchedule(1e-3), MASK, 4), Canvas.from_fixed(*canvas_and_fixed(3))
     return sampler, net, mdlm, Canvas.from_fixed(*canvas_and_fixed(3))
+
+
+def serving_process(sampler, net):
+    """A registered process (dlm's or a plugin's) that `sampler` can sample, built for the toy network as
+    `dlm train process=NAME` would build it (its config's defaults); its prior fills the canvas."""
+    for name, cls in sorted(PROCESSES.items()):
+        if cls.corruption not in sampler.corruptions or cls.autoregressive != sampler.autoregressive:
+            continue
+        try:
+            process = make_process(cls.config_class(), describe_model(net.cfg, MASK))
+        except ValueError:  # a config that needs more than its defaults (bd3lm's block size)
+            continue
+        if process.supports(sampler):
+            return process
+    pytest.skip(f"no registered process can be sampled by '{sampler.name}'")
 
 
 def run(sampler, net, process, canvas, seed=0, callback=None):
@@ -139,7 +159,8 @@ def blockwise_of(name: str, make=None) -> BlockwiseSampler:
 
 @pytest.mark.parametrize("check", [check_output, check_nfe_and_events, check_callback_stops_rows],
                          ids=lambda c: c.__name__)
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in PROMPT_ONLY | WRAPPERS])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in PROMPT_ONLY | WRAPPERS
+                                  and "absorbing" in getattr(SAMPLERS[n].build, "corruptions", ("absorbing",))])
 def test_canvas_samplers_work_inside_the_blockwise_wrapper(tiny_network, name, check):
     _, net, _, canvas = setup(name, tiny_network)
     check(blockwise_of(name), net, BlockDiffusion(LogLinearSchedule(1e-3), MASK, 4), canvas)
@@ -155,18 +176,17 @@ class UniformNoise(Process):
 @pytest.mark.parametrize("name", NAMES)
 def test_processes_refuse_what_they_do_not_support(name):
     sampler = make_sampler(name, **options(name))
-    mdlm, ar = MaskedDiffusion(LogLinearSchedule(1e-3), MASK), Autoregressive()
-    if sampler.autoregressive:
-        ar.check_sampler(sampler)
-        with pytest.raises(ValueError, match="needs an autoregressive model"):
-            mdlm.check_sampler(sampler)
-    else:
-        mdlm.check_sampler(sampler)
-        with pytest.raises(ValueError, match="autoregressive model samples left to right"):
-            ar.check_sampler(sampler)
-    if "uniform" not in sampler.corruptions:
-        with pytest.raises(ValueError, match="cannot sample a 'uniform_test' model"):
-            UniformNoise(mask_id=MASK).check_sampler(sampler)
+    mdlm, ar, uniform = MaskedDiffusion(LogLinearSchedule(1e-3), MASK), Autoregressive(), UniformNoise(mask_id=MASK)
+    for process in (mdlm, ar, uniform):
+        if process.autoregressive != sampler.autoregressive:
+            reason = "needs an autoregressive model" if sampler.autoregressive else "autoregressive model samples"
+        elif process.corruption not in sampler.corruptions:
+            reason = f"this process's corruption is '{process.corruption}'"
+        else:
+            process.check_sampler(sampler)
+            continue
+        with pytest.raises(ValueError, match=f"sampler '{name}' cannot sample a '{process.name}' model: .*{reason}"):
+            process.check_sampler(sampler)
 
 
 def test_samplers_refuse_an_unsupported_process_when_sampling(tiny_network):

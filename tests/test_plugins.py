@@ -1,0 +1,100 @@
+"""A package outside dlm adds a process and a sampler through the `dlm.plugins` entry point: the uniform-state
+process and renoising sampler of tests/plugin_package/dlm_uniform_plugin.py (written only against the docs),
+installed here as a folder with a `*.dist-info/entry_points.txt`, pass the shared contract tests with no edit
+outside their file and run from the `dlm` command."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import dlm.plugins
+from dlm.plugins import PluginError, load_plugins
+from dlm.process import PROCESSES
+from dlm.sampler.registry import SAMPLERS
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = Path(__file__).parent / "plugin_package" / "dlm_uniform_plugin.py"
+
+
+def install(folder: Path, module: str = "dlm_uniform_plugin", source: str | None = None) -> Path:
+    """A folder that, on sys.path / PYTHONPATH, holds an installed distribution declaring `[dlm.plugins]`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        shutil.copy(SOURCE, folder / f"{module}.py")
+    else:
+        (folder / f"{module}.py").write_text(source)
+    info = folder / f"{module}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[dlm.plugins]\nmethods = {module}\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory) -> Path:
+    return install(tmp_path_factory.mktemp("site"))
+
+
+def env_with(folder: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{folder}", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def dlm_command(folder: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dlm.cli", *args], capture_output=True, text=True,
+                          env=env_with(folder), cwd=cwd, timeout=600)
+
+
+def test_load_plugins_registers_an_entry_points_module(plugin_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    try:
+        assert load_plugins() == ["dlm_uniform_plugin"] and load_plugins() == []  # once
+        assert PROCESSES["uniform_x0"].default_sampler == "renoise" and "renoise" in SAMPLERS
+    finally:  # leave the registries as the other tests expect them
+        PROCESSES.pop("uniform_x0", None)
+        SAMPLERS.pop("renoise", None)
+        dlm.plugins._loaded.pop("dlm_uniform_plugin", None)
+        sys.modules.pop("dlm_uniform_plugin", None)
+
+
+def test_a_broken_plugin_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(install(tmp_path, "dlm_broken_plugin", "import no_such_module_here\n")))
+    with pytest.raises(PluginError, match=r"the dlm plugin 'methods = dlm_broken_plugin' \(package dlm-broken-plugin"
+                                          r".*No module named 'no_such_module_here'; fix or uninstall"):
+        load_plugins()
+    sys.modules.pop("dlm_broken_plugin", None)
+
+
+def test_the_shared_contract_tests_take_the_plugins_process_and_sampler(plugin_dir):
+    """The shared tests iterate over the registries: with the plugin installed they run on its classes."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          "tests/process/test_contract.py", "tests/sampler/test_contract.py",
+                          "-k", "uniform_x0 or renoise"], capture_output=True, text=True, env=env_with(plugin_dir),
+                         cwd=REPO, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", run.stdout).group(1))
+    assert passed >= 14 and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_the_dlm_command_trains_and_samples_with_the_plugin(plugin_dir, micro_args, tmp_path):
+    out = tmp_path / "uniform"
+    train = dlm_command(plugin_dir, "train", *micro_args(out, "process=uniform_x0", "trainer.max_steps=3",
+                                                         "trainer.val_every=3", "trainer.ckpt_every=3"), cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "training uniform_x0; validation perplexity an estimate, not a bound" in train.stdout
+    sample = dlm_command(plugin_dir, "sample", str(out), "--num-samples", "2", "--length", "16", "-o", "steps=4",
+                         cwd=tmp_path)  # no --sampler: the process's default_sampler, the plugin's renoise
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert "--- sample 1 ---" in sample.stdout and "| renoise, 4 steps | NFE 4 |" in sample.stdout
+    named = dlm_command(plugin_dir, "sample", str(out), "--sampler", "renoise", "--num-samples", "1", "--length", "16",
+                        "-o", "steps=3", "-o", "t_min=0.2", "--prompt", "the", cwd=tmp_path)
+    assert named.returncode == 0 and "| renoise, 3 steps | NFE 3 |" in named.stdout, named.stderr[-3000:]
+    bad = dlm_command(plugin_dir, "sample", str(out), "--sampler", "renoise", "-o", "eta=0.1", cwd=tmp_path)
+    assert bad.returncode == 2 and "sampler 'renoise' has no option 'eta'; its options: steps, t_max, t_min" in bad.stderr
+    refused = dlm_command(plugin_dir, "sample", str(out), "--sampler", "ancestral", cwd=tmp_path)
+    assert refused.returncode == 2 and "sampler 'ancestral' cannot sample a 'uniform_x0' model" in refused.stderr
