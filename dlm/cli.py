@@ -384,7 +384,14 @@ def _quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    from dlm.plugins import PluginError
+
+    try:
+        parser = build_parser()  # reads the registries: imports the installed plugins
+    except PluginError as e:
+        print(f"dlm: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     from dlm.allocator import keep_freed_memory
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)

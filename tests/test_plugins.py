@@ -68,6 +68,8 @@ def test_a_broken_plugin_is_an_error_naming_it(tmp_path, monkeypatch):
                                           r".*No module named 'no_such_module_here'; fix or uninstall"):
         load_plugins()
     sys.modules.pop("dlm_broken_plugin", None)
+    bad = dlm_command(tmp_path, "presets", cwd=tmp_path)  # the dlm command: one line, exit status 2
+    assert bad.returncode == 2 and "failed to import" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_the_shared_contract_tests_take_the_plugins_process_and_sampler(plugin_dir):
