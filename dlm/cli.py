@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from dlm.progress import MODES
+
 TRAIN_HELP = """\
 Train a model. Arguments are config overrides; presets apply first (in the order given), then fields
 (in order, the last wins):
@@ -19,6 +21,9 @@ Train a model. Arguments are config overrides; presets apply first (in the order
 Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint (a larger
 trainer.max_steps continues; the model, data, optimizer, batch size and seed must stay the same).
 trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.
+trainer.progress=auto draws Lightning's bar on a terminal and plain lines on stderr otherwise (a log file, a
+scheduler, CI): one every trainer.progress_every steps or 30 s, whichever comes first, and one per validation;
+bar, plain and off force one form (true = auto, false = off).
 
 config groups and fields (defaults):
 """
@@ -44,7 +49,7 @@ def cmd_train(args) -> int:
     from dlm.train.run import train
 
     _quiet_third_party()
-    cfg = build_config(args.overrides)
+    cfg = build_config(args.overrides + ([f"trainer.progress={args.progress}"] if args.progress else []))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -97,7 +102,7 @@ def cmd_sample(args) -> int:
         temperature=1.0 if args.temperature is None else args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
         softmask=softmask_option(args), sampler_options=sampler_options(args),
-        block_length=args.block_length if blockwise else None,
+        block_length=args.block_length if blockwise else None, progress=args.progress,
     )
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
@@ -138,7 +143,7 @@ def _sample_llada(model, args) -> int:
         prompts, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         threshold=args.threshold, factor=args.factor, temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale,
         remasking=args.remasking, cache=args.cache, softmask=softmask_option(args), batch_size=args.batch_size,
-        seed=args.seed, suppress_eos=args.suppress_eos)
+        seed=args.seed, suppress_eos=args.suppress_eos, progress=args.progress)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
     policy = f"threshold {args.threshold}" if args.threshold is not None else (
@@ -230,6 +235,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+PROGRESS_HELP = ("progress on stderr: auto (default) draws bars on a terminal and plain lines otherwise (a log file, "
+                 "a scheduler, CI; also when NO_COLOR is set or TERM=dumb), bar, plain or off; plain: %s")
+
+
+def _add_progress_arg(p, plain: str, default: str | None = "auto") -> None:
+    p.add_argument("--progress", default=default, choices=MODES, help=PROGRESS_HELP % plain)
+
+
 def sampler_help() -> str:
     """--sampler's help, from the sampler registry."""
     from dlm.sampler.registry import describe_samplers
@@ -253,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=TRAIN_HELP + _field_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="GROUP=PRESET or KEY=VALUE overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_progress_arg(p, "a line every trainer.progress_every steps (50) or 30 s, whichever comes first, and after "
+                         "each validation (the same as trainer.progress=MODE; default: trainer.progress, auto)", None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("presets", allow_abbrev=False, help="list the config presets")
@@ -278,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write samples as JSONL")
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
+    _add_progress_arg(p, "a line after each batch and within a long one, at most one every 10 s "
+                         "(DLM_PROGRESS_SECONDS), and after the last batch")
     _add_sampling_args(p)
     g = p.add_argument_group("LLaDA-style block sampler (--sampler llada; names as in diffusers' LLaDA2 pipeline)")
     g.add_argument("--gen-length", type=int, default=None,
@@ -317,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also MAUVE of the samples against held-out text of the split cut to the same token length "
                         "(features from the evaluation model; implies --gen-ppl)")
     p.add_argument("--json", default=None, help="write the results as JSON")
+    _add_progress_arg(p, "a line per batch of each stage (perplexity, sampling, generative perplexity), at most "
+                         "one every 10 s (DLM_PROGRESS_SECONDS), and the last one")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -329,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_third_party() -> None:
-    """Lightning's INFO lines (hardware banner, a cloud-logging tip) and a torch-internal deprecation warning
-    say nothing a dlm user can act on; dlm prints its own summary of each run."""
+    """Lightning's INFO lines (hardware banner, a cloud-logging tip), a torch-internal deprecation warning and two
+    warnings of Lightning on every resume say nothing a dlm user can act on, and fill logs; dlm prints its own
+    summary of each run. (On resume the checkpoint folder holds the run's own checkpoints, and the data order is a
+    function of the step, dlm/train/data_module.py, so resuming mid-epoch is exact.)"""
     import logging
     import warnings
 
@@ -339,6 +360,8 @@ def _quiet_third_party() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def main(argv: list[str] | None = None) -> int:
