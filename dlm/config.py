@@ -240,8 +240,9 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
     if name == "trainer.progress":  # a mode name, or true/false (its values when it was a bool)
         try:
             return progress_setting(value)
-        except ValueError as e:
-            raise ConfigError(f"'{name}': {e}") from None
+        except ValueError:
+            raise ConfigError(f"'{name}' must be a mode: auto, bar, plain or off (true = auto, false = off), got "
+                              f"{value!r}") from None
     try:
         if kind is bool:
             if isinstance(value, bool):
