@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from dlm.progress import MODES
+from dlm.progress import MODES, other_bars_off
+from dlm.progress import setting as progress_setting
 
 TRAIN_HELP = """\
 Train a model. Arguments are config overrides; presets apply first (in the order given), then fields
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.guards import disk_error_message, is_disk_error
 
     try:
-        return args.func(args)
+        with other_bars_off(_progress_mode(args)):  # e.g. transformers' loading bars: none in a log
+            return args.func(args)
     except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         if os.environ.get("DLM_DEBUG"):
             raise
@@ -388,6 +390,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dlm {args.command}: error: {disk_error_message(e, hint=WRITE_HINTS[args.command])}", file=sys.stderr)
         return 2
+
+
+def _progress_mode(args) -> str:
+    """The command's progress mode: --progress, else (train) the last trainer.progress= override, else auto."""
+    mode = getattr(args, "progress", None)
+    if mode is None and args.command == "train":
+        given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("trainer.progress=")]
+        mode = given[-1] if given else "auto"
+    try:
+        return progress_setting(mode or "auto")
+    except ValueError:
+        return "auto"  # build_config reports the bad value
 
 
 WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",

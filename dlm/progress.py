@@ -16,6 +16,7 @@ DLM_PROGRESS_SECONDS=S changes both intervals (0: a line for every batch or step
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -147,3 +148,25 @@ class StepLines(Lines):
         self.done += 1
         if self.done >= self.total or self.due():
             self.line(f"{self.done}/{self.total} done | {steps} steps")
+
+
+@contextlib.contextmanager
+def other_bars_off(mode="auto"):
+    """Within the block, tqdm bars that other libraries draw (transformers' GGUF de-quantization and weight
+    loading, Hugging Face downloads) are off unless resolve(mode) is "bar": dlm's plain lines do not use tqdm."""
+    if resolve(mode) == "bar":
+        yield
+        return
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = quiet_init
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
