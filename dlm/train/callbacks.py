@@ -74,8 +74,9 @@ class PlainProgress(L.Callback):
         train step 150/1200 | loss 5.123 | 2,345 tok/s | 1m05s | ETA 7m20s
 
     loss: the mean over the steps since the previous line; tok/s: training tokens (all devices) over that wall
-    time; then the time since this invocation started training, and the time left at the current pace (capped
-    by trainer.max_minutes' budget when one is set: "(budget)"). After each validation, its metrics and time:
+    time, validation excluded; then the time since this invocation started training, and the time left at the
+    current pace (capped by trainer.max_minutes' budget when one is set: "(budget)"; none on the line of a run
+    stopped before its last step). After each validation, its metrics and time:
 
         val   step 250/1200 | ppl 312.40 | nll 5.744 | 3s
     """
@@ -83,7 +84,7 @@ class PlainProgress(L.Callback):
     def __init__(self, every: int, seconds: float | None = None):
         self.every, self.seconds = every, interval(TRAIN_SECONDS) if seconds is None else seconds
         self._step = self._printed = -1
-        self._losses, self._tokens = [], 0
+        self._losses, self._tokens, self._paused = [], 0, 0.0  # _paused: validation seconds since the last line
 
     def on_train_start(self, trainer, module):
         self._start = self._last = time.perf_counter()
@@ -103,29 +104,29 @@ class PlainProgress(L.Callback):
 
     def on_train_end(self, trainer, module):
         if trainer.global_step != self._printed:  # stopped between two lines (time budget, interrupt)
-            self._line(trainer, time.perf_counter())
+            self._line(trainer, time.perf_counter(), final=True)
 
-    def _line(self, trainer, now: float) -> None:
+    def _line(self, trainer, now: float, final: bool = False) -> None:
         if not trainer.is_global_zero:
             return
         step, total = trainer.global_step, trainer.max_steps
         parts = [f"train step {step}/{total}"]
         if self._losses:
             parts.append(f"loss {sum(self._losses) / len(self._losses):.3f}")
-        parts.append(f"{self._tokens / max(now - self._last, 1e-9):,.0f} tok/s")
+        parts.append(f"{self._tokens / max(now - self._last - self._paused, 1e-9):,.0f} tok/s")
         parts.append(duration(now - self._start))
         left = None
-        if step > self._first and step < total:
+        if step > self._first and step < total and not final:
             left = (now - self._start) / (step - self._first) * (total - step)
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         budget = timer.time_remaining("train") if timer is not None else None
-        if budget is not None and step < total and (left is None or budget < left):
+        if budget is not None and step < total and not final and (left is None or budget < left):
             left = budget  # trainer.max_minutes stops the run first
             parts.append(f"ETA {duration(left)} (budget)")
         elif left is not None:
             parts.append(f"ETA {duration(left)}")
         emit(" | ".join(parts))
-        self._last, self._printed, self._losses, self._tokens = now, step, [], 0
+        self._last, self._printed, self._losses, self._tokens, self._paused = now, step, [], 0, 0.0
 
     def on_validation_start(self, trainer, module):
         self._val_start = time.perf_counter()
@@ -138,8 +139,7 @@ class PlainProgress(L.Callback):
         parts += [f"{k} {float(m[f'val/{k}']):{fmt}}" for k, fmt in (("ppl", ".2f"), ("nll", ".3f")) if f"val/{k}" in m]
         parts.append(duration(time.perf_counter() - self._val_start))
         emit(" | ".join(parts))
-        self._last = time.perf_counter()  # validation time is not training throughput
-        self._tokens = 0
+        self._paused += time.perf_counter() - self._val_start  # validation time is not training throughput
 
 
 class LossCurvePlot(L.Callback):
