@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dlm.config import ConfigError, build_config
-from dlm.progress import Lines, StepLines, duration, fit, resolve, setting
+from dlm.progress import Lines, StepLines, duration, fit, other_bars_off, resolve, setting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +127,18 @@ def test_evaluation_and_sampling_in_a_log_write_a_line_per_batch(micro_run, text
     assert out[0] == "--- sample 0 ---" and not any("sampling" in line for line in out)
     _, err = run_cli([*args, "--progress", "off"], tmp_path, "sample_off")
     assert err == [], err
+
+
+def test_other_libraries_bars_are_off_unless_the_mode_is_bar():
+    import io
+
+    from tqdm.auto import tqdm
+
+    for mode, drawn in (("plain", False), ("off", False), ("bar", True)):
+        out = io.StringIO()
+        with other_bars_off(mode):
+            assert sum(tqdm(range(4), file=out)) == 6  # the iterable still runs
+        assert bool(out.getvalue()) is drawn, mode
+    out = io.StringIO()
+    list(tqdm(range(2), file=out))  # restored after the block
+    assert out.getvalue()
