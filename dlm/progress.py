@@ -10,7 +10,8 @@ every long-running command resolves a mode first (`trainer.progress=` for traini
 
 Progress goes to stderr; stdout keeps only what a command produces (samples, the evaluation table).
 Plain lines: training one every `trainer.progress_every` steps or every 30 s, whichever comes first (see
-dlm/train/callbacks.py: PlainProgress); evaluation and sampling one per batch, at most one every 10 s.
+dlm/train/callbacks.py: PlainProgress); evaluation and sampling one per batch (sampling also within a long batch),
+at most one every 10 s, and always the last one.
 DLM_PROGRESS_SECONDS=S changes both intervals (0: a line for every batch or step).
 """
 
@@ -57,7 +58,7 @@ def interval(default: float) -> float:
     try:
         return max(0.0, float(value)) if value.strip() else default
     except ValueError:
-        raise ValueError(f"DLM_PROGRESS_SECONDS={value!r} must be a number of seconds (e.g. 30; 0 = every line)")
+        raise ValueError(f"DLM_PROGRESS_SECONDS={value!r} must be a number of seconds (e.g. 30; 0 = every line)") from None
 
 
 def width() -> int:
