@@ -58,7 +58,8 @@ def interval(default: float) -> float:
     try:
         return max(0.0, float(value)) if value.strip() else default
     except ValueError:
-        raise ValueError(f"DLM_PROGRESS_SECONDS={value!r} must be a number of seconds (e.g. 30; 0 = every line)") from None
+        raise ValueError(f"DLM_PROGRESS_SECONDS={value!r} must be a number of seconds (e.g. 30; 0: every line)"
+                         ) from None
 
 
 def width() -> int:
