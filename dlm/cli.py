@@ -9,6 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from dlm.progress import MODES, other_bars_off
+from dlm.progress import setting as progress_setting
+
 TRAIN_HELP = """\
 Train a model. Arguments are config overrides; presets apply first (in the order given), then fields
 (in order, the last wins):
@@ -19,6 +22,9 @@ Train a model. Arguments are config overrides; presets apply first (in the order
 Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint (a larger
 trainer.max_steps continues; the model, data, optimizer, batch size and seed must stay the same).
 trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.
+trainer.progress=auto draws Lightning's bar on a terminal and plain lines on stderr otherwise (a log file, a
+scheduler, CI): one every trainer.progress_every steps or 30 s, whichever comes first, and one per validation;
+bar, plain and off force one form (true = auto, false = off).
 
 config groups and fields (defaults):
 """
@@ -44,7 +50,7 @@ def cmd_train(args) -> int:
     from dlm.train.run import train
 
     _quiet_third_party()
-    cfg = build_config(args.overrides)
+    cfg = build_config(args.overrides + ([f"trainer.progress={args.progress}"] if args.progress else []))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -103,7 +109,7 @@ def cmd_sample(args) -> int:
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
         softmask=softmask_option(args), sampler_options={**sampler_options(args), **options},
-        block_length=args.block_length if blockwise else None,
+        block_length=args.block_length if blockwise else None, progress=args.progress,
     )
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
@@ -146,7 +152,8 @@ def _sample_llada(model, args, options: dict) -> int:
               temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache)
     res = model.generate_prompted(
         prompts, gen_length=args.gen_length, **{**kw, **options}, softmask=softmask_option(args),
-        batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos)
+        batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos,
+        progress=args.progress)
     args.steps = options.get("steps", args.steps)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
@@ -263,6 +270,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+PROGRESS_HELP = ("progress on stderr: auto (default) draws bars on a terminal and plain lines otherwise (a log file, "
+                 "a scheduler, CI; also when NO_COLOR is set or TERM=dumb), bar, plain or off; plain: %s")
+
+
+def _add_progress_arg(p, plain: str, default: str | None = "auto") -> None:
+    p.add_argument("--progress", default=default, choices=MODES, help=PROGRESS_HELP % plain)
+
+
 def sampler_help() -> str:
     """--sampler's help, from the sampler registry."""
     from dlm.sampler.registry import describe_samplers
@@ -294,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=TRAIN_HELP + _field_listing(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="GROUP=PRESET or KEY=VALUE overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _add_progress_arg(p, "a line every trainer.progress_every steps (50) or 30 s, whichever comes first, and after "
+                         "each validation (the same as trainer.progress=MODE; default: trainer.progress, auto)", None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("presets", allow_abbrev=False, help="list the config presets")
@@ -319,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write samples as JSONL")
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
+    _add_progress_arg(p, "a line after each batch and within a long one, at most one every 10 s "
+                         "(DLM_PROGRESS_SECONDS), and after the last batch")
     _add_sampling_args(p)
     g = p.add_argument_group("LLaDA-style block sampler (--sampler llada; names as in diffusers' LLaDA2 pipeline)")
     g.add_argument("--gen-length", type=int, default=None,
@@ -358,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also MAUVE of the samples against held-out text of the split cut to the same token length "
                         "(features from the evaluation model; implies --gen-ppl)")
     p.add_argument("--json", default=None, help="write the results as JSON")
+    _add_progress_arg(p, "a line per batch of each stage (perplexity, sampling, generative perplexity), at most "
+                         "one every 10 s (DLM_PROGRESS_SECONDS), and the last one")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -370,8 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_third_party() -> None:
-    """Lightning's INFO lines (hardware banner, a cloud-logging tip) and a torch-internal deprecation warning
-    say nothing a dlm user can act on; dlm prints its own summary of each run."""
+    """Lightning's INFO lines (hardware banner, a cloud-logging tip), a torch-internal deprecation warning and two
+    warnings of Lightning on every resume say nothing a dlm user can act on, and fill logs; dlm prints its own
+    summary of each run. (On resume the checkpoint folder holds the run's own checkpoints, and the data order is a
+    function of the step, dlm/train/data_module.py, so resuming mid-epoch is exact.)"""
     import logging
     import warnings
 
@@ -380,6 +403,8 @@ def _quiet_third_party() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.guards import disk_error_message, is_disk_error
 
     try:
-        return args.func(args)
+        with other_bars_off(_progress_mode(args)):  # e.g. transformers' loading bars: none in a log
+            return args.func(args)
     except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         if os.environ.get("DLM_DEBUG"):
             raise
@@ -413,6 +439,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dlm {args.command}: error: {disk_error_message(e, hint=WRITE_HINTS[args.command])}", file=sys.stderr)
         return 2
+
+
+def _progress_mode(args) -> str:
+    """The command's progress mode: --progress, else (train) the last trainer.progress= override, else auto."""
+    mode = getattr(args, "progress", None)
+    if mode is None and args.command == "train":
+        given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("trainer.progress=")]
+        mode = given[-1] if given else "auto"
+    try:
+        return progress_setting(mode or "auto")
+    except ValueError:
+        return "auto"  # build_config reports the bad value
 
 
 WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",

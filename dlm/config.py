@@ -17,6 +17,7 @@ import yaml
 
 from dlm.network.config import ModelConfig  # noqa: F401  (defined beside the network; re-exported here)
 from dlm.precision import PRECISIONS  # trainer.precision; what "auto" means: dlm/precision.py
+from dlm.progress import setting as progress_setting  # trainer.progress: true/false or a mode name
 from dlm.process import PROCESSES, MDLMConfig, ProcessConfig  # noqa: F401  (ProcessConfig re-exported)
 from dlm.softmask.process import SoftMaskedDiffusion
 
@@ -70,7 +71,9 @@ class TrainerConfig:
     seed: int = 1
     out_dir: str = "runs/dlm"
     logger: str = "csv"  # "csv" | "tensorboard" | "wandb"
-    progress: bool = True
+    # "auto" (= true: bars on a terminal, plain lines in a log), "bar", "plain", "off" (= false): dlm/progress.py
+    progress: str = "auto"
+    progress_every: int = 50  # plain mode: a progress line every this many steps (and at least one every 30 s)
     compile: bool = False
     # > 0: attention starts causal and widens to bidirectional over this many steps (DiffuLLaMA's annealing, for a
     # run adapted from a causal LM; dlm/train/adapt.py): at step s position i sees the keys <= i + T * s / N
@@ -237,6 +240,12 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
         return value
     if value is None:  # YAML's null / ~ / an empty value: no field of the config may be unset
         raise ConfigError(f"'{name}' must be a {kind.__name__}, got null; give a value (it is now {current!r})")
+    if name == "trainer.progress":  # a mode name, or true/false (its values when it was a bool)
+        try:
+            return progress_setting(value)
+        except ValueError:
+            raise ConfigError(f"'{name}' must be a mode: auto, bar, plain or off (true = auto, false = off), got "
+                              f"{value!r}") from None
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -291,7 +300,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the cosine's floor "
            "as a fraction of optim.lr)")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (a gradient-norm limit; 0 = no clipping)")
-    for name in ("max_steps", "batch_size", "accumulate", "val_every", "ckpt_every", "devices", "num_nodes"):
+    for name in ("max_steps", "batch_size", "accumulate", "val_every", "ckpt_every", "devices", "num_nodes",
+                 "progress_every"):
         value = getattr(t, name)
         _check(value > 0, f"trainer.{name}={value} must be a positive integer")
     _check(t.val_batches >= 0, "trainer.val_batches must be >= 0")

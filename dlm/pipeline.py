@@ -35,6 +35,8 @@ from dlm.network.families import (is_open_checkpoint, load_gguf_network, load_pr
                                   load_pretrained_tokenizer)
 from dlm.precision import use_bf16
 from dlm.process import Process
+from dlm.progress import StepLines, track
+from dlm.progress import resolve as resolve_progress
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
 from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
@@ -204,8 +206,9 @@ class DiffusionLM:
         decodes left to right (a non-autoregressive sampler named for it is replaced, with its options, by the
         process's own); a sampler the process cannot serve is refused. softmask: True = soft-masking with the learned w; a dict overrides
         omega_s, omega_a, omega_b, k, schedule (a model trained without SM needs omega_s); None/False = plain.
-        callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: a
-        progress bar on a terminal; record_trajectory: keep the canvas after every step.
+        callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: True or
+        "auto" (a bar on a terminal, plain lines on stderr otherwise; dlm/progress.py), "bar", "plain", or
+        False/"off"; record_trajectory: keep the canvas after every step.
         """
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be positive integers")
@@ -239,8 +242,11 @@ class DiffusionLM:
             raise ValueError(f"{total} tokens exceed the model's context ({self.context}): past it, prompts are "
                              "continued window by window, which needs prompts of one length; give one at a time")
         recorder = TrajectoryRecorder() if record_trajectory else None
-        bar = ProgressBar(desc="sampling", disable=None if progress else True)
-        hook = chain_callbacks(callback, recorder, bar if progress else None)
+        mode = resolve_progress(progress)
+        batches = -(-len(rows) // batch_size)
+        bar = ProgressBar(desc="sampling", disable=False) if mode == "bar" else (
+            StepLines(batches) if mode == "plain" else None)
+        hook = chain_callbacks(callback, recorder, bar)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         outputs, canvases = [], []
         started = time.perf_counter()
@@ -263,7 +269,10 @@ class DiffusionLM:
                     generated = canvas.to_generate
                 outputs.append(out)
                 canvases.append((out.tokens.cpu(), generated.cpu()))
-        bar.close()
+                if isinstance(bar, StepLines):
+                    bar.end_batch()
+        if isinstance(bar, ProgressBar):
+            bar.close()
         seconds = time.perf_counter() - started
         width = max(t.shape[1] for t, _ in canvases)  # chunks left-padded to their own longest prompt: align them
         pad = self.tokenizer.pad_token_id
@@ -386,12 +395,13 @@ class DiffusionLM:
 
     def perplexity(self, source: str = "embedded", split: str = "test", texts: list[str] | None = None,
                    num_t_samples: int = 8, seed: int = 0, batch_size: int = 16, max_rows: int | None = None,
-                   precision: str = "auto", progress: bool = False, softmask: bool | None = None) -> dict:
+                   precision: str = "auto", progress: bool | str = False, softmask: bool | None = None) -> dict:
         """Validation perplexity: exp of the per-token `nelbo` of the process, which is an upper bound (diffusion
         models), exact (autoregressive ones) or an estimate, as `process.likelihood` says and the result's
         "likelihood" reports ("bound": whether it is an upper bound), on a split of `source` or on given `texts`, packed like training
         (given texts: every token, the last row padded, so even one short sentence can be scored).
-        softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM)."""
+        softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM); progress: per batch,
+        as in `generate`."""
         from dlm.data.packing import build_token_dataset
         from dlm.data.batch import make_batch
 
@@ -418,11 +428,7 @@ class DiffusionLM:
             ids, am = ids[:max_rows], None if am is None else am[:max_rows]
         total, count = 0.0, 0
         starts = range(0, ids.shape[0], batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="perplexity", unit="batch")
-        for start in starts:
+        for start in track(starts, "perplexity", progress):
             batch = make_batch(ids[start:start + batch_size].long(), None if am is None else am[start:start + batch_size])
             s, n = self.nelbo(batch, num_t_samples, seed, precision, softmask, first_row=start)
             total, count = total + s, count + n

@@ -4,9 +4,11 @@
 # About 10 minutes on 2 CPU cores with bf16 instructions (measured 9 min 50 s: the full 1,200 + 300 steps). Each
 # training has a time budget (MDLM_MINUTES, AR_MINUTES) so that a slower CPU (an AVX2-only one trains in float32,
 # ~7x slower) still finishes in about 15 minutes, with fewer steps. Re-running resumes/reuses the runs in runs/
+# Redirected to a file (`make demo > demo.log 2>&1`) it writes plain progress lines, no carriage-return bars
+# (dlm/progress.py). DLM= names another `dlm` command, e.g. DLM="python -m dlm.cli" for a checkout without .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DLM=.venv/bin/dlm
+DLM=${DLM:-.venv/bin/dlm}
 
 echo "== 1/4  train the tiny MDLM (runs/demo-mdlm)"
 $DLM train run=demo trainer.out_dir=runs/demo-mdlm trainer.max_minutes=${MDLM_MINUTES:-9}

@@ -40,15 +40,17 @@ def test_presets_apply_before_field_overrides_whatever_the_order():
 
 
 def test_overrides_are_coerced_to_the_field_type():
-    cfg = build_config(["trainer.max_steps=2000", "optim.lr=3e-4", "trainer.progress=false", "optim.warmup_steps=1e2", "trainer.val_every=+7",
+    cfg = build_config(["trainer.max_steps=2000", "optim.lr=3e-4", "trainer.lora_embeddings=false", "optim.warmup_steps=1e2", "trainer.val_every=+7",
                         "model.dropout=0", "data.source=123", "trainer.max_steps=2.0", "init_from=", "process.eps=0"])
     assert cfg.trainer.max_steps == 2 and type(cfg.trainer.max_steps) is int
     assert cfg.optim.lr == 3e-4 and type(cfg.optim.lr) is float  # YAML reads "3e-4" as a string
-    assert cfg.trainer.progress is False
+    assert cfg.trainer.lora_embeddings is False
     assert cfg.optim.warmup_steps == 100 and type(cfg.optim.warmup_steps) is int and cfg.trainer.val_every == 7
     assert cfg.model.dropout == 0.0 and type(cfg.model.dropout) is float
     assert cfg.data.source == "123" and cfg.init_from == "" and type(cfg.process.eps) is float
-    assert build_config(["trainer.progress=true"]).trainer.progress is True
+    assert build_config(["trainer.compile=true"]).trainer.compile is True
+    # trainer.progress is a mode name; its old bool values still work (tests/test_progress.py)
+    assert build_config(["trainer.progress=false"]).trainer.progress == "off"
 
 
 @pytest.mark.parametrize("override, field", [

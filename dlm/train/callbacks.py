@@ -1,5 +1,5 @@
-"""Small Lightning callbacks: throughput in the progress bar, the loss-curve plot, the step timer (checkpoints:
-dlm/train/durable.py)."""
+"""Small Lightning callbacks: throughput in the progress bar, plain progress lines for logs, the loss-curve plot,
+the step timer (checkpoints: dlm/train/durable.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Timer, TQDMProgressBar
+
+from dlm.progress import TRAIN_SECONDS, duration, emit, interval
 
 
 class Throughput(L.Callback):
@@ -63,6 +65,81 @@ class ProgressBar(TQDMProgressBar):
         items = super().get_metrics(trainer, module)
         items.pop("v_num", None)
         return items
+
+
+class PlainProgress(L.Callback):
+    """Progress as whole lines on stderr, for logs (trainer.progress=plain, or auto off a terminal): one line every
+    `every` optimizer steps or `seconds` seconds, whichever comes first, and at the last step:
+
+        train step 150/1200 | loss 5.123 | 2,345 tok/s | 1m05s | ETA 7m20s
+
+    loss: the mean over the steps since the previous line; tok/s: training tokens (all devices) over that wall
+    time, validation excluded; then the time since this invocation started training, and the time left at the
+    current pace (capped by trainer.max_minutes' budget when one is set: "(budget)"; none on the line of a run
+    stopped before its last step). After each validation, its metrics and time:
+
+        val   step 250/1200 | ppl 312.40 | nll 5.744 | 3s
+    """
+
+    def __init__(self, every: int, seconds: float | None = None):
+        self.every, self.seconds = every, interval(TRAIN_SECONDS) if seconds is None else seconds
+        self._step = self._printed = -1
+        self._losses, self._tokens, self._paused = [], 0, 0.0  # _paused: validation seconds since the last line
+
+    def on_train_start(self, trainer, module):
+        self._start = self._last = time.perf_counter()
+        self._first = self._step = self._printed = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._tokens += batch["input_ids"].numel() * trainer.world_size
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            self._losses.append(float(loss))
+        if trainer.global_step == self._step:  # inside an accumulation window
+            return
+        self._step = trainer.global_step
+        now = time.perf_counter()
+        if self._step % self.every == 0 or now - self._last >= self.seconds or self._step >= trainer.max_steps:
+            self._line(trainer, now)
+
+    def on_train_end(self, trainer, module):
+        if trainer.global_step != self._printed:  # stopped between two lines (time budget, interrupt)
+            self._line(trainer, time.perf_counter(), final=True)
+
+    def _line(self, trainer, now: float, final: bool = False) -> None:
+        if not trainer.is_global_zero:
+            return
+        step, total = trainer.global_step, trainer.max_steps
+        parts = [f"train step {step}/{total}"]
+        if self._losses:
+            parts.append(f"loss {sum(self._losses) / len(self._losses):.3f}")
+        parts.append(f"{self._tokens / max(now - self._last - self._paused, 1e-9):,.0f} tok/s")
+        parts.append(duration(now - self._start))
+        left = None
+        if step > self._first and step < total and not final:
+            left = (now - self._start) / (step - self._first) * (total - step)
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        budget = timer.time_remaining("train") if timer is not None else None
+        if budget is not None and step < total and not final and (left is None or budget < left):
+            left = budget  # trainer.max_minutes stops the run first
+            parts.append(f"ETA {duration(left)} (budget)")
+        elif left is not None:
+            parts.append(f"ETA {duration(left)}")
+        emit(" | ".join(parts))
+        self._last, self._printed, self._losses, self._tokens, self._paused = now, step, [], 0, 0.0
+
+    def on_validation_start(self, trainer, module):
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = trainer.callback_metrics
+        parts = [f"val   step {trainer.global_step}/{trainer.max_steps}"]
+        parts += [f"{k} {float(m[f'val/{k}']):{fmt}}" for k, fmt in (("ppl", ".2f"), ("nll", ".3f")) if f"val/{k}" in m]
+        parts.append(duration(time.perf_counter() - self._val_start))
+        emit(" | ".join(parts))
+        self._paused += time.perf_counter() - self._val_start  # validation time is not training throughput
 
 
 class LossCurvePlot(L.Callback):

@@ -23,10 +23,11 @@ from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.process.base import LIKELIHOOD_WORDS
+from dlm.progress import resolve as resolve_progress
 from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
 from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
-from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
+from dlm.train.callbacks import LossCurvePlot, PlainProgress, ProgressBar, StepTimer, Throughput
 from dlm.train.data_module import TextDataModule, build_tokenizer
 from dlm.train.durable import DurableCSVLogger, StepCheckpoint, truncate_logs
 from dlm.train.lit_module import DiffusionLightningModule
@@ -200,8 +201,9 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
                                          save_top_k=1, enable_version_counter=False, save_last=False))
     # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
     callbacks.append(StepCheckpoint(last, t.ckpt_every))
-    if t.progress:
-        callbacks.append(ProgressBar(refresh_rate=1))
+    progress = resolve_progress(t.progress)  # bar on a terminal, plain lines in a log (dlm/progress.py)
+    if progress != "off":
+        callbacks.append(ProgressBar(refresh_rate=1) if progress == "bar" else PlainProgress(t.progress_every))
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
@@ -209,7 +211,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
         val_check_interval=val_interval if t.val_batches > 0 else None, check_val_every_n_epoch=None,
         limit_val_batches=t.val_batches if t.val_batches > 0 else 0, num_sanity_val_steps=0,
         logger=_make_logger(t.logger, run_dir), callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=t.progress, enable_model_summary=False, use_distributed_sampler=False,
+        enable_progress_bar=progress == "bar", enable_model_summary=False, use_distributed_sampler=False,
         log_every_n_steps=1, default_root_dir=run_dir,
     )
     n_params = module.network.num_params(non_embedding=False)
