@@ -352,9 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.train.lit_module import TrainingDiverged
 
     from dlm.guards import disk_error_message, is_disk_error
+    from dlm.train.stop import RunStopped
 
     try:
         return args.func(args)
+    except RunStopped as e:  # SIGTERM/SIGINT: checkpoint written, lock released (dlm/train/stop.py)
+        print(e.message(), file=sys.stderr, flush=True)
+        return e.exit_status
     except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         if os.environ.get("DLM_DEBUG"):
             raise

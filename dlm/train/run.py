@@ -76,20 +76,22 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
 
 def train(cfg: RunConfig) -> Path:
     """Train (or resume) one run; returns the run folder. The folder is locked while the run writes it
-    (dlm/train/lock.py): a second `dlm train` on it gets a clear error."""
+    (dlm/train/lock.py): a second `dlm train` on it gets a clear error. SIGTERM or SIGINT stops the run at the next
+    optimizer-step boundary with a checkpoint and raises `RunStopped` (dlm/train/stop.py), the lock released."""
     from dlm.train.lock import RunLock
+    from dlm.train.stop import StopSignals
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     run_dir = Path(cfg.trainer.out_dir)
-    with RunLock(run_dir):
+    with StopSignals() as stop, RunLock(run_dir):
         from dlm.integrity import remove_stale_stages
 
         for folder in (run_dir, run_dir / "checkpoints", run_dir / "model"):  # temp files of a killed run
             remove_stale_stages(folder)
         for leftover in (run_dir / "checkpoints").glob("*.tmp"):
             leftover.unlink(missing_ok=True)
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, stop)
 
 
 def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
@@ -103,7 +105,7 @@ def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
     cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
 
 
-def _train(cfg: RunConfig, run_dir: Path) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
     from dlm.checkpoint import tokenizer_from_state
     from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
 
@@ -198,7 +200,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
                                          save_top_k=1, enable_version_counter=False, save_last=False))
     # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
-    callbacks.append(StepCheckpoint(last, t.ckpt_every))
+    callbacks.append(StepCheckpoint(last, t.ckpt_every, stop))  # also the stop at a SIGTERM/SIGINT
     if t.progress:
         callbacks.append(ProgressBar(refresh_rate=1))
     trainer = L.Trainer(
@@ -223,6 +225,10 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
     if trainer.is_global_zero:  # rows a killed run logged after its last checkpoint (or before a first) are redone
         truncate_logs(run_dir / "logs", int(ckpt["global_step"]) if resume else 0)
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if stop is not None and stop.requested:  # a signal during the last step's save: saved, the export left
+        from dlm.train.stop import RunStopped
+
+        raise RunStopped(stop.signum, trainer.global_step, t.max_steps)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     if trainer.is_global_zero:
         print(f"dlm: step {trainer.global_step} of {t.max_steps}, {timer.time_elapsed('train') / 60:.1f} min of training "
