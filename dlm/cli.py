@@ -42,14 +42,24 @@ def _field_listing() -> str:
 def cmd_train(args) -> int:
     from dlm.config import build_config, to_yaml
     from dlm.train.run import train
+    from dlm.train.stop import StopSignals
 
     _quiet_third_party()
-    cfg = build_config(args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    run_dir = train(cfg)
+    # SIGTERM/SIGINT: a stop at a step boundary (dlm/train/stop.py). The `dlm` process keeps dlm's handlers until it
+    # exits, so a signal that lands after a finished run, while Python shuts down, is not a silent kill by signal.
+    stop = StopSignals().__enter__()
+    try:
+        cfg = build_config(args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        run_dir = train(cfg, stop=stop)
+    finally:
+        if getattr(args, "in_process", False):  # main(argv) called from Python: give the handlers back
+            stop.__exit__()
     print(f"run saved in {run_dir} (model: {run_dir / 'model'}, loss curve: {run_dir / 'loss_curve.png'})")
+    if stop.requested:  # during the export of a run whose last step was saved: it is complete
+        print(f"dlm: {stop.name} received after the last step; the run is complete", file=sys.stderr, flush=True)
     return 0
 
 
@@ -76,10 +86,13 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dlm.guards import check_device, check_sampling_args
+    from dlm.guards import check_device, check_sampling_args, check_text
     from dlm.pipeline import load
 
     check_device(args.device)
+    for prompt in args.prompt or []:
+        check_text("--prompt", prompt)
+    check_text("--template", args.template)
     check_sampling_args(temperature=args.temperature, top_p=args.top_p, length=args.length, stride=args.stride,
                         steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
                         gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
@@ -223,10 +236,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from dlm.checkpoint import clear_export_files
+    from dlm.config import ConfigError
     from dlm.pipeline import load
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: give a new or empty folder as the export folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not args.overwrite:  # stray files (a tokenizer file of another model) would make it unloadable
+        raise ConfigError(f"export folder {out} is not empty ({len(present)} entries: {', '.join(present[:3])}"
+                          f"{', ...' if len(present) > 3 else ''}); give a new or empty folder, or add --overwrite "
+                          "(it first removes the files a dlm export writes there; other files stay)")
     model = load(args.checkpoint, use_ema=not args.live_weights)
-    print(f"exported to {model.save_pretrained(args.out)}")
+    if present:
+        clear_export_files(out)
+    print(f"exported to {model.save_pretrained(out)}")
     return 0
 
 
@@ -324,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--live-weights", action="store_true", help="export the live weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a folder that is not empty: remove the files a dlm export writes (config.json, "
+                        "model.safetensors, integrity.json, tokenizer files) first; other files stay")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -344,6 +372,7 @@ def _quiet_third_party() -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    args.in_process = argv is not None
     from dlm.allocator import keep_freed_memory
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)

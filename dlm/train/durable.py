@@ -118,6 +118,16 @@ class StepCheckpoint(Checkpoint):
 
 
 class _DurableWriter(ExperimentWriter):
+    def save(self) -> None:
+        """Lightning's save, whose full disk (met when the buffered rows are flushed: an OSError without a file
+        name) names the metrics file."""
+        try:
+            super().save()
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.metrics_file_path)) from e
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         """Lightning rewrites the file in place when a new column appears; here through a temp file + rename."""
         with open(self.metrics_file_path, newline="") as f:

@@ -74,17 +74,27 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
                               "(init_from=<this run> starts one from its weights)")
 
 
-def train(cfg: RunConfig) -> Path:
+def train(cfg: RunConfig, stop=None) -> Path:
     """Train (or resume) one run; returns the run folder. The folder is locked while the run writes it
     (dlm/train/lock.py): a second `dlm train` on it gets a clear error. SIGTERM or SIGINT stops the run at the next
-    optimizer-step boundary with a checkpoint and raises `RunStopped` (dlm/train/stop.py), the lock released."""
+    optimizer-step boundary with a checkpoint and raises `RunStopped` (dlm/train/stop.py), the lock released.
+    stop: a `StopSignals` already installed by the caller (the CLI keeps its handlers until the process exits),
+    else one installed for the call."""
+    from contextlib import nullcontext
+
     from dlm.train.lock import RunLock
     from dlm.train.stop import StopSignals
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     run_dir = Path(cfg.trainer.out_dir)
-    with StopSignals() as stop, RunLock(run_dir):
+    for folder in (run_dir, *run_dir.parents):  # the nearest existing one must be a folder
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ConfigError(f"trainer.out_dir={run_dir}: {folder} is a file, not a folder; set trainer.out_dir "
+                                  "to a new folder or to an existing run's folder")
+            break
+    with (nullcontext(stop) if stop is not None else StopSignals()) as stop, RunLock(run_dir):
         from dlm.integrity import remove_stale_stages
 
         for folder in (run_dir, run_dir / "checkpoints", run_dir / "model"):  # temp files of a killed run
@@ -103,6 +113,29 @@ def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
                           f"{source.data.tokenizer!r}, from {where}) but this run asks for data.tokenizer="
                           f"{cfg.data.tokenizer!r}; leave data.tokenizer out (the weights only fit their own tokenizer)")
     cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
+
+
+def _check_init_process(cfg: RunConfig, source: RunConfig) -> None:
+    """init_from= a dlm model trained with an autoregressive process into a diffusion run (or the reverse) is
+    refused: the two heads predict different positions, so the weights would start with every prediction off by
+    one."""
+    from dlm.process import PROCESSES
+
+    was, now = source.process.name, cfg.process.name
+    was_ar, now_ar = PROCESSES[was].autoregressive, PROCESSES[now].autoregressive
+    if was_ar == now_ar:
+        return
+    if was_ar:
+        why = (f"its head predicts the next token (the output at position i is token i+1, under causal attention), "
+               f"while process={now} predicts each masked token at its own position with bidirectional attention")
+        fix = ("start from a diffusion model, keep process=ar, or adapt a causal LM with init_from=hf:FOLDER, which "
+               "keeps the next-token shift (dlm/train/adapt.py)")
+    else:
+        why = (f"its head predicts each masked token at its own position, while process={now} predicts the next "
+               "token under causal attention")
+        fix = "start process=ar from scratch or from an autoregressive dlm model"
+    raise ConfigError(f"init_from={cfg.init_from} was trained with process={was}: {why}; its weights would start "
+                      f"with every prediction off by one position. {fix[0].upper()}{fix[1:]}")
 
 
 def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
@@ -129,6 +162,7 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
             from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
             init = DiffusionLM.load(cfg.init_from)
+            _check_init_process(cfg, init.cfg)
             init_state, init_process = init.network.state_dict(), init.process.state_dict()
         _adopt_tokenizer(cfg, init.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +258,13 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
     if trainer.is_global_zero:  # rows a killed run logged after its last checkpoint (or before a first) are redone
         truncate_logs(run_dir / "logs", int(ckpt["global_step"]) if resume else 0)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if resume:  # instead of Lightning's "dataloader is not resumable" warning, which does not apply to dlm
+        print(f"dlm: the resume is exact: the batch of every step is a function of (trainer.seed, step, rank) "
+              f"(dlm/train/data_module.py), so steps {ckpt['global_step']}+ see the data they would have seen",
+              flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if stop is not None and stop.requested:  # a signal during the last step's save: saved, the export left
         from dlm.train.stop import RunStopped
 

@@ -8,7 +8,10 @@ What a scheduler, `timeout` or Ctrl-C sends, and what dlm does (docs/reliability
 - before training starts (setup, tokenizer, data) nothing needs saving: the first signal raises `RunStopped` at once
   (every file written there is written atomically);
 - further signals while the run stops are ignored, so a second Ctrl-C or SIGTERM never cuts a checkpoint write
-  (which is a temp file + rename anyway: the previous last.ckpt stays whole until the rename); `kill -9` stops at once.
+  (which is a temp file + rename anyway: the previous last.ckpt stays whole until the rename); `kill -9` stops at once;
+- a signal during the export that follows the last step lets it finish: the run is complete (exit 0, with a note).
+  The `dlm` command keeps the handlers until the process exits (dlm/cli.py), so a signal that lands while Python
+  shuts down after a finished run is not a kill without a message either.
 
 Lightning installs its own SIGTERM handler when `fit` starts (it would end the run after any micro-batch, inside an
 accumulation window, and `fit` would return as if done): `StopSignals.take_back()` puts dlm's back in place when
@@ -55,6 +58,10 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:  # stopping already: a second signal must not cut the checkpoint write
