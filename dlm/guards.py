@@ -58,7 +58,8 @@ def no_space_message(path: Path, needed: int, what: str = "an atomic checkpoint"
 
 def check_text(option: str, text: str | None) -> None:
     """A ValueError naming `option` when `text` cannot be encoded as UTF-8: a lone surrogate, which is how Python
-    passes on argument bytes that are not UTF-8 (`--prompt $'\\xed\\xa0\\x80abc'`); the tokenizer would raise a TypeError."""
+    passes on argument bytes that are not UTF-8 (`--prompt $'\\xed\\xa0\\x80abc'`); the tokenizer would raise a
+    TypeError."""
     if text is None:
         return
     try:

@@ -265,6 +265,8 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if stop is not None:  # from here (the export) a signal is only recorded: the run completes
+        stop.in_training = True  # (a run resumed at its last step never started training: not set by the callback)
     if stop is not None and stop.requested:  # a signal during the last step's save: saved, the export left
         from dlm.train.stop import RunStopped
 

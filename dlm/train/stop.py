@@ -52,7 +52,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum: int | None = None  # the first signal received
-        self.in_training = False  # True: stop at the next optimizer-step boundary; False: raise at once
+        self.in_training = False  # True (from training's start): record, stop at the next step boundary; False: raise
         self._previous: dict[int, object] = {}
 
     @property

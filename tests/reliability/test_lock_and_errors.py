@@ -78,7 +78,8 @@ def test_a_full_disk_during_a_checkpoint_says_how_much_space_is_needed(micro_run
     ckpt = read_checkpoint(micro_run / "checkpoints" / "last.ckpt")
     path = tmp_path / "last.ckpt"
     (tmp_path / "last.ckpt.tmp").symlink_to("/dev/full")
-    with pytest.raises(CheckpointError, match=r"^no space left on device: need ~[\d.]+ [KMG]B free for an atomic checkpoint "
+    with pytest.raises(CheckpointError, match=r"^no space left on device: need ~[\d.]+ [KMG]B free for an atomic "
+                                              r"checkpoint "
                                               rf"\({re.escape(str(path))}"):
         AtomicCheckpointIO().save_checkpoint(ckpt, path)
     assert not path.exists() and not (tmp_path / "last.ckpt.tmp").exists()

@@ -46,7 +46,8 @@ def _assert_stopped_cleanly(proc_rc, err, run, sig, status, max_steps) -> int:
     return int(m.group(1))
 
 
-@pytest.mark.parametrize("sig,status,point", [("TERM", 143, "checkpoint_written:1"), ("INT", 130, "checkpoint_renamed:2")])
+@pytest.mark.parametrize("sig,status,point", [("TERM", 143, "checkpoint_written:1"),
+                                              ("INT", 130, "checkpoint_renamed:2")])
 def test_a_signal_at_a_checkpoint_write_finishes_it_and_stops(micro_args, tmp_path, sig, status, point):
     """The process sends itself the signal between the first checkpoint's temp file and its rename (SIGTERM): the
     write completes, and the run stops at that step (4) with the line. Or right after the second rename (SIGINT),
@@ -163,3 +164,28 @@ def test_sigterm_campaign_stops_with_the_line_and_resumes_bit_identical(tmp_path
                                accumulate=2, softmask=True, work=tmp_path, schedule=schedule, verbose=False)
     assert r["kills"] == len(schedule) and r["sigterms"] == len(schedule)
     assert r["identical"], r["diffs"]
+
+
+def test_a_signal_during_the_export_of_a_run_resumed_at_its_last_step_lets_it_finish(micro_run, micro_args, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """A run resumed at its last step trains nothing (Lightning never starts training) and exports again; a
+    SIGTERM during that export is recorded, the export completes, and the run is a success with a note."""
+    import shutil
+
+    import dlm.train.run as run_module
+    from dlm.pipeline import load
+
+    run = tmp_path / "B"
+    shutil.copytree(micro_run, run)
+    shutil.rmtree(run / "model")
+    original = run_module.export
+
+    def export(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*a, **k)
+
+    monkeypatch.setattr(run_module, "export", export)
+    assert main(["train", *micro_args(run)]) == 0
+    err = capsys.readouterr().err
+    assert "dlm: SIGTERM received after the last step; the run is complete" in err and "stopped by" not in err
+    load(run / "model")
