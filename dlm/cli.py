@@ -45,8 +45,7 @@ def cmd_train(args) -> int:
     from dlm.train.stop import StopSignals
 
     _quiet_third_party()
-    # SIGTERM/SIGINT: a stop at a step boundary (dlm/train/stop.py). The `dlm` process keeps dlm's handlers until it
-    # exits, so a signal that lands after a finished run, while Python shuts down, is not a silent kill by signal.
+    # SIGTERM/SIGINT: a stop at a step boundary (dlm/train/stop.py).
     stop = StopSignals().__enter__()
     try:
         cfg = build_config(args.overrides)
@@ -57,6 +56,11 @@ def cmd_train(args) -> int:
     finally:
         if getattr(args, "in_process", False):  # main(argv) called from Python: give the handlers back
             stop.__exit__()
+        else:  # the `dlm` process: its status is decided; a signal while Python shuts down (which puts the default
+            import signal  # action back for signals with a Python handler) must not turn it into a kill by signal
+
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
     print(f"run saved in {run_dir} (model: {run_dir / 'model'}, loss curve: {run_dir / 'loss_curve.png'})")
     if stop.requested:  # during the export of a run whose last step was saved: it is complete
         print(f"dlm: {stop.name} received after the last step; the run is complete", file=sys.stderr, flush=True)

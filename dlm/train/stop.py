@@ -10,8 +10,8 @@ What a scheduler, `timeout` or Ctrl-C sends, and what dlm does (docs/reliability
 - further signals while the run stops are ignored, so a second Ctrl-C or SIGTERM never cuts a checkpoint write
   (which is a temp file + rename anyway: the previous last.ckpt stays whole until the rename); `kill -9` stops at once;
 - a signal during the export that follows the last step lets it finish: the run is complete (exit 0, with a note).
-  The `dlm` command keeps the handlers until the process exits (dlm/cli.py), so a signal that lands while Python
-  shuts down after a finished run is not a kill without a message either.
+  Once `dlm train` has decided its exit status, the process ignores SIGTERM and SIGINT (dlm/cli.py): Python puts
+  the default action back while it shuts down, and a signal landing then would make a finished run look killed.
 
 Lightning installs its own SIGTERM handler when `fit` starts (it would end the run after any micro-batch, inside an
 accumulation window, and `fit` would return as if done): `StopSignals.take_back()` puts dlm's back in place when
