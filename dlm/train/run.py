@@ -22,7 +22,7 @@ from dlm.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint,
 from dlm.config import ConfigError, RunConfig, to_yaml
 from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
-from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
+from dlm.train.adapt import check_init_process, is_causal_lm_spec, load_causal_lm
 from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, ProgressBar, StepTimer, Throughput
@@ -115,29 +115,6 @@ def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
     cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
 
 
-def _check_init_process(cfg: RunConfig, source: RunConfig) -> None:
-    """init_from= a dlm model trained with an autoregressive process into a diffusion run (or the reverse) is
-    refused: the two heads predict different positions, so the weights would start with every prediction off by
-    one."""
-    from dlm.process import PROCESSES
-
-    was, now = source.process.name, cfg.process.name
-    was_ar, now_ar = PROCESSES[was].autoregressive, PROCESSES[now].autoregressive
-    if was_ar == now_ar:
-        return
-    if was_ar:
-        why = (f"its head predicts the next token (the output at position i is token i+1, under causal attention), "
-               f"while process={now} predicts each masked token at its own position with bidirectional attention")
-        fix = ("start from a diffusion model, keep process=ar, or adapt a causal LM with init_from=hf:FOLDER, which "
-               "keeps the next-token shift (dlm/train/adapt.py)")
-    else:
-        why = (f"its head predicts each masked token at its own position, while process={now} predicts the next "
-               "token under causal attention")
-        fix = "start process=ar from scratch or from an autoregressive dlm model"
-    raise ConfigError(f"init_from={cfg.init_from} was trained with process={was}: {why}; its weights would start "
-                      f"with every prediction off by one position. {fix[0].upper()}{fix[1:]}")
-
-
 def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
     from dlm.checkpoint import tokenizer_from_state
     from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
@@ -162,7 +139,7 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
             from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
             init = DiffusionLM.load(cfg.init_from)
-            _check_init_process(cfg, init.cfg)
+            check_init_process(cfg, init.cfg)  # not an AR model into a diffusion run
             init_state, init_process = init.network.state_dict(), init.process.state_dict()
         _adopt_tokenizer(cfg, init.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
