@@ -19,6 +19,7 @@ Train a model. Arguments are config overrides; presets apply first (in the order
 Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint (a larger
 trainer.max_steps continues; the model, data, optimizer, batch size and seed must stay the same).
 trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.
+SIGTERM or Ctrl-C (SIGINT) finishes the step in progress, saves it and exits 143 or 130; the same command resumes.
 
 config groups and fields (defaults):
 """
