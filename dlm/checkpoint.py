@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -256,6 +257,24 @@ def save_pretrained(folder: str | Path, network: torch.nn.Module, config: dict, 
             raise CheckpointError(no_space_message(folder / "model.safetensors", 2 * len(blob), "the export")) from e
         raise
     return folder
+
+
+def clear_export_files(folder: str | Path) -> list[str]:
+    """Remove from `folder` the files an export writes (and its temp files), before another export into it; other
+    files stay. Returns the names removed. The integrity record goes first: the folder stops loading at once."""
+    from dlm.integrity import RECORD, TOKENIZER_FILES
+
+    folder, removed = Path(folder), []
+    for name in (RECORD, "config.json", "model.safetensors", *TOKENIZER_FILES):
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            (folder / name).unlink()
+            removed.append(name)
+    for stale in folder.glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return removed
 
 
 def load_pretrained_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

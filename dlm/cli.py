@@ -25,6 +25,7 @@ trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summe
 trainer.progress=auto draws Lightning's bar on a terminal and plain lines on stderr otherwise (a log file, a
 scheduler, CI): one every trainer.progress_every steps or 30 s, whichever comes first, and one per validation;
 bar, plain and off force one form (true = auto, false = off).
+SIGTERM or Ctrl-C (SIGINT) finishes the step in progress, saves it and exits 143 or 130; the same command resumes.
 
 config groups and fields (defaults):
 """
@@ -48,14 +49,28 @@ def _field_listing() -> str:
 def cmd_train(args) -> int:
     from dlm.config import build_config, to_yaml
     from dlm.train.run import train
+    from dlm.train.stop import StopSignals
 
     _quiet_third_party()
-    cfg = build_config(args.overrides + ([f"trainer.progress={args.progress}"] if args.progress else []))
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
-    run_dir = train(cfg)
+    # SIGTERM/SIGINT: a stop at a step boundary (dlm/train/stop.py).
+    stop = StopSignals().__enter__()
+    try:
+        cfg = build_config(args.overrides + ([f"trainer.progress={args.progress}"] if args.progress else []))
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        run_dir = train(cfg, stop=stop)
+    finally:
+        if getattr(args, "in_process", False):  # main(argv) called from Python: give the handlers back
+            stop.__exit__()
+        else:  # the `dlm` process: its status is decided; a signal while Python shuts down (which puts the default
+            import signal  # action back for signals with a Python handler) must not turn it into a kill by signal
+
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
     print(f"run saved in {run_dir} (model: {run_dir / 'model'}, loss curve: {run_dir / 'loss_curve.png'})")
+    if stop.requested:  # during the export of a run whose last step was saved: it is complete
+        print(f"dlm: {stop.name} received after the last step; the run is complete", file=sys.stderr, flush=True)
     return 0
 
 
@@ -85,10 +100,13 @@ def cmd_presets(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dlm.guards import check_device, check_sampling_args
+    from dlm.guards import check_device, check_sampling_args, check_text
     from dlm.pipeline import load
 
     check_device(args.device)
+    for prompt in args.prompt or []:
+        check_text("--prompt", prompt)
+    check_text("--template", args.template)
     check_sampling_args(temperature=args.temperature, top_p=args.top_p, length=args.length, stride=args.stride,
                         steps=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
                         gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
@@ -263,10 +281,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from dlm.checkpoint import clear_export_files
+    from dlm.config import ConfigError
     from dlm.pipeline import load
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: give a new or empty folder as the export folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not args.overwrite:  # stray files (a tokenizer file of another model) would make it unloadable
+        raise ConfigError(f"export folder {out} is not empty ({len(present)} entries: {', '.join(present[:3])}"
+                          f"{', ...' if len(present) > 3 else ''}); give a new or empty folder, or add --overwrite "
+                          "(it first removes the files a dlm export writes there; other files stay)")
     model = load(args.checkpoint, use_ema=not args.live_weights)
-    print(f"exported to {model.save_pretrained(args.out)}")
+    if present:
+        clear_export_files(out)
+    print(f"exported to {model.save_pretrained(out)}")
     return 0
 
 
@@ -386,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--live-weights", action="store_true", help="export the live weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a folder that is not empty: remove the files a dlm export writes (config.json, "
+                        "model.safetensors, integrity.json, tokenizer files) first; other files stay")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -417,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlm: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.in_process = argv is not None
     from dlm.allocator import keep_freed_memory
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
@@ -425,10 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     from dlm.train.lit_module import TrainingDiverged
 
     from dlm.guards import disk_error_message, is_disk_error
+    from dlm.train.stop import RunStopped
 
     try:
         with other_bars_off(_progress_mode(args)):  # e.g. transformers' loading bars: none in a log
             return args.func(args)
+    except RunStopped as e:  # SIGTERM/SIGINT: checkpoint written, lock released (dlm/train/stop.py)
+        print(e.message(), file=sys.stderr, flush=True)
+        return e.exit_status
     except (ConfigError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError) as e:
         if os.environ.get("DLM_DEBUG"):
             raise

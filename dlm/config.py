@@ -9,6 +9,7 @@ registered process without a file: its config dataclass's defaults), then dotted
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,12 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Reject values that cannot work, naming the field and the fix."""
     m, p, d, o, t = cfg.model, cfg.process, cfg.data, cfg.optim, cfg.trainer
+    for group in dataclasses.fields(cfg):  # inf and nan pass "> 0" checks (optim.lr=.inf failed at step 1)
+        section = getattr(cfg, group.name)
+        for f in dataclasses.fields(section) if dataclasses.is_dataclass(section) else ():
+            value = getattr(section, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{group.name}.{f.name}={value} must be a finite number")
     for problem in m.problems():
         raise ConfigError(problem)
     _check(m.context >= 4, f"model.context={m.context} is too short; use at least 4 tokens")

@@ -42,10 +42,33 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def human_size(n: int) -> str:
+    """Bytes as "340 KB", "2.2 MB" or "12.5 GB" (never "0 MB" for a few hundred KB)."""
+    for unit, size in (("GB", 2**30), ("MB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{math.ceil(n / 2**10)} KB"
+
+
 def no_space_message(path: Path, needed: int, what: str = "an atomic checkpoint") -> str:
     free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-    return (f"no space left on device: need ~{max(1, math.ceil(needed / 2**20))} MB free for {what} ({path}; "
-            f"{free / 2**20:.0f} MB free there); free space on that disk or set trainer.out_dir to another one")
+    return (f"no space left on device: need ~{human_size(needed)} free for {what} ({path}; {human_size(free)} free "
+            "there); free space on that disk or set trainer.out_dir to another one")
+
+
+def check_text(option: str, text: str | None) -> None:
+    """A ValueError naming `option` when `text` cannot be encoded as UTF-8: a lone surrogate, which is how Python
+    passes on argument bytes that are not UTF-8 (`--prompt $'\\xed\\xa0\\x80abc'`); the tokenizer would raise a
+    TypeError."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = text[e.start:e.end].encode("utf-8", "surrogateescape") if all(
+            "\udc80" <= c <= "\udcff" for c in text[e.start:e.end]) else text[e.start:e.end].encode("unicode_escape")
+        raise ValueError(f"{option} is not valid UTF-8 text ({raw!r} at character {e.start}); pass UTF-8 text "
+                         "(check the shell quoting and the terminal's encoding)") from None
 
 
 # ------------------------------------------------------------------------------------------------- devices

@@ -20,6 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
+from dlm.data.ioerrors import os_error_from
 from dlm.errors import CheckpointError
 from dlm.faults import kill_point
 
@@ -92,6 +93,18 @@ def verify_folder(folder: Path, fix: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- tokenizers
+def _save_pretrained(tokenizer, stage: Path) -> None:
+    """`tokenizer.save_pretrained(stage)`, whose full disk (a bare Exception from the tokenizers library) is an
+    OSError naming the folder."""
+    try:
+        tokenizer.save_pretrained(str(stage))
+    except Exception as e:
+        os_error = os_error_from(e, stage.parent)
+        if os_error is None:
+            raise
+        raise os_error from e
+
+
 def save_tokenizer_files(tokenizer, folder: Path) -> list[str]:
     """Write `tokenizer`'s files into `folder` file by file atomically (staged in a temp folder); returns their names."""
     folder = Path(folder)
@@ -99,7 +112,7 @@ def save_tokenizer_files(tokenizer, folder: Path) -> list[str]:
     stage = folder / f".tokenizer.{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        tokenizer.save_pretrained(str(stage))
+        _save_pretrained(tokenizer, stage)
         names = sorted(p.name for p in stage.iterdir() if p.is_file())
         kill_point("tokenizer_written")
         for name in names:
@@ -118,7 +131,7 @@ def save_tokenizer_dir(tokenizer, folder: Path) -> None:
     stage = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        tokenizer.save_pretrained(str(stage))
+        _save_pretrained(tokenizer, stage)
         write_record(stage, [p.name for p in stage.iterdir() if p.is_file()])
         kill_point("tokenizer_written")
         if folder.exists():

@@ -1,9 +1,16 @@
-"""Kill -9 campaign: train a micro run while killing it again and again (SIGKILL at random moments and right after
-checkpoint renames and other named points), restart it with the same command each time, and compare the finished
-run with an uninterrupted one, bit for bit.
+"""Kill campaign: train a micro run while killing it again and again (SIGKILL at random moments and right after
+checkpoint renames and other named points; SIGTERM at random moments and inside checkpoint writes), restart it
+with the same command each time, and compare the finished run with an uninterrupted one, bit for bit.
 
-    python scripts/kill_campaign.py --kills 20                 # accumulate=2, soft-masking on (the defaults)
+    python scripts/kill_campaign.py --kills 20                 # accumulate=2, soft-masking on, half SIGTERM
     python scripts/kill_campaign.py --kills 100 --seed 3 --keep /tmp/campaign
+    python scripts/kill_campaign.py --kills 20 --sigterm 0     # SIGKILL only (the campaign before SIGTERM)
+
+A SIGTERM run must stop with exit status 143, one line "dlm: stopped by SIGTERM at step N of M; resume with the
+same command" (or "... before training started ...") whose N is the step of the last.ckpt it leaves, no lock file
+and no lost step (dlm/train/stop.py); half of them get a second SIGTERM soon after the first (ignored while the run
+stops). A SIGTERM that lands after the last step's checkpoint lets the run finish (exit 0, compared like a run
+that finished before its kill).
 
 Prints kills / resumes / lost steps / identical (weights, EMA, optimizer state, best.ckpt, every logged CSV value,
 each step exactly once). A run that finishes before its kill lands is compared too, then started over from
@@ -57,8 +64,12 @@ def start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
 
 def run_once(args: list[str], log: Path, env: dict, kill: str | None, rng: random.Random,
              timeout: float = 600) -> tuple[int, str]:
-    """One invocation; kill = None (let it finish), "point:<name>:<n>" or "random:<max seconds>"."""
+    """One invocation; kill = None (let it finish), "point:<name>:<n>" or "random:<max seconds>" (SIGKILL), or
+    the same behind "term:" (SIGTERM; "term:random:<max seconds>:2" sends a second SIGTERM soon after the first)."""
     env = dict(env)
+    sig = signal.SIGKILL
+    if kill and kill.startswith("term:"):
+        kill, sig, env["DLM_KILL_SIGNAL"] = kill[len("term:"):], signal.SIGTERM, "TERM"
     if kill and kill.startswith("point:"):
         env["DLM_KILL_AT"] = kill[len("point:"):]
     proc = start(args, log, env)
@@ -68,7 +79,11 @@ def run_once(args: list[str], log: Path, env: dict, kill: str | None, rng: rando
             time.sleep(0.02)
         time.sleep(rng.uniform(0, float(kill.split(":")[1])))
         if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
+        if kill.endswith(":2"):  # a second signal while the run stops (e.g. during its checkpoint write)
+            time.sleep(rng.uniform(0, 0.3))
+            if proc.poll() is None:
+                os.kill(proc.pid, sig)
     fit_started = None
     while proc.poll() is None:
         if fit_started is None and re.search(r"dlm: (training|resuming)", log.read_text()):
@@ -151,9 +166,34 @@ def compare(a: Path, b: Path) -> list[str]:
     return diffs
 
 
+STOP_LINE = re.compile(r"^dlm: stopped by SIGTERM (?:at step (\d+) of (\d+)|before training started); resume with "
+                       r"the same command$", re.M)
+
+
+def check_sigterm_stop(out: str, victim: Path) -> list[str]:
+    """What is wrong with a run that SIGTERM stopped (exit status 143): [] when it printed the line once, the
+    line's step is its last.ckpt, its lock is gone, and no trained step was lost."""
+    problems = []
+    lines = STOP_LINE.findall(out)
+    if len(lines) != 1 or "Traceback" in out:
+        return [f"SIGTERM stop without exactly one 'stopped by SIGTERM' line (or with a traceback): {out[-800:]!r}"]
+    step = lines[0][0]
+    after = checkpoint_step(victim)
+    if step and int(step) != after:
+        problems.append(f"the line says step {step} but last.ckpt is at step {after}")
+    if (victim / ".lock").exists():
+        problems.append("the lock file is still there after a SIGTERM stop")
+    rows = [s for (s, key) in logged_rows(victim) if key == "train/loss"]
+    if max(rows, default=-1) + 1 > (after or 0):
+        problems.append(f"a SIGTERM stop lost steps: rows up to {max(rows)} logged, checkpoint at step {after}")
+    return problems
+
+
 def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, softmask: bool = True,
-             work: Path | None = None, schedule: list[str] | None = None, verbose: bool = True) -> dict:
-    """Run the campaign; `schedule` fixes the kinds of kill (else drawn at random). Returns the counts and diffs."""
+             work: Path | None = None, schedule: list[str] | None = None, verbose: bool = True,
+             sigterm: float = 0.5) -> dict:
+    """Run the campaign; `schedule` fixes the kinds of kill (else drawn at random, a share `sigterm` of them
+    SIGTERM). Returns the counts and diffs."""
     rng = random.Random(seed)
     work = Path(work or tempfile.mkdtemp(prefix="dlm-kill-"))
     texts = micro_texts(work / "texts")
@@ -167,22 +207,35 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
         raise RuntimeError(f"the uninterrupted run failed:\n{out[-3000:]}")
     window = 0.7 * (run_once.fit_seconds or 5.0)  # random kills land in a run's training, saving and export
     args = train_args(victim, texts, steps, accumulate, softmask)
-    done_kills = resumes = lost = starts = compared = 0
+    done_kills = resumes = lost = starts = compared = terms = 0
     diffs: list[str] = []
     while done_kills < kills:
-        if schedule:  # "random", or "point:<name>:<n>"
+        if schedule:  # "random", "point:<name>:<n>", and the same behind "term:"
             kind = schedule[done_kills % len(schedule)]
         else:
             point = rng.choice(POINTS)  # a checkpoint is renamed up to 6 times in a run; the others happen once or twice
             nth = rng.choice([1, 1, 2, 3]) if point.startswith("checkpoint") else 1
             kind = "random" if rng.random() < 0.5 else f"point:{point}:{nth}"
-        if kind == "random":
-            kind = f"random:{window:.2f}"
+            if rng.random() < sigterm:
+                kind = "term:" + kind + (":2" if kind == "random" and rng.random() < 0.5 else "")
+        if kind.removeprefix("term:").startswith("random"):
+            kind = kind.replace("random", f"random:{window:.2f}")
         before = checkpoint_step(victim)
         starts += 1
         rc, out = run_once(args, work / f"victim-{starts:03d}.log", env, kind, rng)
         resumes += "dlm: resuming" in out
-        if rc == -signal.SIGKILL:
+        if kind.startswith("term:") and rc != 0:  # a SIGTERM that stopped the run: 143 and the line, no lost step
+            found = [f"{kind}: exit status {rc}, not 143"] if rc != 143 else []
+            found += [f"{kind}: {d}" for d in check_sigterm_stop(out, victim)]
+            diffs += found
+            done_kills += 1
+            terms += 1
+            if verbose:
+                line = STOP_LINE.search(out)
+                print(f"kill {done_kills:3d}: {kind:32s} checkpoint step {before} -> {checkpoint_step(victim)}, exit "
+                      f"{rc}, {line.group(0) if line else 'NO LINE'}" + (f"  PROBLEM: {found}" if found else ""),
+                      flush=True)
+        elif rc == -signal.SIGKILL:
             done_kills += 1
             after = checkpoint_step(victim)
             # steps that were trained and are redone: from the checkpoint the next start resumes from to the step the
@@ -194,6 +247,8 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
                 print(f"kill {done_kills:3d}: {kind:32s} checkpoint step {before} -> {after}", flush=True)
         elif rc == 0:  # finished before the kill: compared like the final one, then started over from scratch
             found = compare(reference, victim)
+            if STOP_LINE.search(out):
+                found.append(f"{kind}: exit status 0 with a 'stopped by' line")
             diffs += found
             compared += 1
             if verbose:
@@ -207,8 +262,8 @@ def campaign(kills: int, seed: int = 0, steps: int = 12, accumulate: int = 2, so
     if rc != 0:
         raise RuntimeError(f"the final restart failed:\n{out[-3000:]}")
     diffs += compare(reference, victim)
-    return {"kills": done_kills, "resumes": resumes, "lost_steps": lost, "identical": not diffs, "diffs": diffs,
-            "work": work, "starts": starts + 2, "runs_compared": compared + 1}
+    return {"kills": done_kills, "sigterms": terms, "resumes": resumes, "lost_steps": lost, "identical": not diffs,
+            "diffs": diffs, "work": work, "starts": starts + 2, "runs_compared": compared + 1}
 
 
 def main() -> int:
@@ -218,16 +273,18 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12, help="optimizer steps of the micro run")
     p.add_argument("--accumulate", type=int, default=2)
     p.add_argument("--no-softmask", action="store_true")
+    p.add_argument("--sigterm", type=float, default=0.5, help="share of the kills that are SIGTERM (default 0.5)")
     p.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
     a = p.parse_args()
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="dlm-kill-"))
     t0 = time.time()
     try:
-        r = campaign(a.kills, a.seed, a.steps, a.accumulate, not a.no_softmask, work)
+        r = campaign(a.kills, a.seed, a.steps, a.accumulate, not a.no_softmask, work, sigterm=a.sigterm)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"kills {r['kills']} / resumes {r['resumes']} / lost steps {r['lost_steps']} / identical "
+    print(f"kills {r['kills']} ({r['sigterms']} SIGTERM, each exit 143 with its line) / resumes {r['resumes']} / "
+          f"lost steps {r['lost_steps']} / identical "
           f"{'yes' if r['identical'] else 'no'}  ({r['runs_compared']} finished runs compared; accumulate={a.accumulate}, soft-masking "
           f"{'off' if a.no_softmask else 'on'}, {a.steps} steps, seed {a.seed}, {time.time() - t0:.0f} s)")
     for d in r["diffs"]:

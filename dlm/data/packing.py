@@ -23,8 +23,10 @@ from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerFast
 
 from dlm.data.tokenizer import tokenizer_fingerprint
+from dlm.data.ioerrors import os_error_from
 
 PACKINGS = ("wrap", "pad")
+_UNWRITABLE: set[str] = set()  # cache folders already reported as not writable in this process
 _CACHE_FORMAT = "dlm-tokens-v1"  # bump when the packing rules change, so old caches are not reused
 
 
@@ -173,7 +175,13 @@ def _write_cache(path: Path, data: dict[str, torch.Tensor | None], key: str) -> 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     tensors = {k: v.contiguous() for k, v in data.items() if v is not None}
     try:
-        save_file(tensors, str(tmp), metadata={"key": key, "format": _CACHE_FORMAT})
+        try:
+            save_file(tensors, str(tmp), metadata={"key": key, "format": _CACHE_FORMAT})
+        except Exception as e:  # safetensors' own error type for a full disk: an OSError for the caller
+            os_error = os_error_from(e, path)
+            if os_error is None:
+                raise
+            raise os_error from e
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -217,6 +225,9 @@ def build_token_dataset(
     try:
         _write_cache(path, data, key)
     except OSError as e:  # a read-only or full disk: the cache is an optimisation, the run goes on without it
+        if str(path.parent) in _UNWRITABLE:  # one warning per folder (a run builds its train and validation rows)
+            return data
+        _UNWRITABLE.add(str(path.parent))
         warnings.warn(f"token cache {path.parent} is not writable ({e.strerror or e}): continuing without the cache "
                       "(set DLM_CACHE or data.cache_dir to a writable folder to keep tokenised data)", stacklevel=2)
     return data

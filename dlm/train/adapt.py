@@ -135,4 +135,27 @@ class AnnealedAttention:
         return getattr(self.network, name)
 
 
-__all__ = ["AnnealedAttention", "anneal_window", "CAUSAL_PREFIX", "CausalStart", "is_causal_lm_spec", "load_causal_lm", "smollm2_gguf"]
+def check_init_process(cfg: RunConfig, source: RunConfig) -> None:
+    """init_from= a dlm model trained with an autoregressive process into a diffusion run (or the reverse) is
+    refused: the two heads predict different positions, so the weights would start with every prediction off by
+    one."""
+    from dlm.process import PROCESSES
+
+    was, now = source.process.name, cfg.process.name
+    was_ar, now_ar = PROCESSES[was].autoregressive, PROCESSES[now].autoregressive
+    if was_ar == now_ar:
+        return
+    if was_ar:
+        why = (f"its head predicts the next token (the output at position i is token i+1, under causal attention), "
+               f"while process={now} predicts each masked token at its own position with bidirectional attention")
+        fix = ("start from a diffusion model, keep process=ar, or adapt a causal LM with init_from=hf:FOLDER, which "
+               "keeps the next-token shift (dlm/train/adapt.py)")
+    else:
+        why = (f"its head predicts each masked token at its own position, while process={now} predicts the next "
+               "token under causal attention")
+        fix = "start process=ar from scratch or from an autoregressive dlm model"
+    raise ConfigError(f"init_from={cfg.init_from} was trained with process={was}: {why}; its weights would start "
+                      f"with every prediction off by one position. {fix[0].upper()}{fix[1:]}")
+
+
+__all__ = ["AnnealedAttention", "anneal_window", "CAUSAL_PREFIX", "CausalStart", "check_init_process", "is_causal_lm_spec", "load_causal_lm", "smollm2_gguf"]

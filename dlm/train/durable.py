@@ -27,8 +27,9 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 class StepCheckpoint(Checkpoint):
     """`last.ckpt` every `every` optimizer steps (see the module's docstring) and at the end of training."""
 
-    def __init__(self, path: Path, every: int):
+    def __init__(self, path: Path, every: int, stop=None):
         self.path, self.every = Path(path), every
+        self.stop = stop  # a StopSignals (dlm/train/stop.py): after a SIGTERM/SIGINT, save this step and stop
         self._seen = self._saved = -1
         self._pending = False
 
@@ -39,22 +40,43 @@ class StepCheckpoint(Checkpoint):
     def on_train_start(self, trainer, module) -> None:
         self._seen = self._saved = trainer.global_step  # a resumed run's first step is already on disk
         self._pending = False
+        if self.stop is not None:  # from now on a signal stops at the next optimizer-step boundary
+            self.stop.in_training = True
+            self.stop.take_back()  # over the SIGTERM handler Lightning installed when fit started
+
+    def _stop_requested(self, trainer) -> bool:
+        """A signal was received (on any process of a multi-process run: all stop at the same step)."""
+        requested = self.stop is not None and self.stop.requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        return requested
+
+    def _stopped(self, trainer):
+        from dlm.train.stop import RunStopped
+
+        signum = self.stop.signum if self.stop is not None and self.stop.requested else 15  # 15: another rank's
+        return RunStopped(signum, trainer.global_step, trainer.max_steps)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step == self._seen:  # inside an accumulation window: no optimizer step yet
             return
         self._seen = step
-        if step % self.every or step == self._saved:
+        stop = self._stop_requested(trainer)
+        if stop and step == self._saved:
+            raise self._stopped(trainer)
+        if (step % self.every and not stop) or step == self._saved:
             return
         loop = trainer.fit_loop
         if loop.epoch_loop._should_check_val_fx(loop._data_fetcher):  # Lightning validates after this batch
-            self._pending = True
+            self._pending = True  # (a stop too waits for it: saved, then stopped, in on_validation_end)
             return
         if trainer.loggers and all(isinstance(lg, DurableCSVLogger) for lg in trainer.loggers):
             # The row of this step is logged after this hook; log it now (the logger drops the second copy).
             trainer._logger_connector.update_train_step_metrics()
         self._save(trainer)
+        if stop or self._stop_requested(trainer):  # (also a signal received during this save)
+            raise self._stopped(trainer)
 
     def on_validation_end(self, trainer, module) -> None:
         if trainer.sanity_checking:
@@ -62,6 +84,8 @@ class StepCheckpoint(Checkpoint):
         if self._pending:
             self._pending = False
             self._save(trainer, "validation_end")
+            if self._stop_requested(trainer):
+                raise self._stopped(trainer)
 
     def on_train_end(self, trainer, module) -> None:
         if trainer.global_step != self._saved:  # the final state (max_steps, a time budget)
@@ -94,6 +118,16 @@ class StepCheckpoint(Checkpoint):
 
 
 class _DurableWriter(ExperimentWriter):
+    def save(self) -> None:
+        """Lightning's save, whose full disk (met when the buffered rows are flushed: an OSError without a file
+        name) names the metrics file."""
+        try:
+            super().save()
+        except OSError as e:
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, str(self.metrics_file_path)) from e
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         """Lightning rewrites the file in place when a new column appears; here through a temp file + rename."""
         with open(self.metrics_file_path, newline="") as f:

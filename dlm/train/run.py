@@ -24,7 +24,7 @@ from dlm.guards import check_accelerator
 from dlm.precision import cpu_has_fast_bf16, use_bf16
 from dlm.process.base import LIKELIHOOD_WORDS
 from dlm.progress import resolve as resolve_progress
-from dlm.train.adapt import is_causal_lm_spec, load_causal_lm
+from dlm.train.adapt import check_init_process, is_causal_lm_spec, load_causal_lm
 from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, PlainProgress, ProgressBar, StepTimer, Throughput
@@ -76,22 +76,34 @@ def _check_resumable(cfg: RunConfig, ckpt: dict, path: Path) -> None:
                               "(init_from=<this run> starts one from its weights)")
 
 
-def train(cfg: RunConfig) -> Path:
+def train(cfg: RunConfig, stop=None) -> Path:
     """Train (or resume) one run; returns the run folder. The folder is locked while the run writes it
-    (dlm/train/lock.py): a second `dlm train` on it gets a clear error."""
+    (dlm/train/lock.py): a second `dlm train` on it gets a clear error. SIGTERM or SIGINT stops the run at the next
+    optimizer-step boundary with a checkpoint and raises `RunStopped` (dlm/train/stop.py), the lock released.
+    stop: a `StopSignals` already installed by the caller (the CLI keeps its handlers until the process exits),
+    else one installed for the call."""
+    from contextlib import nullcontext
+
     from dlm.train.lock import RunLock
+    from dlm.train.stop import StopSignals
 
     keep_freed_memory()  # reuse freed tensor memory instead of page-faulting it in again (dlm/allocator.py)
     check_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     run_dir = Path(cfg.trainer.out_dir)
-    with RunLock(run_dir):
+    for folder in (run_dir, *run_dir.parents):  # the nearest existing one must be a folder
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ConfigError(f"trainer.out_dir={run_dir}: {folder} is a file, not a folder; set trainer.out_dir "
+                                  "to a new folder or to an existing run's folder")
+            break
+    with (nullcontext(stop) if stop is not None else StopSignals()) as stop, RunLock(run_dir):
         from dlm.integrity import remove_stale_stages
 
         for folder in (run_dir, run_dir / "checkpoints", run_dir / "model"):  # temp files of a killed run
             remove_stale_stages(folder)
         for leftover in (run_dir / "checkpoints").glob("*.tmp"):
             leftover.unlink(missing_ok=True)
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, stop)
 
 
 def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
@@ -105,7 +117,7 @@ def _adopt_tokenizer(cfg: RunConfig, source: RunConfig, where) -> None:
     cfg.data.tokenizer, cfg.data.vocab_size = source.data.tokenizer, source.data.vocab_size
 
 
-def _train(cfg: RunConfig, run_dir: Path) -> Path:
+def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
     from dlm.checkpoint import tokenizer_from_state
     from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
 
@@ -129,6 +141,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
             from dlm.pipeline import DiffusionLM  # continued training: weights and tokenizer of another model
 
             init = DiffusionLM.load(cfg.init_from)
+            check_init_process(cfg, init.cfg)  # not an AR model into a diffusion run
             init_state, init_process = init.network.state_dict(), init.process.state_dict()
         _adopt_tokenizer(cfg, init.cfg, cfg.init_from)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +213,7 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
                                          save_top_k=1, enable_version_counter=False, save_last=False))
     # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
-    callbacks.append(StepCheckpoint(last, t.ckpt_every))
+    callbacks.append(StepCheckpoint(last, t.ckpt_every, stop)  # also the stop at a SIGTERM/SIGINT)
     progress = resolve_progress(t.progress)  # bar on a terminal, plain lines in a log (dlm/progress.py)
     if progress != "off":
         callbacks.append(ProgressBar(refresh_rate=1) if progress == "bar" else PlainProgress(t.progress_every))
@@ -226,7 +239,19 @@ def _train(cfg: RunConfig, run_dir: Path) -> Path:
           f"precision {trainer.precision}{why}, in {run_dir}" + (f" from {last}" if resume else ""), flush=True)
     if trainer.is_global_zero:  # rows a killed run logged after its last checkpoint (or before a first) are redone
         truncate_logs(run_dir / "logs", int(ckpt["global_step"]) if resume else 0)
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if resume:  # instead of Lightning's "dataloader is not resumable" warning, which does not apply to dlm
+        print(f"dlm: the resume is exact: the batch of every step is a function of (trainer.seed, step, rank) "
+              f"(dlm/train/data_module.py), so steps {ckpt['global_step']}+ see the data they would have seen",
+              flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    if stop is not None:  # from here (the export) a signal is only recorded: the run completes
+        stop.in_training = True  # (a run resumed at its last step never started training: not set by the callback)
+    if stop is not None and stop.requested:  # a signal during the last step's save: saved, the export left
+        from dlm.train.stop import RunStopped
+
+        raise RunStopped(stop.signum, trainer.global_step, t.max_steps)
     timer = next(c for c in trainer.callbacks if isinstance(c, StepTimer))
     if trainer.is_global_zero:
         print(f"dlm: step {trainer.global_step} of {t.max_steps}, {timer.time_elapsed('train') / 60:.1f} min of training "

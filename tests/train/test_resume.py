@@ -120,7 +120,8 @@ def test_atomic_checkpoint_survives_a_failed_write(micro_run, tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(CheckpointError, match=r"no space left on device: need ~\d+ MB free for an atomic checkpoint"):
+    with pytest.raises(CheckpointError,
+                       match=r"no space left on device: need ~[\d.]+ [KMG]B free for an atomic checkpoint"):
         io.save_checkpoint(good, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
