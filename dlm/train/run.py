@@ -213,7 +213,7 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/ppl", mode="min",
                                          save_top_k=1, enable_version_counter=False, save_last=False))
     # last.ckpt at optimizer-step boundaries only, after best.ckpt when the step is validated (dlm/train/durable.py)
-    callbacks.append(StepCheckpoint(last, t.ckpt_every, stop)  # also the stop at a SIGTERM/SIGINT)
+    callbacks.append(StepCheckpoint(last, t.ckpt_every, stop))  # also the stop at a SIGTERM/SIGINT
     progress = resolve_progress(t.progress)  # bar on a terminal, plain lines in a log (dlm/progress.py)
     if progress != "off":
         callbacks.append(ProgressBar(refresh_rate=1) if progress == "bar" else PlainProgress(t.progress_every))
