@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              fill_remaining_masks, forward_live, masked_fraction, sample_tokens)
+                              fill_remaining_masks, forward_live, masked_fraction, rand_rows,
+                              sample_tokens)
 from dlm.sampler.registry import SamplingConfig, register_sampler
 
 
@@ -58,11 +59,11 @@ class AncestralSampler(Sampler):
             t = torch.full((B,), float(times[i]), device=z.device)
             called = raw is None or not self.cache or self.feedback is not None
             if called:
-                raw = forward_live(process, network, z, t, embeds, live)  # (B, L, V)
+                raw = forward_live(process, network, z, t, embeds, live, canvas)  # (B, L, V)
                 steps.called()
             p_unmask = float((alphas[i + 1] - alphas[i]) / (1.0 - alphas[i]))
-            u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
-            u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
+            u_unmask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
+            u_token = rand_rows(generator, z.shape, z.device, torch.float64, canvas.key_valid)
             unmask = process.is_noise(z) & to_generate & (u_unmask < p_unmask) & live[:, None]  # (B, L)
             committed = bool(unmask.any())
             confidence = None
@@ -83,5 +84,5 @@ class AncestralSampler(Sampler):
                 break
         if not steps.all_stopped:
             reusable = raw if self.cache and self.feedback is None else None
-            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds, reusable)
+            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds, reusable, canvas=canvas)
         return steps.output(z)

@@ -5,6 +5,10 @@ A sampler denoises a `Canvas` with a network and a process:
 
     sampler.sample(network, process, canvas, generator=None, callback=None) -> SampleOutput
 
+`generator`: a list of one torch.Generator per row (what `DiffusionLM.generate` passes, each seeded from its
+request's seed: a row's tokens are then the same alone, in any batch and beside prompts of any length), or one
+shared generator (or None). Every random draw goes through `rand_rows`.
+
 and talks to the process only through its contract (dlm.process.base): `corruption`, `prior`, `is_noise`,
 `forward_logits`, `denoise`, `alpha`, `time_of_mask_rate`, `network_time`, `time_conditioning`, `sampling_eps`,
 `block_size`, `exact_caches`, `autoregressive`, `mask_id`, `check_sampler`.
@@ -229,21 +233,26 @@ def masked_fraction(process, z: torch.Tensor, generated: torch.Tensor) -> torch.
     return (process.is_noise(z) & generated).sum(1).float() / generated.sum(1).clamp(min=1).float()
 
 
-def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor) -> torch.Tensor:
+def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor, canvas: Canvas | None = None) -> torch.Tensor:
     """Raw logits (B, L, V) of one call on the live rows (live (B,) bool) only; other rows' logits are zeros and
-    must not be read. With every row live this is exactly `process.forward_logits` on the batch."""
+    must not be read. `canvas`: the canvas being denoised, whose `key_valid` (left padding, never attended to) and
+    `positions` go to `process.forward_logits` (None: an unpadded canvas). With every row live this is exactly
+    `process.forward_logits` on the batch."""
+    key_valid = None if canvas is None else canvas.key_valid
+    positions = None if canvas is None else canvas.positions
     if bool(live.all()):
-        return process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds)
+        return process.forward_logits(network, z, t, None, inputs_embeds, key_valid=key_valid, positions=positions)
     rows = live.nonzero().squeeze(1)
-    part = process.forward_logits(network, z[rows], None if t is None else t[rows], {},
-                                  inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows])
+    pick = lambda x: x if x is None or (x is positions and x.dim() < 2) else x[rows]  # noqa: E731
+    part = process.forward_logits(network, z[rows], pick(t), None, pick(inputs_embeds), key_valid=pick(key_valid),
+                                  positions=pick(positions))
     out = part.new_zeros((z.shape[0], *part.shape[1:]))
     out[rows] = part
     return out
 
 
 def fill_remaining_masks(network, process, z, to_generate, t_final: float, reporter: StepReporter,
-                         inputs_embeds=None, logits=None) -> None:
+                         inputs_embeds=None, logits=None, canvas: Canvas | None = None) -> None:
     """The last step of MDLM-style samplers: every noise position of the live rows still in z (B, L) among
     to_generate takes the argmax of x_theta, in place, and the step is reported.
 
@@ -256,7 +265,7 @@ def fill_remaining_masks(network, process, z, to_generate, t_final: float, repor
         return
     if logits is None:
         t = torch.full((z.shape[0],), float(t_final), device=z.device)
-        logits = forward_live(process, network, z, t, inputs_embeds, live)
+        logits = forward_live(process, network, z, t, inputs_embeds, live, canvas)
         reporter.called()
     x_theta = process.denoise(logits[remaining])  # (n, V)
     tokens = x_theta.argmax(-1)
@@ -264,6 +273,39 @@ def fill_remaining_masks(network, process, z, to_generate, t_final: float, repor
     confidence = torch.zeros(z.shape, device=z.device)
     confidence[remaining] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     reporter.report(z, remaining, confidence)
+
+
+Generators = "torch.Generator | list[torch.Generator] | None"
+
+
+def generators_of(generator, rows: torch.Tensor):
+    """The generators of the batch rows `rows` (B_a,) when `generator` is a list of one per row; a shared generator
+    (or None) as it is."""
+    if isinstance(generator, (list, tuple)):
+        return [generator[i] for i in rows.tolist()]
+    return generator
+
+
+def rand_rows(generator, shape: tuple[int, ...], device=None, dtype=torch.float32,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms of `shape` (B, ...): every random draw of a sampler goes through here.
+
+    generator: a list of one torch.Generator per row (batch invariance: each row draws from its own, so its numbers
+    are the same alone and in any batch), or one shared generator (or None), which draws the whole tensor at once.
+    valid (B, L) bool, with shape[1] == L: with per-row generators a row draws only at its valid positions (its
+    left padding draws nothing and reads 0), so its numbers do not depend on how much padding the batch gives it.
+    """
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} per-row generators for a batch of {shape[0]} rows")
+    if valid is None or bool(valid.all()):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    out = torch.zeros(shape, device=device, dtype=dtype)
+    for b, g in enumerate(generator):
+        keep = valid[b]
+        out[b, keep] = torch.rand((int(keep.sum()), *shape[2:]), generator=g, device=device, dtype=dtype)
+    return out
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:

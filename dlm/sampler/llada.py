@@ -58,7 +58,7 @@ import torch
 
 from dlm.network import KVCache
 import dlm.sampler.fast_dllm as fast_dllm
-from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter
+from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, generators_of, rand_rows
 from dlm.sampler.llada_forward import Context, canvas_attention_mask, feedback_inputs, forward_block
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule, UnmaskingPolicy, make_policy
 from dlm.sampler.registry import check_steps, check_temperature, register_sampler
@@ -195,7 +195,7 @@ class LLaDASampler(Sampler):
             x_block = x[rows, start:end]  # (B_a, block_length)
             candidates = process.is_noise(x_block)
             x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
-            x0, score = self._predict(x_theta, generator)
+            x0, score = self._predict(x_theta, generators_of(generator, rows))
             confidence = torch.where(candidates, score, float("-inf"))
             commit = self.policy.select(confidence, candidates.sum(1), step, steps_per_block) & candidates
             x[rows, start:end] = torch.where(commit, x0, x_block)
@@ -229,7 +229,7 @@ class LLaDASampler(Sampler):
         """Predictions (B, L) and their scores (B, L) float64 from x_theta logits (B, L, V)."""
         logits = logits.double()  # float64: Gumbel-max in float32 acts like a lowered temperature
         if self.temperature > 0:
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+            u = rand_rows(generator, tuple(logits.shape), logits.device, torch.float64)
             gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
             x0 = (logits / self.temperature + gumbel).argmax(-1)
         else:
@@ -243,7 +243,7 @@ class LLaDASampler(Sampler):
         elif self.remasking == "entropy":
             score = torch.special.xlogy(probs, probs).sum(-1)  # -H; xlogy(0, 0) = 0 at the -inf [MASK] logit
         else:
-            score = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+            score = rand_rows(generator, tuple(x0.shape), x0.device, torch.float64)
         if self.suppress_ids:
             # Every score lies in [-log V, 1]; shifting by 2 + log V puts these below all others, order kept.
             suppressed = torch.isin(x0, torch.tensor(self.suppress_ids, device=x0.device))
