@@ -285,7 +285,9 @@ class DiffusionLM:
         return Generation(decode_rows(self.tokenizer, tokens), tokens, generated, sum(o.nfe for o in outputs),
                           torch.cat([o.nfe_per_row.cpu() for o in outputs])[back], seconds, memory.mib,
                           decode_rows(self.tokenizer, tokens, generated),
-                          torch.cat([o.stopped.cpu() for o in outputs])[back], [] if recorder is None else recorder.canvases)
+                          torch.cat([o.stopped.cpu() for o in outputs])[back], [] if recorder is None else recorder.canvases,
+                          None if any(o.tokens_computed is None for o in outputs)
+                          else torch.cat([o.tokens_computed.cpu() for o in outputs])[back])
 
     @staticmethod
     def _batches(rows: list[list[int]], batch_size: int, blockwise: Sampler | None) -> list[list[int]]:

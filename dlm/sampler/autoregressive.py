@@ -49,7 +49,7 @@ class AutoregressiveSampler(Sampler):
                              "positions (infilling) need a diffusion model")
         z = canvas.tokens.clone()
         B, L = z.shape
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, L)
         cache = KVCache() if self.kv_cache else None
         rows = torch.arange(B, device=z.device)  # the rows still generating, in cache order
         next_input = z[:, :n_prompt]
@@ -69,7 +69,7 @@ class AutoregressiveSampler(Sampler):
             else:
                 logits = process.forward_logits(network, z[rows, :pos], None, key_valid=cols(valid, 0, pos),
                                                 positions=cols(where, 0, pos), logits_at=slice(-1, None))[:, -1]
-            steps.called(rows)
+            steps.called(rows, next_input.shape[1] if cache is not None else pos)
             if self.suppress_ids:
                 logits[:, self.suppress_ids] = float("-inf")
             if isinstance(generator, (list, tuple)):  # one generator per row: the live rows draw

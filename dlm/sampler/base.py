@@ -113,6 +113,9 @@ class SampleOutput:
     nfe: int  # network calls (forward passes over the batch)
     nfe_per_row: torch.Tensor  # (B,) long: the calls each row took part in
     stopped: torch.Tensor  # (B,) bool: rows stopped by the callback
+    # (B,) long: query positions the network computed for each row, summed over its calls — a partial call (a KV
+    # cached step, a block) counts the positions it fed, so nfe_per_row counts calls and this their size
+    tokens_computed: torch.Tensor | None = None
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -157,10 +160,12 @@ def stop_mask(result, batch: int) -> torch.Tensor:
 class StepReporter:
     """A sample call's bookkeeping: network calls (total and per row), events, and rows stopped by the callback."""
 
-    def __init__(self, batch: int, callback: Callback | None):
+    def __init__(self, batch: int, callback: Callback | None, width: int = 0):
         self.callback = callback
         self.nfe, self.events = 0, 0
+        self.width = width  # query positions of a full call (the canvas length)
         self.nfe_per_row = torch.zeros(batch, dtype=torch.long)
+        self.tokens_computed = torch.zeros(batch, dtype=torch.long)
         self.stopped = torch.zeros(batch, dtype=torch.bool)
 
     def live(self, device=None) -> torch.Tensor:
@@ -171,10 +176,13 @@ class StepReporter:
     def all_stopped(self) -> bool:
         return bool(self.stopped.all())
 
-    def called(self, rows: torch.Tensor | None = None) -> None:
-        """Count one network call; rows: the batch rows it ran on (indices or (B,) bool; default: the live ones)."""
+    def called(self, rows: torch.Tensor | None = None, tokens: int | None = None) -> None:
+        """Count one network call; rows: the batch rows it ran on (indices or (B,) bool; default: the live ones);
+        tokens: the query positions it fed each of them (default: `width`, the whole canvas)."""
         self.nfe += 1
-        self.nfe_per_row[self.live() if rows is None else rows.cpu()] += 1
+        rows = self.live() if rows is None else rows.cpu()
+        self.nfe_per_row[rows] += 1
+        self.tokens_computed[rows] += self.width if tokens is None else tokens
 
     def report(self, tokens: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
         """Raise one event (a no-op without a callback) and apply its answer."""
@@ -184,7 +192,8 @@ class StepReporter:
         self.events += 1
 
     def output(self, tokens: torch.Tensor, cls=SampleOutput, **extra) -> SampleOutput:
-        return cls(tokens, self.nfe, self.nfe_per_row, self.stopped.clone(), **extra)
+        return cls(tokens, self.nfe, self.nfe_per_row, self.stopped.clone(), tokens_computed=self.tokens_computed,
+                   **extra)
 
 
 class Sampler:
@@ -202,7 +211,30 @@ class Sampler:
 
     def sample(self, network, process, canvas: Canvas, generator: torch.Generator | None = None,
                callback: Callback | None = None) -> SampleOutput:
-        raise NotImplementedError
+        """The whole loop. A sampler with the step-level API (`start` and `step`) gets it from here: start, then
+        step until every row is done, each event passed to the callback (rows it stops are done, tokens kept)."""
+        if type(self).step is Sampler.step:
+            raise NotImplementedError(f"{type(self).__name__} implements neither sample nor start/step")
+        state = self.start(network, process, canvas, generator)
+        state.confidence = callback is not None
+        stopped = torch.zeros(state.batch, dtype=torch.bool)
+        while not bool(state.done.all()):
+            state, event = self.step(state)
+            if callback is not None:
+                stop = stop_mask(callback(event), state.batch)
+                stopped |= stop & ~state.done.cpu()
+                state.done |= stop.to(state.done.device)
+        return SampleOutput(state.tokens, state.calls, state.nfe_per_row.cpu(), stopped, state.tokens_computed.cpu())
+
+    def start(self, network, process, canvas: Canvas, generator=None):
+        """The step-level API: the per-row state (dlm.sampler.state.SamplerState) of a canvas before its first step.
+        generator: one per row (a list) for batch invariance, or one shared."""
+        raise NotImplementedError(f"{type(self).__name__} has no step-level API yet")
+
+    def step(self, state):
+        """One step of every row of `state` not done: (the state after it, its StepEvent). Rows may be at different
+        steps; a row's tokens depend only on its own state and generator."""
+        raise NotImplementedError(f"{type(self).__name__} has no step-level API yet")
 
     def with_steps(self, steps: int) -> "Sampler":
         """A copy that takes `steps` steps (the blockwise sampler splits its budget over blocks with this)."""
@@ -243,6 +275,8 @@ def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor, canv
     if bool(live.all()):
         return process.forward_logits(network, z, t, None, inputs_embeds, key_valid=key_valid, positions=positions)
     rows = live.nonzero().squeeze(1)
+    if hasattr(process, "select_rows"):  # a process holding per-row context (the blockwise sampler's BlockContext)
+        process = process.select_rows(rows)
     pick = lambda x: x if x is None or (x is positions and x.dim() < 2) else x[rows]  # noqa: E731
     part = process.forward_logits(network, z[rows], pick(t), None, pick(inputs_embeds), key_valid=pick(key_valid),
                                   positions=pick(positions))

@@ -60,6 +60,13 @@ class BlockContext:
         self.cache, self.prefix = cache, prefix  # exactly one of them is used
         self.prefix_valid, self.prefix_positions = prefix_valid, prefix_positions
 
+    def select_rows(self, rows: torch.Tensor) -> "BlockContext":
+        """The context of a sub-batch of the block's rows (rows (B_a,) indices): its cache or prefix rows."""
+        pick = lambda t: None if t is None or t.dim() < 2 else t[rows]  # noqa: E731
+        return BlockContext(self.process, self.block_length, self.start,
+                            None if self.cache is None else self.cache.select(rows), pick(self.prefix),
+                            pick(self.prefix_valid), pick(self.prefix_positions))
+
     def __getattr__(self, name):
         if name in ("process", "block_length", "start", "cache", "prefix", "prefix_valid", "prefix_positions"):
             raise AttributeError(name)  # not set yet: no recursion
@@ -225,7 +232,7 @@ class BlockwiseSampler(Sampler):
         ws = cached_to = 0  # window start; end of what the cache holds (absolute positions)
         alive = torch.ones(B, dtype=torch.bool)
         lengths, reasons = [N] * B, ["length"] * B
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, N)
         rows = torch.arange(B, device=z.device)  # rows not stopped by the callback, in cache order
         key_valid, positions = canvas.key_valid, canvas.positions  # left padding, rotary positions (None: 0..N-1)
 
@@ -251,7 +258,7 @@ class BlockwiseSampler(Sampler):
                 process.forward_logits(network, z[rows, cached_to:s], None, None, attn_mask=prefix_mask(
                     n_old, n_new, bs, z.device), key_valid=valid, positions=window_positions(rows, cached_to, s),
                     kv_cache=cache, cache_update=True if valid is None else valid, logits_at=slice(0, 0))
-                steps.called(rows)
+                steps.called(rows, s - cached_to)
                 cached_to = s
                 steps.report(z, torch.zeros_like(z, dtype=torch.bool))
                 rows, cache = self._leave(steps, rows, cache, alive, reasons)
@@ -269,6 +276,9 @@ class BlockwiseSampler(Sampler):
             z[rows, s:e] = out.tokens
             steps.nfe = base_nfe + out.nfe
             steps.nfe_per_row[rows.cpu()] = base_rows[rows.cpu()] + out.nfe_per_row
+            prefix_fed = 0 if prefix is None else prefix.shape[1]  # an uncached call feeds the prefix too
+            if out.tokens_computed is not None:
+                steps.tokens_computed[rows.cpu()] += out.tokens_computed + out.nfe_per_row * prefix_fed
             rows, cache = self._leave(steps, rows, cache, alive, reasons)
             self._check_stops(z, fixed, s, e, alive, lengths, reasons)
         tokens = z.clone()  # (B, N) whatever the stops, so batches of samples stack

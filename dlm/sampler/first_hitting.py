@@ -52,7 +52,7 @@ class FirstHittingSampler(Sampler):
         B, L = z.shape
         rows = torch.arange(B, device=z.device)
         t = torch.ones(B, dtype=torch.float64)
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, z.shape[1])
         embeds = None
         while not steps.all_stopped:
             live = steps.live(z.device)

@@ -154,7 +154,7 @@ class LLaDASampler(Sampler):
         ctx = Context(network, process, idx if canvas.positions is None else canvas.positions,
                       canvas_attention_mask(key_valid, gen_start, block_length, self.block_causal),
                       key_valid & (idx < gen_start), gen_start, self.cfg_scale)
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, T)
         for b in range(num_blocks):
             self._block(ctx, x, (gen_start + b * block_length, gen_start + (b + 1) * block_length),
                         self.steps // num_blocks, to_generate, steps, generator)
@@ -176,6 +176,7 @@ class LLaDASampler(Sampler):
                 mctx, xs = (ctx, x) if members.shape[0] == B else (ctx.select(members), x[members])
                 full = KVCache()  # collects every layer's keys/values
                 raw_block = forward_block(mctx, xs, (0, T), block, None, full, None, cache_update=True)
+                fed = T
                 cache = fast_dllm.keep_cached(self.cache, full, start, end)
                 rows, sub = members, (mctx, cache)
             else:  # only the rows still active: a finished row costs no compute and waits for the next block
@@ -186,12 +187,14 @@ class LLaDASampler(Sampler):
                 embeds = None if block_embeds is None else block_embeds[rows]
                 if sub_cache is None:  # no cache: the whole canvas
                     raw_block = forward_block(sub_ctx, x[rows], (0, T), block, embeds, None, None, cache_update=False)
+                    fed = T
                 else:
                     span = fast_dllm.query_span(self.cache, start, end, T)
                     mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, self.cache, start, end)
                     raw_block = forward_block(sub_ctx, x[rows], span, block, embeds, sub_cache, mask,
                                               cache_update=False)
-            steps.called(rows)
+                    fed = span[1] - span[0]
+            steps.called(rows, fed)
             x_block = x[rows, start:end]  # (B_a, block_length)
             candidates = process.is_noise(x_block)
             x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
@@ -282,4 +285,4 @@ def generate_llada(network, process, prompts: list[list[int]], gen_length: int, 
     out = sampler.sample(network, process, canvas, generator, callback)
     generated = out.tokens[:, -gen_length:]
     sequences = [list(p) + row for p, row in zip(prompts, generated.tolist())]
-    return PromptedOutput(generated, out.nfe, out.nfe_per_row, out.stopped, sequences=sequences)
+    return PromptedOutput(generated, out.nfe, out.nfe_per_row, out.stopped, out.tokens_computed, sequences=sequences)

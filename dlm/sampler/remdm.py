@@ -129,7 +129,7 @@ class ReMDMSampler(Sampler):
         alphas = process.alpha(times)
         B = z.shape[0]
         confidence = torch.ones(z.shape, device=z.device)  # (B, L) probability of each token when it was decoded
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, z.shape[1])
         embeds = None
         for i in range(self.steps):
             live = steps.live(z.device)

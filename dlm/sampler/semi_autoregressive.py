@@ -34,6 +34,8 @@ def semi_autoregressive(sampler: Sampler, network, process, canvas: Canvas, tota
         full[rows, start:start + context] = out.tokens
         steps.nfe = base_nfe + out.nfe
         steps.nfe_per_row[rows.cpu()] = base_rows[rows.cpu()] + out.nfe_per_row
+        if out.tokens_computed is not None:
+            steps.tokens_computed[rows.cpu()] += out.tokens_computed
         steps.stopped[rows.cpu()] |= out.stopped
         done = start + context
         if done >= total_length or steps.all_stopped:

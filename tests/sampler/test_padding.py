@@ -87,3 +87,22 @@ def test_left_padding_is_never_seen_whatever_the_pad_id(models, name, model_name
         single = sampler.sample(model.network, model.process, canvas, alone).tokens[0, -GEN:]
     assert torch.equal(a[short], b[short])
     assert torch.equal(a[short], single)
+
+
+def test_tokens_computed_counts_the_positions_of_partial_calls(models):
+    """nfe_per_row counts calls; tokens_computed the query positions they fed: the whole canvas per call without a
+    cache, the prompt then one token per call for the autoregressive sampler, less than the whole canvas with
+    Fast-dLLM's dual cache."""
+    prompt = "And God said"
+    mdlm, ar = models["mdlm"], models["ar"]
+    width = 1 + len(mdlm.encode(prompt)) + GEN
+    plain = mdlm.generate([prompt], gen_length=GEN, sampler="ancestral", steps=8, precision="32")
+    assert int(plain.tokens_computed[0]) == int(plain.nfe_per_row[0]) * width
+    left = ar.generate([prompt], gen_length=GEN, precision="32")
+    assert int(left.tokens_computed[0]) == (width - GEN) + (GEN - 1)  # the prompt, then one token per call
+    kw = dict(gen_length=GEN, sampler="llada", steps=8, block_length=8, precision="32")
+    full = mdlm.generate([prompt], cache="none", **kw)
+    dual = mdlm.generate([prompt], cache="dual", **kw)
+    assert int(full.tokens_computed[0]) == int(full.nfe_per_row[0]) * width
+    refreshes = GEN // 8
+    assert int(dual.tokens_computed[0]) == refreshes * width + (int(dual.nfe_per_row[0]) - refreshes) * 8
