@@ -4,6 +4,12 @@ sampling call (8 x 128), each the best of a few repeats. Run it on two checkouts
     for tree in /path/to/old /path/to/new; do PYTHONPATH=$tree python bench/step_speed.py $tree; done
 
 It uses only what both sides of the architecture refactor have (before it, samplers took (canvas, fixed)).
+
+    python bench/step_speed.py --step-api [--repeats 5] [--batch 8] [--length 128] [--steps 32]
+
+times, in one run and alternated, the ancestral sampler as it now runs (`Sampler.sample`: the step-level API's
+loop, `start` then `step` until done) against `legacy_ancestral`, a copy of the loop it replaced (the whole loop
+in local variables), per step on the tiny preset (8 x 128 canvas, 32 steps, float32), and prints a table.
 """
 
 import sys
@@ -34,7 +40,73 @@ def best_of(n: int, fn) -> float:
     return min(times)
 
 
+@torch.no_grad()
+def legacy_ancestral(sampler, network, process, canvas, generator):
+    """The ancestral sampler's loop before the step-level API (no callback, no feedback), for --step-api."""
+    from dlm.sampler.base import StepReporter, fill_remaining_masks, forward_live, rand_rows, sample_tokens
+
+    z, to_generate = canvas.tokens.clone(), canvas.to_generate
+    times = torch.linspace(1.0, getattr(process, "sampling_eps", 1e-3), sampler.steps + 1, dtype=torch.float64)
+    alphas = process.alpha(times)
+    B = z.shape[0]
+    steps = StepReporter(B, None, z.shape[1])
+    raw = None
+    for i in range(sampler.steps):
+        live = steps.live(z.device)
+        t = torch.full((B,), float(times[i]), device=z.device)
+        if raw is None or not sampler.cache:
+            raw = forward_live(process, network, z, t, None, live, canvas)
+            steps.called()
+        p_unmask = float((alphas[i + 1] - alphas[i]) / (1.0 - alphas[i]))
+        u_unmask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
+        u_token = rand_rows(generator, z.shape, z.device, torch.float64, canvas.key_valid)
+        unmask = process.is_noise(z) & to_generate & (u_unmask < p_unmask) & live[:, None]
+        if bool(unmask.any()):
+            z[unmask] = sample_tokens(process.denoise(raw[unmask]), u_token[unmask], sampler.temperature, sampler.top_p)
+            raw = None
+        steps.report(z, unmask, None)
+    fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, None,
+                         raw if sampler.cache else None, canvas=canvas)
+    return steps.output(z)
+
+
+def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
+    import platform
+
+    torch.set_num_threads(2)
+    cfg = build_config(["model=tiny"])
+    cfg.model.vocab_size = 8192
+    torch.manual_seed(0)
+    net, proc = Transformer(cfg.model).eval(), make_process(cfg.process, 8191)
+    tokens = torch.full((B, L), 8191)
+    tokens[:, 0] = 0
+    canvas = Canvas.from_fixed(tokens, tokens != 8191)
+    print(f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}; tiny preset, {B} x {L}, "
+          f"{n_steps} steps, float32, per-row generators; seconds per step, median of the alternated repeats")
+    print("| sampler | legacy loop (s/step) | step API (s/step) | step API / legacy | same tokens |")
+    print("|---|---|---|---|---|")
+    for cache in (False, True):
+        sampler = AncestralSampler(steps=n_steps, cache=cache)
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
+        with torch.no_grad():
+            same = torch.equal(legacy_ancestral(sampler, net, proc, canvas, gens()).tokens,
+                               sampler.sample(net, proc, canvas, gens()).tokens)  # also the warm-up
+        old, new = [], []
+        for _ in range(repeats):
+            for fn, out in ((lambda: legacy_ancestral(sampler, net, proc, canvas, gens()), old),
+                            (lambda: sampler.sample(net, proc, canvas, gens()), new)):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    fn()
+                out.append((time.perf_counter() - start) / (n_steps + 1))  # the steps and the final argmax
+        o, n = sorted(old)[len(old) // 2], sorted(new)[len(new) // 2]
+        print(f"| ancestral{'_cache' if cache else ''} | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
+
+
 def main() -> None:
+    if "--step-api" in sys.argv:
+        arg = lambda name, default: int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default  # noqa
+        return step_api(arg("--repeats", 5), arg("--batch", 8), arg("--length", 128), arg("--steps", 32))
     keep_freed_memory()
     torch.set_num_threads(2)
     cfg = build_config(["model=tiny"])

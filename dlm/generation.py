@@ -35,6 +35,7 @@ class Generation:
     continuations: list[str] = field(default_factory=list)
     stopped: torch.Tensor | None = None
     trajectory: list[torch.Tensor] = field(default_factory=list)
+    tokens_computed: torch.Tensor | None = None  # (N,): query positions the network computed per row (partial calls)
 
     @property
     def generated_tokens(self) -> int:

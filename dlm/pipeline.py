@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ class DiffusionLM:
                  template: str | None = None, messages: list[dict] | None = None, num_samples: int = 1,
                  length: int | None = None, gen_length: int | None = None, sampler: str | Sampler | None = None,
                  steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, seed: int = 0, stride: int | None = None, batch_size: int = 16,
+                 top_p: float | None = None, seed: int | list[int] = 0, stride: int | None = None, batch_size: int = 16,
                  precision: str = "auto", softmask: bool | dict | SoftMaskFeedback | None = None,
                  callback=None, progress: bool = False, record_trajectory: bool = False,
                  sampler_options: dict | None = None, **options) -> Generation:
@@ -209,6 +210,11 @@ class DiffusionLM:
         callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: True or
         "auto" (a bar on a terminal, plain lines on stderr otherwise; dlm/progress.py), "bar", "plain", or
         False/"off"; record_trajectory: keep the canvas after every step.
+
+        seed: one for every prompt, or a list of one per prompt. Every row draws from its own generator, seeded by
+        its request — its prompt's seed and its sample index (`sample_seed`) — never by its place in the batch: a
+        request gives the same tokens alone, in any batch and beside prompts of other lengths (in float32; bf16
+        kernels may round a row differently at another batch size, see docs/samplers.md).
         """
         if num_samples < 1 or batch_size < 1:
             raise ValueError(f"num_samples={num_samples} and batch_size={batch_size} must be positive integers")
@@ -218,7 +224,11 @@ class DiffusionLM:
         sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p, softmask,
                                            {**(sampler_options or {}), **options})
         given, fixed = given_rows(self.tokenizer, self.process, prompts, prompt, template, messages)
+        seeds = [seed] * len(given) if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(given) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ValueError(f"seed must be one integer or a list of one integer per prompt ({len(given)}); got {seed!r}")
         rows = [ids for ids in given for _ in range(num_samples)]
+        row_seeds = [sample_seed(s, j) for s in seeds for j in range(num_samples)]
         longest = max(len(r) for r in rows)
         if template is not None:
             if length is not None or gen_length is not None:
@@ -243,23 +253,24 @@ class DiffusionLM:
                              "continued window by window, which needs prompts of one length; give one at a time")
         recorder = TrajectoryRecorder() if record_trajectory else None
         mode = resolve_progress(progress)
-        batches = -(-len(rows) // batch_size)
+        batches = list(self._batches(rows, batch_size, sampler if blockwise and fixed is None else None))
         bar = ProgressBar(desc="sampling", disable=False) if mode == "bar" else (
-            StepLines(batches) if mode == "plain" else None)
+            StepLines(len(batches)) if mode == "plain" else None)
         hook = chain_callbacks(callback, recorder, bar)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        outputs, canvases = [], []
+        outputs, canvases, order = [], [], []
         started = time.perf_counter()
         with self.autocast(precision), PeakMemory(self.device) as memory:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+            for batch in batches:
+                chunk = [rows[i] for i in batch]
+                generator = [torch.Generator(device=self.device).manual_seed(row_seeds[i]) for i in batch]
                 if fixed is not None:  # a template: the same canvas in every row
                     ids, to_gen = torch.tensor(chunk, device=self.device), ~fixed.to(self.device).expand(len(chunk), -1)
                     canvas = Canvas(self.process.prior(ids, to_gen, generator), to_gen.clone())
                 else:
                     width = min(total, self.context) if semi_ar else total
-                    canvas = Canvas.left_padded(chunk, width - max(len(r) for r in chunk), self.process,
-                                                self.tokenizer.pad_token_id, self.device, generator)
+                    new = gen_length if gen_length is not None and not semi_ar else width - max(len(r) for r in chunk)
+                    canvas = Canvas.left_padded(chunk, new, self.process, self.tokenizer.pad_token_id, self.device,
+                                                generator)
                 if semi_ar:
                     out = semi_autoregressive(sampler, self.network, self.process, canvas, total,
                                               stride or self.context // 2, generator, hook)
@@ -269,6 +280,7 @@ class DiffusionLM:
                     generated = canvas.to_generate
                 outputs.append(out)
                 canvases.append((out.tokens.cpu(), generated.cpu()))
+                order += batch
                 if isinstance(bar, StepLines):
                     bar.end_batch()
         if isinstance(bar, ProgressBar):
@@ -278,10 +290,25 @@ class DiffusionLM:
         pad = self.tokenizer.pad_token_id
         tokens = torch.cat([F.pad(t, (width - t.shape[1], 0), value=pad) for t, _ in canvases])
         generated = torch.cat([F.pad(g, (width - g.shape[1], 0), value=False) for _, g in canvases])
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))  # the batches' rows back in the request order
+        tokens, generated = tokens[back], generated[back]
         return Generation(decode_rows(self.tokenizer, tokens), tokens, generated, sum(o.nfe for o in outputs),
-                          torch.cat([o.nfe_per_row.cpu() for o in outputs]), seconds, memory.mib,
-                          decode_rows(self.tokenizer, tokens, generated), torch.cat([o.stopped.cpu() for o in outputs]),
-                          [] if recorder is None else recorder.canvases)
+                          torch.cat([o.nfe_per_row.cpu() for o in outputs])[back], seconds, memory.mib,
+                          decode_rows(self.tokenizer, tokens, generated),
+                          torch.cat([o.stopped.cpu() for o in outputs])[back], [] if recorder is None else recorder.canvases,
+                          None if any(o.tokens_computed is None for o in outputs)
+                          else torch.cat([o.tokens_computed.cpu() for o in outputs])[back])
+
+    @staticmethod
+    def _batches(rows: list[list[int]], batch_size: int, blockwise: Sampler | None) -> list[list[int]]:
+        """Row indices of each batch: consecutive rows, batch_size at a time. Block by block (`blockwise`, the
+        sampler), rows are batched with rows whose prompt length is the same modulo the block length, so their left
+        padding is whole blocks and each row's blocks lie where they lie when it is generated alone."""
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(0 if blockwise is None else len(r) % blockwise.block_length, []).append(i)
+        return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
 
     def generate_prompted(self, prompts: list[str], gen_length: int = 64, block_length: int | None = None,
                           steps: int = 64, temperature: float = 0.0, suppress_eos: bool = False, **kw) -> Generation:
@@ -377,15 +404,17 @@ class DiffusionLM:
     def nelbo(self, batch: dict, num_t_samples: int = 8, seed: int = 0, precision: str = "auto",
               softmask: bool | None = None, first_row: int = 0) -> tuple[float, int]:
         """(summed NELBO in nats, scored tokens) of a batch (see dlm.data.batch.make_batch); exact NLL for
-        an autoregressive model. Deterministic for a given seed: row r's times and masks come from its own
-        generator, seeded by (seed, first_row + r), so a row's bound does not depend on the batch it is in.
+        an autoregressive model. Deterministic for a given seed: each row's times and masks come from its own
+        generator, seeded by the seed and a hash of the row's tokens (`row_seed`), so a text's estimate depends
+        neither on the batch it is in nor on its place in the list. first_row: unused (kept for callers).
         softmask: bound the two-pass soft-masked denoiser (default: when the model was trained with SM); the
         same times and masks either way."""
         if num_t_samples < 1:
             raise ValueError(f"num_t_samples={num_t_samples} must be a positive integer")
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        generator = [torch.Generator(device=self.device).manual_seed(row_seed(seed, first_row + r))
-                     for r in range(batch["input_ids"].shape[0])]
+        am = batch.get("attention_mask")
+        generator = [torch.Generator(device=self.device).manual_seed(
+            row_seed(seed, ids if am is None else ids[am[r].bool()])) for r, ids in enumerate(batch["input_ids"])]
         if softmask and self.softmask is None:
             raise ValueError("this model was trained without soft-masking: it has no learned w to bound with")
         process = self.process if softmask is None or softmask else self.process.plain
@@ -442,9 +471,17 @@ class DiffusionLM:
                 "softmask": bool(self.softmask is not None if softmask is None else softmask)}
 
 
-def row_seed(seed: int, row: int) -> int:
-    """The seed of one evaluation row's generator (times and masks of its NELBO)."""
-    return (seed * 1_000_003 + row * 7_919 + 17) % (2**63 - 1)
+def row_seed(seed: int, tokens: torch.Tensor) -> int:
+    """The seed of one evaluation row's generator (times and masks of its NELBO): the seed and a hash of the row's
+    (unpadded) tokens, so a text's estimate does not depend on where it sits in the list."""
+    digest = hashlib.blake2b(tokens.to("cpu", torch.int64).numpy().tobytes(), digest_size=8).digest()
+    return (seed * 1_000_003 + int.from_bytes(digest, "little")) % (2**63 - 1)
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The generator seed of sample `sample` (0, 1, ...) of a request with seed `seed`: the seed itself for the first,
+    a mix of both for the others (so `num_samples` rows of one prompt differ, and none depends on its batch)."""
+    return seed if sample == 0 else (seed * 1_000_003 + sample * 7_919 + 17) % (2**63 - 1)
 
 
 def load(path: str | Path, device: str = "cpu", **kw) -> DiffusionLM:

@@ -7,7 +7,7 @@ through `dlm.network.families.load_pretrained_network`. Names are imported on fi
 
 import importlib
 
-_HOMES = {"KVCache": "dlm.network.transformer", "Transformer": "dlm.network.transformer",
+_HOMES = {"KVCache": "dlm.network.kv_cache", "Transformer": "dlm.network.transformer",
           "Network": "dlm.network.base", "ModelConfig": "dlm.network.config"}
 __all__ = sorted(_HOMES)
 

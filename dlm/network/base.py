@@ -8,7 +8,8 @@ A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its
 - `t` (B,): diffusion time, read only by time-conditioned networks.
 - `attn_mask`: bool, broadcastable to (B, nh, T, T_cache + T), True = may attend; `causal=True` adds the causal rule.
 - `positions`: (T,) shared by the batch or per row (B, T); default `kv_cache.length + arange(T)`.
-- `kv_cache` / `cache_update`: attend to cached keys first; with `cache_update=True`, append this call's keys.
+- `kv_cache` / `cache_update`: attend to cached keys first (those the cache's per-row `key_valid` allows); with
+  `cache_update=True`, append this call's keys; with a bool mask (T,) or (B, T), only the positions it marks.
 - `logits_at`: which positions get logits. None: all, (B, T, V). A `slice` over T: (B, T', V). A bool tensor
   (B, T): (N, V) for its True positions in row-major order. The output layer runs only on the chosen positions
   (the masked-diffusion loss needs logits at the masked positions only; the vocabulary projection is the largest
@@ -26,7 +27,7 @@ A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its
 
 Left-to-right use (the autoregressive process and sampler, a model as an evaluator) goes through
 `next_token_logits(input_ids=None, inputs_embeds=None, positions=None, kv_cache=None, cache_update=False,
-return_hidden=False, logits_at=None)`: causal attention, and the logits at position l are about token l + 1, for both
+return_hidden=False, logits_at=None, attn_mask=None)`: causal attention (and `attn_mask`, e.g. left padding), and the logits at position l are about token l + 1, for both
 kinds (a shifted network reads each position's own hidden state there, so the last position predicts the next token).
 
 Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings (soft-masking mixes them), and the
@@ -60,7 +61,7 @@ class Network(Protocol):
                 kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor: ...
 
     def next_token_logits(self, input_ids=None, inputs_embeds=None, positions=None, kv_cache=None,
-                          cache_update=False, return_hidden=False, logits_at=None) -> torch.Tensor: ...
+                          cache_update=False, return_hidden=False, logits_at=None, attn_mask=None) -> torch.Tensor: ...
 
 
 def select_positions(x: torch.Tensor, logits_at) -> torch.Tensor:
@@ -76,6 +77,26 @@ def select_positions(x: torch.Tensor, logits_at) -> torch.Tensor:
         return x[logits_at]
     raise TypeError(f"logits_at must be None, a slice over the positions or a bool (batch, length) tensor; "
                     f"got {type(logits_at).__name__}")
+
+
+def padding_mask(key_valid: torch.Tensor | None, cached: int = 0) -> torch.Tensor | None:
+    """(B, 1, T, cached + T) bool attention mask of a call over positions whose keys are valid where key_valid (B, T)
+    is True (False: left padding): every query sees the valid keys, and itself (so a pad's softmax row is never
+    empty); the `cached` keys before them are left to the cache's own `key_valid`. None when nothing is padded."""
+    if key_valid is None or bool(key_valid.all()):
+        return None
+    T = key_valid.shape[1]
+    own = key_valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=key_valid.device)  # (B, T_q, T_k)
+    return torch.nn.functional.pad(own, (cached, 0), value=True)[:, None]
+
+
+def and_masks(*masks):
+    """The conjunction of bool attention masks (broadcastable to (B, nh, T, S)); None ones are ignored."""
+    out = None
+    for m in masks:
+        if m is not None:
+            out = m if out is None else out & m
+    return out
 
 
 def shift_hidden(x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:

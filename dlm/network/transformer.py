@@ -7,7 +7,7 @@ contract in dlm/network/base.py (`logits_at`, `prediction`). The options of `Mod
 grouped K/V, biases, QK-norm, rope scaling, learned positions, shifted predictions) let it hold the weights of
 open checkpoints (dlm/network/families); the defaults are dlm's own network.
 
-Reading order: KVCache -> norms -> Attention -> MLP -> Block -> Transformer.
+Reading order: (KVCache, dlm/network/kv_cache.py) -> norms -> Attention -> MLP -> Block -> Transformer.
 """
 
 from __future__ import annotations
@@ -22,37 +22,8 @@ import torch.nn.functional as F
 from dlm.network.config import ModelConfig
 from dlm.network.attention import attend
 from dlm.network.base import select_positions, shift_hidden
+from dlm.network.kv_cache import KVCache, updates_cache, appended_columns
 from dlm.network.rotary import apply_rotary, rope_inv_freq, rotary_cos_sin
-
-
-# ------------------------------------------------------------------------------------------- KV cache
-@dataclass
-class KVCache:
-    """Keys and values of tokens already processed, one (k, v) pair per layer, each (B, n_kv, T_cache, hd) (grouped
-    K/V heads are stored once, not expanded to the query heads).
-
-    A forward pass with `kv_cache=cache` attends to the cached keys before its own; with
-    `cache_update=True` it also appends its own keys/values (autoregressive decoding, a finished block).
-    hidden (B, T_h, C): the final hidden states of the first T_h cached positions, kept only by networks with shifted
-    predictions, whose first new position reads hidden[:, -1] (none when T_h = 0). Usually T_h = T_cache; a cache
-    whose later entries sit after the queries (Fast-dLLM's dual cache: [prefix ; suffix]) holds the prefix's only.
-    """
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    hidden: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.layers[0][0].shape[2] if self.layers else 0
-
-    def crop(self, length: int) -> None:
-        """Keep only the first `length` cached positions (sliding windows, dropping a suffix)."""
-        self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
-        self.hidden = None if self.hidden is None else self.hidden[:, :length]
-
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers], None if self.hidden is None else self.hidden[rows])
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -111,11 +82,14 @@ class Attention(nn.Module):
             k_all, v_all = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)  # (B, n_kv, T_cache + T, hd)
         else:
             k_all, v_all = k, v
-        if cache is not None and cache_update:
+        if cache is not None and updates_cache(cache_update):
+            cols = appended_columns(cache_update, T)
+            kept = (k_all, v_all) if cols is None else (torch.cat((k_all[:, :, :-T], k[:, :, cols]), 2),
+                                                        torch.cat((v_all[:, :, :-T], v[:, :, cols]), 2))
             if layer < len(cache.layers):
-                cache.layers[layer] = (k_all, v_all)
+                cache.layers[layer] = kept
             else:
-                cache.layers.append((k_all, v_all))
+                cache.layers.append(kept)
         if self.n_kv != self.n_head:  # query head h reads K/V head h // (nh / n_kv)
             k_all = k_all.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hd)
             v_all = v_all.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -254,7 +228,7 @@ class Transformer(nn.Module):
         causal: bool = False,
         positions: torch.Tensor | None = None,  # (T,) or per-row (B, T); default cache.length + arange(T)
         kv_cache: KVCache | None = None,
-        cache_update: bool = False,
+        cache_update: bool | torch.Tensor = False,  # True: append every position; a (T,) / (B, T) bool mask: those
         return_hidden: bool = False,  # the hidden states the output layer would read, (B, T, C), instead of logits
         logits_at: slice | torch.Tensor | None = None,  # positions that get logits (dlm/network/base.py)
     ) -> torch.Tensor:
@@ -270,15 +244,15 @@ class Transformer(nn.Module):
         return self.head(x)  # (B, T, V), (B, T', V) or (N, V)
 
     def next_token_logits(self, input_ids=None, inputs_embeds=None, positions=None, kv_cache=None,
-                          cache_update=False, return_hidden=False, logits_at=None) -> torch.Tensor:
+                          cache_update=False, return_hidden=False, logits_at=None, attn_mask=None) -> torch.Tensor:
         """Left-to-right decoding and scoring: causal attention, and the logits at position l are about token l + 1
         (B, T, V) (or the positions `logits_at` chooses). A dlm autoregressive network was trained that way; a
         shifted network (a causal LM's own head) gets them from each position's own hidden state, unshifted, so the
         last position predicts the token after the input."""
         if self.cfg.prediction != "shifted":
-            return self(input_ids, inputs_embeds, causal=True, positions=positions, kv_cache=kv_cache,
+            return self(input_ids, inputs_embeds, attn_mask=attn_mask, causal=True, positions=positions, kv_cache=kv_cache,
                         cache_update=cache_update, return_hidden=return_hidden, logits_at=logits_at)
-        x, _ = self._final_states(input_ids, inputs_embeds, None, None, True, positions, kv_cache, cache_update)
+        x, _ = self._final_states(input_ids, inputs_embeds, None, attn_mask, True, positions, kv_cache, cache_update)
         x = select_positions(x, logits_at)
         return x if return_hidden else self.head(x)
 
@@ -317,14 +291,21 @@ class Transformer(nn.Module):
                 t = torch.zeros(B, device=x.device)
             cond = F.silu(self.time_embed(t))  # (B, cond_dim)
         previous = self._previous_hidden(kv_cache, start, cache_update)  # read before the blocks extend the cache
+        if kv_cache is not None and kv_cache.key_valid is not None and start > 0:  # cached keys a row may not see
+            cached = kv_cache.attention_mask(B, T, x.device)  # (B, 1, 1, T_cache + T)
+            attn_mask = cached if attn_mask is None else attn_mask & cached
         for block in self.blocks:
             x = block(x, cond, cos, sin, attn_mask, causal, kv_cache, cache_update)
         x = self.ln_f(x)
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
-        if self.cfg.prediction == "shifted" and kv_cache is not None and cache_update:
-            kv_cache.hidden = x if kv_cache.hidden is None or start == 0 else torch.cat((kv_cache.hidden, x), 1)
+        if kv_cache is not None and updates_cache(cache_update):
+            cols = appended_columns(cache_update, T)
+            kv_cache.append_valid(cache_update, B, T, x.device)
+            if self.cfg.prediction == "shifted":
+                kept = x if cols is None else x[:, cols]
+                kv_cache.hidden = kept if kv_cache.hidden is None or start == 0 else torch.cat((kv_cache.hidden, kept), 1)
         return x, previous
 
     def _previous_hidden(self, kv_cache: KVCache | None, start: int, cache_update: bool) -> torch.Tensor | None:
@@ -332,7 +313,7 @@ class Transformer(nn.Module):
         if self.cfg.prediction != "shifted" or start == 0:
             return None
         held = None if kv_cache.hidden is None else kv_cache.hidden.shape[1]
-        if held is None or held > start or (cache_update and held != start):
+        if held is None or held > start or (updates_cache(cache_update) and held != start):
             raise ValueError("this network's predictions are shifted (position i reads the hidden state at i - 1), "
                              "so its KV cache must hold the final hidden states of the cached positions before the "
                              "queries (all of them when the cache is extended): fill the cache through this "

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass
 
+from dlm.network.base import and_masks, padding_mask
 from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
 
 
@@ -33,6 +34,16 @@ class Autoregressive(Process):
     @classmethod
     def from_config(cls, cfg, description=None):
         return cls()
+
+    def forward_logits(self, network, z, t=None, batch=None, inputs_embeds=None, *, positions=None, key_valid=None,
+                       attn_mask=None, kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor:
+        """Next-token logits (B, L, V) of a left-to-right call: position l's are about token l + 1 (causal attention;
+        `key_valid` (B, L) False on left padding; the other arguments as the network's)."""
+        cached = 0 if kv_cache is None else kv_cache.length
+        mask = and_masks(padding_mask(key_valid, cached), attn_mask)
+        return network.next_token_logits(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
+                                         positions=positions, kv_cache=kv_cache, cache_update=cache_update,
+                                         logits_at=logits_at, attn_mask=mask)
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
         x, loss_mask = batch["input_ids"], batch["loss_mask"]

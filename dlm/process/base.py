@@ -9,7 +9,8 @@ What a sampler may ask of a process (and nothing else; no sampler imports a proc
                          or "none" (an autoregressive model: nothing is corrupted)
     prior(canvas, to_generate, generator)   the canvas with the positions to generate filled from the prior
     is_noise(canvas)     (B, L) bool: positions that still hold noise (absorbing: == mask_id)
-    forward_logits(network, z, t, batch, inputs_embeds)   raw network logits (B, L, V) on z_t
+    forward_logits(network, z, t, batch, inputs_embeds, *, positions, key_valid, attn_mask, kv_cache,
+                   cache_update, logits_at)   raw network logits (B, L, V) on z_t: every network call of a sampler
     denoise(logits)      raw logits (..., V) -> logits of x_theta, the denoising distribution over clean tokens
                          (SUBS for MDLM / BD3-LM: [MASK] can never be predicted); float32
     alpha(t), time_of_mask_rate(rate), network_time(t)    the noise schedule's helpers
@@ -36,6 +37,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from dlm.network.base import and_masks, padding_mask
 from dlm.plugins import Registry
 
 CORRUPTIONS = ("absorbing", "uniform", "none")
@@ -126,12 +128,19 @@ class Process(nn.Module):
     # ------------------------------------------------------------------------------------ corruption
     def prior(self, canvas: torch.Tensor, to_generate: torch.Tensor, generator: torch.Generator | None = None
               ) -> torch.Tensor:
-        """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor)."""
+        """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor).
+        generator: one, or a list of one per row."""
         if self.corruption == "absorbing":
             return torch.where(to_generate, self.mask_id, canvas)
         if self.corruption == "uniform":
             vocab = self.vocab_size
-            noise = torch.randint(vocab, canvas.shape, generator=generator, device=canvas.device)
+            if isinstance(generator, (list, tuple)):  # one generator per row: each row draws at its own positions
+                noise = torch.zeros_like(canvas)
+                for r, g in enumerate(generator):
+                    noise[r, to_generate[r]] = torch.randint(vocab, (int(to_generate[r].sum()),), generator=g,
+                                                             device=canvas.device)
+            else:
+                noise = torch.randint(vocab, canvas.shape, generator=generator, device=canvas.device)
             return torch.where(to_generate, noise, canvas)
         return canvas.clone()  # an autoregressive canvas: positions to generate are overwritten left to right
 
@@ -152,12 +161,21 @@ class Process(nn.Module):
 
     # ------------------------------------------------------------------------------------ parameterisation
     def forward_logits(self, network, z: torch.Tensor, t: torch.Tensor | None, batch: dict | None = None,
-                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Raw network logits (B, L, V) on z_t (B, L) (or on `inputs_embeds` (B, L, C) standing for z_t)."""
+                       inputs_embeds: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                       key_valid: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None, kv_cache=None,
+                       cache_update: bool | torch.Tensor = False, logits_at=None) -> torch.Tensor:
+        """Raw network logits (B, L, V) on z_t (B, L) (or on `inputs_embeds` (B, L, C) standing for z_t): the one way
+        samplers call the network. The rest are the network's forward arguments (dlm/network/base.py): rotary
+        `positions` (L,) or (B, L); `key_valid` (B, L) bool, False on left padding, which no query attends to;
+        `attn_mask` any further bool mask over (cached +) new keys; `kv_cache` and `cache_update` (True, or a (L,) /
+        (B, L) mask of the positions to append); `logits_at` the positions that get logits. `batch`: a training
+        batch (its `attention_mask` (B, L) marks padding keys)."""
         am = (batch or {}).get("attention_mask")
+        cached = 0 if kv_cache is None else kv_cache.length
+        mask = and_masks(None if am is None else am[:, None, None, :], padding_mask(key_valid, cached), attn_mask)
         return network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
-                       t=None if t is None else self.network_time(t), attn_mask=None if am is None else am[:, None, None, :],
-                       causal=self.autoregressive)
+                       t=None if t is None else self.network_time(t), attn_mask=mask, causal=self.autoregressive,
+                       positions=positions, kv_cache=kv_cache, cache_update=cache_update, logits_at=logits_at)
 
     def denoise(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of x_theta, the denoising distribution over clean tokens, from raw network logits; float32."""

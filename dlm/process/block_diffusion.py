@@ -142,12 +142,16 @@ class BlockDiffusion(SUBSProcess):
         return z
 
     # ------------------------------------------------------------------------------------------ network
-    def forward_logits(self, network, z, t, batch, inputs_embeds=None) -> torch.Tensor:
+    def forward_logits(self, network, z, t, batch=None, inputs_embeds=None, **forward) -> torch.Tensor:
         """Logits (B, L, V) of the noisy half of [z ; x], x = batch["input_ids"] (the clean sequence).
 
-        inputs_embeds (B, L, C), if given, replace the noisy half's token embeddings (soft-masking).
+        inputs_embeds (B, L, C), if given, replace the noisy half's token embeddings (soft-masking). Without a
+        training batch but with the forward arguments of a sampling call (an attention mask or a KV cache: the
+        blockwise sampler), the network is called on z as they say; bd3lm's network is never fed a time.
         """
         x = batch.get("input_ids") if batch else None
+        if x is None and forward and (forward.get("attn_mask") is not None or forward.get("kv_cache") is not None):
+            return super().forward_logits(network, z, None, None, inputs_embeds, **forward)
         if x is None:
             raise ValueError("bd3lm's forward pass needs the clean sequence (batch['input_ids']); to generate, use "
                              "the blockwise sampler (dlm.sampler.blockwise), which feeds clean blocks from a KV cache")

@@ -143,11 +143,6 @@ class MaskedDiffusion(SUBSProcess):
         u = uniform(x.shape, generator, x.device)  # generator: one, or a list of one per row
         return torch.where((u < p_mask) & loss_mask, self.mask_id, x)
 
-    def forward_logits(self, network, z, t, batch, inputs_embeds=None) -> torch.Tensor:
-        """Raw network logits (B, L, V) on z_t (or on `inputs_embeds` (B, L, C) standing for z_t)."""
-        return network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds,
-                       t=self.network_time(t), attn_mask=key_padding_mask(batch))
-
     def loss(self, network, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None,
              embed_fn=None) -> LossOutput:
         """The NELBO per scored token of one batch, for t (B,) drawn antithetically unless given.

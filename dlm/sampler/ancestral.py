@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              fill_remaining_masks, forward_live, masked_fraction, sample_tokens)
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_live,
+                              generators_of, masked_fraction, rand_rows, sample_tokens)
+from dlm.sampler.state import SamplerState
 from dlm.sampler.registry import SamplingConfig, register_sampler
 
 
@@ -40,48 +41,96 @@ class AncestralSampler(Sampler):
         self.steps, self.temperature, self.top_p, self.cache = steps, temperature, top_p, cache
         self.feedback = feedback  # e.g. soft-masking: the next call sees embeddings built from these logits
 
+    def times(self, process) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times (steps + 1,) float64 from 1 down to sampling_eps, and alpha at each."""
+        times = torch.linspace(1.0, getattr(process, "sampling_eps", 1e-3), self.steps + 1, dtype=torch.float64)
+        return times, process.alpha(times)
+
     @torch.no_grad()
-    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+    def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         process.check_sampler(self)
         if self.cache and process.time_conditioning:
             raise ValueError("the cached ancestral sampler needs a model without time conditioning "
                              "(x_theta must depend on z only); use cache=False")
-        z, to_generate = canvas.tokens.clone(), canvas.to_generate
-        fixed = ~to_generate
-        times = torch.linspace(1.0, getattr(process, "sampling_eps", 1e-3), self.steps + 1, dtype=torch.float64)
-        alphas = process.alpha(times)
-        B = z.shape[0]
-        steps = StepReporter(B, callback)
-        raw, embeds = None, None
-        for i in range(self.steps):
-            live = steps.live(z.device)
-            t = torch.full((B,), float(times[i]), device=z.device)
-            called = raw is None or not self.cache or self.feedback is not None
-            if called:
-                raw = forward_live(process, network, z, t, embeds, live)  # (B, L, V)
-                steps.called()
-            p_unmask = float((alphas[i + 1] - alphas[i]) / (1.0 - alphas[i]))
-            u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
-            u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
-            unmask = process.is_noise(z) & to_generate & (u_unmask < p_unmask) & live[:, None]  # (B, L)
-            committed = bool(unmask.any())
-            confidence = None
-            if committed:  # x_theta only where it is drawn from: (n, V) rows, not the whole (B, L, V)
-                x_theta = process.denoise(raw[unmask])
-                tokens = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
-                z[unmask] = tokens
-                if callback is not None:
-                    confidence = torch.zeros(z.shape, device=z.device)
-                    confidence[unmask] = chosen_probability(x_theta, tokens)
-            if self.feedback is not None:
-                masks_left = masked_fraction(process, z, to_generate)  # (B,)
-                embeds = self.feedback(network, z, raw, fixed, masks_left)
-            if committed:
-                raw = None  # z changed: a cache must call the network again
-            steps.report(z, unmask, confidence)
-            if steps.all_stopped:
-                break
-        if not steps.all_stopped:
-            reusable = raw if self.cache and self.feedback is None else None
-            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds, reusable)
-        return steps.output(z)
+        z = canvas.tokens.clone()
+        B, device = z.shape[0], z.device
+        positions = canvas.positions
+        if positions is not None and positions.dim() == 1:
+            positions = positions.expand(B, -1)
+        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
+        return SamplerState(network, process, z, canvas.to_generate, canvas.key_valid, positions, zeros(torch.long),
+                            torch.full((B,), self.steps + 1, device=device), zeros(torch.bool), generator,
+                            zeros(torch.long).cpu(), zeros(torch.long).cpu(),
+                            {"raw": None, "fresh": zeros(torch.bool), "embeds": None, "fed": zeros(torch.bool)})
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """Step i < steps of a row: t_i -> t_{i+1}; step `steps`: the final argmax of the masks left (then done).
+        A row's network call is skipped when cached logits are still valid for it (cache, no feedback)."""
+        network, process, z = state.network, state.process, state.tokens
+        times, alphas = self.times(process)
+        B, L = z.shape
+        device = z.device
+        idx = state.step
+        active = ~state.done
+        final = active & (idx >= self.steps)  # the final argmax
+        noise = process.is_noise(z) & state.to_generate  # (B, L)
+        extras = state.extras
+        raw, fresh, embeds, fed = extras["raw"], extras["fresh"], extras["embeds"], extras["fed"]
+        need = active & (~final | noise.any(1))  # rows that compute this step (a final step with masks left)
+        if self.cache and self.feedback is None:
+            need &= ~fresh  # the cached sampler reuses logits still valid for the row's canvas
+        if bool(need.any()):
+            t = times[idx.clamp(max=self.steps).cpu()].float().to(device)  # (B,) each row's own time
+            inputs = embeds
+            if embeds is not None and not bool(fed[need].all()):  # a row without feedback yet is fed its tokens
+                inputs = torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
+            part = forward_live(process, network, z, t, inputs, need, state.canvas())
+            raw = part if raw is None else torch.where(need[:, None, None], part.to(raw.dtype), raw)
+            fresh = fresh | need
+            state.calls += 1
+            state.nfe_per_row += need.cpu()
+            state.tokens_computed += need.cpu() * L
+        move = active & ~final
+        i = idx.clamp(max=self.steps - 1).cpu()
+        p_unmask = ((alphas[i + 1] - alphas[i]) / (1.0 - alphas[i])).float().to(device)  # (B,)
+        u_unmask = torch.zeros(B, L, device=device)
+        u_token = torch.zeros(B, L, device=device, dtype=torch.float64)
+        if bool(move.any()):
+            rows = move.nonzero().squeeze(1)
+            gens = generators_of(state.generators, rows)
+            valid = None if state.key_valid is None else state.key_valid[rows]
+            u_unmask[rows] = rand_rows(gens, (rows.numel(), L), device, valid=valid)
+            u_token[rows] = rand_rows(gens, (rows.numel(), L), device, torch.float64, valid)
+        unmask = noise & (u_unmask < p_unmask[:, None]) & move[:, None]  # (B, L)
+        last = noise & final[:, None]  # the final argmax's positions
+        committed = unmask | last
+        confidence = torch.zeros(z.shape, device=device) if state.confidence else None
+        if bool(unmask.any()):  # x_theta only where it is drawn from: (n, V) rows, not the whole (B, L, V)
+            x_theta = process.denoise(raw[unmask])
+            tokens = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
+            z[unmask] = tokens
+            if confidence is not None:
+                confidence[unmask] = chosen_probability(x_theta, tokens)
+        if bool(last.any()):
+            x_theta = process.denoise(raw[last])
+            tokens = x_theta.argmax(-1)
+            z[last] = tokens
+            if confidence is not None:
+                confidence[last] = chosen_probability(x_theta, tokens)
+        if self.feedback is not None and bool(move.any()):
+            rows = move.nonzero().squeeze(1)
+            masks_left = masked_fraction(process, z[rows], state.to_generate[rows])  # (B_a,)
+            new = self.feedback(network, z[rows], raw[rows], ~state.to_generate[rows], masks_left)
+            if new is not None:
+                embeds = new.new_zeros((B, L, new.shape[-1])) if embeds is None else embeds
+                embeds[rows] = new.to(embeds.dtype)
+                fed = fed | move
+        fresh = fresh & ~committed.any(1)  # z changed: a cache must call the network again
+        state.step = idx + active.long()
+        state.done = state.done | final | (active & (state.step >= self.steps) & ~(process.is_noise(z) &
+                                                                                  state.to_generate).any(1))
+        state.extras = {"raw": raw, "fresh": fresh, "embeds": embeds, "fed": fed}
+        event = StepEvent(state.events, z, committed, confidence, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event

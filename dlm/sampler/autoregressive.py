@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from dlm.network import KVCache
-from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter, chosen_probability, sample_tokens
+from dlm.sampler.base import (Canvas, SampleOutput, Sampler, StepReporter, chosen_probability, generators_of,
+                              rand_rows, sample_tokens)
 from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
 
 
@@ -48,20 +49,33 @@ class AutoregressiveSampler(Sampler):
                              "positions (infilling) need a diffusion model")
         z = canvas.tokens.clone()
         B, L = z.shape
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, L)
         cache = KVCache() if self.kv_cache else None
         rows = torch.arange(B, device=z.device)  # the rows still generating, in cache order
         next_input = z[:, :n_prompt]
+        valid, where = canvas.key_valid, canvas.positions  # left padding (never attended to), rotary positions
+
+        def cols(x, a, b):  # columns [a, b) of the live rows of a (B, L) or (L,) tensor, or None
+            return None if x is None else x[a:b] if x.dim() == 1 else x[rows, a:b]
+
         for pos in range(n_prompt, L):
             if cache is not None:
-                logits = network.next_token_logits(next_input, kv_cache=cache, cache_update=True,
-                                                   logits_at=slice(-1, None))[:, -1]
+                first = pos == n_prompt  # the prompt, then one token per call
+                a = 0 if first else pos - 1
+                update = cols(valid, 0, pos) if first and valid is not None else True
+                logits = process.forward_logits(network, next_input, None, key_valid=cols(valid, a, pos) if first
+                                                else None, positions=cols(where, a, pos), kv_cache=cache,
+                                                cache_update=update, logits_at=slice(-1, None))[:, -1]
             else:
-                logits = network.next_token_logits(z[rows, :pos], logits_at=slice(-1, None))[:, -1]
-            steps.called(rows)
+                logits = process.forward_logits(network, z[rows, :pos], None, key_valid=cols(valid, 0, pos),
+                                                positions=cols(where, 0, pos), logits_at=slice(-1, None))[:, -1]
+            steps.called(rows, next_input.shape[1] if cache is not None else pos)
             if self.suppress_ids:
                 logits[:, self.suppress_ids] = float("-inf")
-            u = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64)[rows]
+            if isinstance(generator, (list, tuple)):  # one generator per row: the live rows draw
+                u = rand_rows(generators_of(generator, rows), (rows.numel(),), z.device, torch.float64)
+            else:
+                u = rand_rows(generator, (B,), z.device, torch.float64)[rows]
             nxt = sample_tokens(logits.float(), u, self.temperature, self.top_p)  # (B_a,)
             z[rows, pos] = nxt
             next_input = nxt[:, None]

@@ -5,6 +5,10 @@ A sampler denoises a `Canvas` with a network and a process:
 
     sampler.sample(network, process, canvas, generator=None, callback=None) -> SampleOutput
 
+`generator`: a list of one torch.Generator per row (what `DiffusionLM.generate` passes, each seeded from its
+request's seed: a row's tokens are then the same alone, in any batch and beside prompts of any length), or one
+shared generator (or None). Every random draw goes through `rand_rows`.
+
 and talks to the process only through its contract (dlm.process.base): `corruption`, `prior`, `is_noise`,
 `forward_logits`, `denoise`, `alpha`, `time_of_mask_rate`, `network_time`, `time_conditioning`, `sampling_eps`,
 `block_size`, `exact_caches`, `autoregressive`, `mask_id`, `check_sampler`.
@@ -110,6 +114,9 @@ class SampleOutput:
     nfe: int  # network calls (forward passes over the batch)
     nfe_per_row: torch.Tensor  # (B,) long: the calls each row took part in
     stopped: torch.Tensor  # (B,) bool: rows stopped by the callback
+    # (B,) long: query positions the network computed for each row, summed over its calls — a partial call (a KV
+    # cached step, a block) counts the positions it fed, so nfe_per_row counts calls and this their size
+    tokens_computed: torch.Tensor | None = None
 
     @property
     def tokens_per_nfe(self) -> float:
@@ -154,10 +161,12 @@ def stop_mask(result, batch: int) -> torch.Tensor:
 class StepReporter:
     """A sample call's bookkeeping: network calls (total and per row), events, and rows stopped by the callback."""
 
-    def __init__(self, batch: int, callback: Callback | None):
+    def __init__(self, batch: int, callback: Callback | None, width: int = 0):
         self.callback = callback
         self.nfe, self.events = 0, 0
+        self.width = width  # query positions of a full call (the canvas length)
         self.nfe_per_row = torch.zeros(batch, dtype=torch.long)
+        self.tokens_computed = torch.zeros(batch, dtype=torch.long)
         self.stopped = torch.zeros(batch, dtype=torch.bool)
 
     def live(self, device=None) -> torch.Tensor:
@@ -168,10 +177,13 @@ class StepReporter:
     def all_stopped(self) -> bool:
         return bool(self.stopped.all())
 
-    def called(self, rows: torch.Tensor | None = None) -> None:
-        """Count one network call; rows: the batch rows it ran on (indices or (B,) bool; default: the live ones)."""
+    def called(self, rows: torch.Tensor | None = None, tokens: int | None = None) -> None:
+        """Count one network call; rows: the batch rows it ran on (indices or (B,) bool; default: the live ones);
+        tokens: the query positions it fed each of them (default: `width`, the whole canvas)."""
         self.nfe += 1
-        self.nfe_per_row[self.live() if rows is None else rows.cpu()] += 1
+        rows = self.live() if rows is None else rows.cpu()
+        self.nfe_per_row[rows] += 1
+        self.tokens_computed[rows] += self.width if tokens is None else tokens
 
     def report(self, tokens: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
         """Raise one event (a no-op without a callback) and apply its answer."""
@@ -181,7 +193,8 @@ class StepReporter:
         self.events += 1
 
     def output(self, tokens: torch.Tensor, cls=SampleOutput, **extra) -> SampleOutput:
-        return cls(tokens, self.nfe, self.nfe_per_row, self.stopped.clone(), **extra)
+        return cls(tokens, self.nfe, self.nfe_per_row, self.stopped.clone(), tokens_computed=self.tokens_computed,
+                   **extra)
 
 
 class Sampler:
@@ -215,7 +228,30 @@ class Sampler:
 
     def sample(self, network, process, canvas: Canvas, generator: torch.Generator | None = None,
                callback: Callback | None = None) -> SampleOutput:
-        raise NotImplementedError
+        """The whole loop. A sampler with the step-level API (`start` and `step`) gets it from here: start, then
+        step until every row is done, each event passed to the callback (rows it stops are done, tokens kept)."""
+        if type(self).step is Sampler.step:
+            raise NotImplementedError(f"{type(self).__name__} implements neither sample nor start/step")
+        state = self.start(network, process, canvas, generator)
+        state.confidence = callback is not None
+        stopped = torch.zeros(state.batch, dtype=torch.bool)
+        while not bool(state.done.all()):
+            state, event = self.step(state)
+            if callback is not None:
+                stop = stop_mask(callback(event), state.batch)
+                stopped |= stop & ~state.done.cpu()
+                state.done |= stop.to(state.done.device)
+        return SampleOutput(state.tokens, state.calls, state.nfe_per_row.cpu(), stopped, state.tokens_computed.cpu())
+
+    def start(self, network, process, canvas: Canvas, generator=None):
+        """The step-level API: the per-row state (dlm.sampler.state.SamplerState) of a canvas before its first step.
+        generator: one per row (a list) for batch invariance, or one shared."""
+        raise NotImplementedError(f"{type(self).__name__} has no step-level API yet")
+
+    def step(self, state):
+        """One step of every row of `state` not done: (the state after it, its StepEvent). Rows may be at different
+        steps; a row's tokens depend only on its own state and generator."""
+        raise NotImplementedError(f"{type(self).__name__} has no step-level API yet")
 
     def with_steps(self, steps: int) -> "Sampler":
         """A copy that takes `steps` steps (the blockwise sampler splits its budget over blocks with this)."""
@@ -248,21 +284,28 @@ def masked_fraction(process, z: torch.Tensor, generated: torch.Tensor) -> torch.
     return (process.is_noise(z) & generated).sum(1).float() / generated.sum(1).clamp(min=1).float()
 
 
-def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor) -> torch.Tensor:
+def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor, canvas: Canvas | None = None) -> torch.Tensor:
     """Raw logits (B, L, V) of one call on the live rows (live (B,) bool) only; other rows' logits are zeros and
-    must not be read. With every row live this is exactly `process.forward_logits` on the batch."""
+    must not be read. `canvas`: the canvas being denoised, whose `key_valid` (left padding, never attended to) and
+    `positions` go to `process.forward_logits` (None: an unpadded canvas). With every row live this is exactly
+    `process.forward_logits` on the batch."""
+    key_valid = None if canvas is None else canvas.key_valid
+    positions = None if canvas is None else canvas.positions
     if bool(live.all()):
-        return process.forward_logits(network, z, t, {}, inputs_embeds=inputs_embeds)
+        return process.forward_logits(network, z, t, None, inputs_embeds, key_valid=key_valid, positions=positions)
     rows = live.nonzero().squeeze(1)
-    part = process.forward_logits(network, z[rows], None if t is None else t[rows], {},
-                                  inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows])
+    if hasattr(process, "select_rows"):  # a process holding per-row context (the blockwise sampler's BlockContext)
+        process = process.select_rows(rows)
+    pick = lambda x: x if x is None or (x is positions and x.dim() < 2) else x[rows]  # noqa: E731
+    part = process.forward_logits(network, z[rows], pick(t), None, pick(inputs_embeds), key_valid=pick(key_valid),
+                                  positions=pick(positions))
     out = part.new_zeros((z.shape[0], *part.shape[1:]))
     out[rows] = part
     return out
 
 
 def fill_remaining_masks(network, process, z, to_generate, t_final: float, reporter: StepReporter,
-                         inputs_embeds=None, logits=None) -> None:
+                         inputs_embeds=None, logits=None, canvas: Canvas | None = None) -> None:
     """The last step of MDLM-style samplers: every noise position of the live rows still in z (B, L) among
     to_generate takes the argmax of x_theta, in place, and the step is reported.
 
@@ -275,7 +318,7 @@ def fill_remaining_masks(network, process, z, to_generate, t_final: float, repor
         return
     if logits is None:
         t = torch.full((z.shape[0],), float(t_final), device=z.device)
-        logits = forward_live(process, network, z, t, inputs_embeds, live)
+        logits = forward_live(process, network, z, t, inputs_embeds, live, canvas)
         reporter.called()
     x_theta = process.denoise(logits[remaining])  # (n, V)
     tokens = x_theta.argmax(-1)
@@ -283,6 +326,39 @@ def fill_remaining_masks(network, process, z, to_generate, t_final: float, repor
     confidence = torch.zeros(z.shape, device=z.device)
     confidence[remaining] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     reporter.report(z, remaining, confidence)
+
+
+Generators = "torch.Generator | list[torch.Generator] | None"
+
+
+def generators_of(generator, rows: torch.Tensor):
+    """The generators of the batch rows `rows` (B_a,) when `generator` is a list of one per row; a shared generator
+    (or None) as it is."""
+    if isinstance(generator, (list, tuple)):
+        return [generator[i] for i in rows.tolist()]
+    return generator
+
+
+def rand_rows(generator, shape: tuple[int, ...], device=None, dtype=torch.float32,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms of `shape` (B, ...): every random draw of a sampler goes through here.
+
+    generator: a list of one torch.Generator per row (batch invariance: each row draws from its own, so its numbers
+    are the same alone and in any batch), or one shared generator (or None), which draws the whole tensor at once.
+    valid (B, L) bool, with shape[1] == L: with per-row generators a row draws only at its valid positions (its
+    left padding draws nothing and reads 0), so its numbers do not depend on how much padding the batch gives it.
+    """
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} per-row generators for a batch of {shape[0]} rows")
+    if valid is None or bool(valid.all()):
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    out = torch.zeros(shape, device=device, dtype=dtype)
+    for b, g in enumerate(generator):
+        keep = valid[b]
+        out[b, keep] = torch.rand((int(keep.sum()), *shape[2:]), generator=g, device=device, dtype=dtype)
+    return out
 
 
 def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:

@@ -31,11 +31,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from dlm.data.entropy import unigram_entropy
 from dlm.network import KVCache
+from dlm.network.kv_cache import updates_cache as updates
 from dlm.process.block_mask import generation_mask, prefix_mask
-from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter
+from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter, generators_of
 from dlm.sampler.registry import SamplingConfig, make_sampler, register_sampler, sampler_spec
 
 
@@ -48,38 +50,81 @@ class BlockwiseOutput(SampleOutput):
 class BlockContext:
     """The process as an inner sampler sees it while one block is denoised: everything is the process's (its
     contract, dlm.process.base) except `forward_logits`, which runs the block (B, b) together with the clean prefix
-    of the window."""
+    of the window: from the KV cache, or `prefix` (B, P) with its `prefix_valid` (B, P) (False on left padding)
+    and `prefix_positions` (B, P) (None: 0..P-1). The block's own key validity and positions come with the call
+    (the inner sampler's canvas)."""
 
-    def __init__(self, process, block_length: int, start: int, cache: KVCache | None, prefix: torch.Tensor | None):
+    def __init__(self, process, block_length: int, start: int, cache: KVCache | None, prefix: torch.Tensor | None,
+                 prefix_valid: torch.Tensor | None = None, prefix_positions: torch.Tensor | None = None):
         self.process, self.block_length, self.start = process, block_length, start
         self.cache, self.prefix = cache, prefix  # exactly one of them is used
+        self.prefix_valid, self.prefix_positions = prefix_valid, prefix_positions
+
+    def select_rows(self, rows: torch.Tensor) -> "BlockContext":
+        """The context of a sub-batch of the block's rows (rows (B_a,) indices): its cache or prefix rows."""
+        pick = lambda t: None if t is None or t.dim() < 2 else t[rows]  # noqa: E731
+        return BlockContext(self.process, self.block_length, self.start,
+                            None if self.cache is None else self.cache.select(rows), pick(self.prefix),
+                            pick(self.prefix_valid), pick(self.prefix_positions))
 
     def __getattr__(self, name):
-        if name in ("process", "block_length", "start", "cache", "prefix"):  # not set yet: no recursion
-            raise AttributeError(name)
+        if name in ("process", "block_length", "start", "cache", "prefix", "prefix_valid", "prefix_positions"):
+            raise AttributeError(name)  # not set yet: no recursion
         return getattr(self.process, name)
 
-    def forward_logits(self, network, z, t, batch, inputs_embeds=None) -> torch.Tensor:
-        """Logits (B, b, V) of the block z (B, b); inputs_embeds (B, b, C) replace its token embeddings."""
+    def forward_logits(self, network, z, t, batch=None, inputs_embeds=None, *, key_valid=None, positions=None,
+                       **forward) -> torch.Tensor:
+        """Logits (B, b, V) of the block z (B, b); inputs_embeds (B, b, C) replace its token embeddings; key_valid
+        (B, b) and positions (b,) / (B, b) (window-relative) of the block, None: all valid, start..start+b-1."""
         b = z.shape[1]
+        if forward.pop("kv_cache", None) is not None or updates(forward.pop("cache_update", False)):
+            raise ValueError("an inner sampler of the blockwise sampler cannot keep its own KV cache (the blockwise "
+                             "sampler's cache holds the finished blocks); use it with cache='none'")
+        inner_mask, logits_at = forward.pop("attn_mask", None), forward.pop("logits_at", None)  # over the block
         if inputs_embeds is not None:  # in the embedding's dtype, as token inputs are: both paths see the same numbers
             inputs_embeds = inputs_embeds.to(network.embed.weight.dtype)
-        if self.cache is not None:  # the block sees itself and every cached clean token: no mask needed
+        if positions is None:
             positions = torch.arange(self.start, self.start + b, device=z.device)
-            return network(None if inputs_embeds is not None else z, inputs_embeds=inputs_embeds,
-                           positions=positions, kv_cache=self.cache)
+        if self.cache is not None:  # the block sees itself and every valid cached clean token
+            mask = None if inner_mask is None else F.pad(inner_mask, (self.cache.length, 0), value=True)
+            return self.process.forward_logits(network, z, t, None, inputs_embeds, key_valid=key_valid,
+                                               positions=positions, kv_cache=self.cache, attn_mask=mask,
+                                               logits_at=logits_at, **forward)
         P = self.prefix.shape[1]
+        if inner_mask is not None:  # the inner sampler's mask over the block, within the whole (prefix + block) call
+            forward["attn_mask"] = torch.ones((*inner_mask.shape[:-2], P + b, P + b), dtype=torch.bool,
+                                              device=z.device)
+            forward["attn_mask"][..., P:, P:] = inner_mask
         full = torch.cat((self.prefix, z), 1)  # (B, P + b)
+        valid = None
+        if key_valid is not None or self.prefix_valid is not None:
+            ones = lambda n: torch.ones(z.shape[0], n, dtype=torch.bool, device=z.device)  # noqa: E731
+            valid = torch.cat((ones(P) if self.prefix_valid is None else self.prefix_valid,
+                               ones(b) if key_valid is None else key_valid), 1)
+        prefix_positions = self.prefix_positions
+        if prefix_positions is None:
+            prefix_positions = torch.arange(P, device=z.device)
+        if prefix_positions.dim() != positions.dim():
+            prefix_positions, positions = (p.expand(z.shape[0], -1) for p in (prefix_positions, positions))
+        where = torch.cat((prefix_positions, positions), -1)
         embeds = None
         if inputs_embeds is not None:
             embeds = torch.cat((network.embed(self.prefix), inputs_embeds), 1)
         if self.process.block_size is not None:  # a block-causal process: the prefix is seen block-causally
             mask = generation_mask(P, b, self.process.block_size, z.device)
-            logits = network(None if embeds is not None else full, inputs_embeds=embeds, attn_mask=mask,
-                             positions=torch.arange(P + b, device=z.device))
+            mask = mask if forward.get("attn_mask") is None else mask & forward.pop("attn_mask")
+            logits = self.process.forward_logits(network, full, t, None, embeds, attn_mask=mask, key_valid=valid,
+                                                 positions=where, **forward)
         else:  # MDLM: its own bidirectional attention over prefix + block (semi-autoregressive)
-            logits = self.process.forward_logits(network, full, t, {}, inputs_embeds=embeds)
-        return logits[:, P:]
+            logits = self.process.forward_logits(network, full, t, {}, embeds, key_valid=valid,
+                                                 positions=None if valid is None and self.prefix_positions is None
+                                                 else where, **forward)
+        logits = logits[:, P:]
+        if logits_at is None:
+            return logits
+        if isinstance(logits_at, slice):
+            return logits[:, logits_at]
+        return logits[logits_at]  # a bool (B, b) mask: (N, V)
 
 
 @dataclass
@@ -187,8 +232,16 @@ class BlockwiseSampler(Sampler):
         ws = cached_to = 0  # window start; end of what the cache holds (absolute positions)
         alive = torch.ones(B, dtype=torch.bool)
         lengths, reasons = [N] * B, ["length"] * B
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, N)
         rows = torch.arange(B, device=z.device)  # rows not stopped by the callback, in cache order
+        key_valid, positions = canvas.key_valid, canvas.positions  # left padding, rotary positions (None: 0..N-1)
+
+        def window_positions(rows, a, b):  # (B_a, b - a) rotary positions of canvas columns [a, b) in the window
+            if positions is None:
+                return torch.arange(a - ws, b - ws, device=z.device)
+            where = positions if positions.dim() == 2 else positions.expand(B, -1)
+            return (where[rows, a:b] - where[rows, ws:ws + 1]).clamp(min=0)  # pads (masked) clamp to 0
+
         for s in range(0, N, bs):
             if not alive.any():
                 break
@@ -201,22 +254,31 @@ class BlockwiseSampler(Sampler):
                 continue  # prompt block: nothing to generate; it enters the cache with the next encode
             if cache is not None and cached_to < s:
                 n_old, n_new = cached_to - ws, s - cached_to
-                network(z[rows, cached_to:s], attn_mask=prefix_mask(n_old, n_new, bs, z.device),
-                        positions=torch.arange(n_old, n_old + n_new, device=z.device), kv_cache=cache,
-                        cache_update=True)
-                steps.called(rows)
+                valid = None if key_valid is None else key_valid[rows, cached_to:s]
+                process.forward_logits(network, z[rows, cached_to:s], None, None, attn_mask=prefix_mask(
+                    n_old, n_new, bs, z.device), key_valid=valid, positions=window_positions(rows, cached_to, s),
+                    kv_cache=cache, cache_update=True if valid is None else valid, logits_at=slice(0, 0))
+                steps.called(rows, s - cached_to)
                 cached_to = s
                 steps.report(z, torch.zeros_like(z, dtype=torch.bool))
                 rows, cache = self._leave(steps, rows, cache, alive, reasons)
                 if rows.numel() == 0:
                     break
-            ctx = BlockContext(process, bs, s - ws, cache, None if cache is not None else z[rows, ws:s])
+            prefix = None if cache is not None else z[rows, ws:s]
+            ctx = BlockContext(process, bs, s - ws, cache, prefix,
+                               None if key_valid is None or prefix is None else key_valid[rows, ws:s],
+                               None if positions is None or prefix is None else window_positions(rows, ws, s))
             base_nfe, base_rows = steps.nfe, steps.nfe_per_row.clone()
             relay = None if callback is None else _Relay(steps, z, rows, s, e, base_nfe, base_rows)
-            out = inners[s].sample(network, ctx, Canvas(z[rows, s:e], ~fixed[rows, s:e]), generator, relay)
+            block = Canvas(z[rows, s:e], ~fixed[rows, s:e], None if key_valid is None else key_valid[rows, s:e],
+                           None if positions is None else window_positions(rows, s, e))
+            out = inners[s].sample(network, ctx, block, generators_of(generator, rows), relay)
             z[rows, s:e] = out.tokens
             steps.nfe = base_nfe + out.nfe
             steps.nfe_per_row[rows.cpu()] = base_rows[rows.cpu()] + out.nfe_per_row
+            prefix_fed = 0 if prefix is None else prefix.shape[1]  # an uncached call feeds the prefix too
+            if out.tokens_computed is not None:
+                steps.tokens_computed[rows.cpu()] += out.tokens_computed + out.nfe_per_row * prefix_fed
             rows, cache = self._leave(steps, rows, cache, alive, reasons)
             self._check_stops(z, fixed, s, e, alive, lengths, reasons)
         tokens = z.clone()  # (B, N) whatever the stops, so batches of samples stack

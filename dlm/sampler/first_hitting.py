@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              forward_live, masked_fraction, sample_tokens)
+                              forward_live, masked_fraction, rand_rows, sample_tokens)
 from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
 
 
@@ -52,7 +52,7 @@ class FirstHittingSampler(Sampler):
         B, L = z.shape
         rows = torch.arange(B, device=z.device)
         t = torch.ones(B, dtype=torch.float64)
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, z.shape[1])
         embeds = None
         while not steps.all_stopped:
             live = steps.live(z.device)
@@ -61,15 +61,15 @@ class FirstHittingSampler(Sampler):
             if not n_open.any():
                 break
             if process.time_conditioning:  # the next hitting time: mask rate (1 - alpha_t) * u^(1/n)
-                u_time = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64).cpu()
+                u_time = rand_rows(generator, (B,), z.device, torch.float64).cpu()
                 rate = (1.0 - process.alpha(t)) * u_time ** (1.0 / n_open.clamp(min=1).double().cpu())
                 t = torch.where(n_open.cpu() > 0, process.time_of_mask_rate(rate), t)
-            raw = forward_live(process, network, z, t.float().to(z.device), embeds, live)  # (B, L, V)
+            raw = forward_live(process, network, z, t.float().to(z.device), embeds, live, canvas)  # (B, L, V)
             steps.called()
             # A uniformly random open position per row (argmax of uniform scores over the open ones).
-            scores = torch.rand(B, L, generator=generator, device=z.device).masked_fill(~open_, -1.0)
+            scores = rand_rows(generator, (B, L), z.device, valid=canvas.key_valid).masked_fill(~open_, -1.0)
             pos = scores.argmax(1)  # (B,)
-            u_token = torch.rand(B, generator=generator, device=z.device, dtype=torch.float64)
+            u_token = rand_rows(generator, (B,), z.device, torch.float64)
             logits = process.denoise(raw[rows, pos])  # (B, V)
             new = sample_tokens(logits, u_token, self.temperature, self.top_p)
             active = n_open > 0

@@ -58,7 +58,7 @@ import torch
 
 from dlm.network import KVCache
 import dlm.sampler.fast_dllm as fast_dllm
-from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter
+from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, generators_of, rand_rows
 from dlm.sampler.llada_forward import Context, canvas_attention_mask, feedback_inputs, forward_block
 from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule, UnmaskingPolicy, make_policy
 from dlm.sampler.registry import check_steps, check_temperature, register_sampler
@@ -154,7 +154,7 @@ class LLaDASampler(Sampler):
         ctx = Context(network, process, idx if canvas.positions is None else canvas.positions,
                       canvas_attention_mask(key_valid, gen_start, block_length, self.block_causal),
                       key_valid & (idx < gen_start), gen_start, self.cfg_scale)
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, T)
         for b in range(num_blocks):
             self._block(ctx, x, (gen_start + b * block_length, gen_start + (b + 1) * block_length),
                         self.steps // num_blocks, to_generate, steps, generator)
@@ -176,6 +176,7 @@ class LLaDASampler(Sampler):
                 mctx, xs = (ctx, x) if members.shape[0] == B else (ctx.select(members), x[members])
                 full = KVCache()  # collects every layer's keys/values
                 raw_block = forward_block(mctx, xs, (0, T), block, None, full, None, cache_update=True)
+                fed = T
                 cache = fast_dllm.keep_cached(self.cache, full, start, end)
                 rows, sub = members, (mctx, cache)
             else:  # only the rows still active: a finished row costs no compute and waits for the next block
@@ -186,16 +187,18 @@ class LLaDASampler(Sampler):
                 embeds = None if block_embeds is None else block_embeds[rows]
                 if sub_cache is None:  # no cache: the whole canvas
                     raw_block = forward_block(sub_ctx, x[rows], (0, T), block, embeds, None, None, cache_update=False)
+                    fed = T
                 else:
                     span = fast_dllm.query_span(self.cache, start, end, T)
                     mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, self.cache, start, end)
                     raw_block = forward_block(sub_ctx, x[rows], span, block, embeds, sub_cache, mask,
                                               cache_update=False)
-            steps.called(rows)
+                    fed = span[1] - span[0]
+            steps.called(rows, fed)
             x_block = x[rows, start:end]  # (B_a, block_length)
             candidates = process.is_noise(x_block)
             x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
-            x0, score = self._predict(x_theta, generator)
+            x0, score = self._predict(x_theta, generators_of(generator, rows))
             confidence = torch.where(candidates, score, float("-inf"))
             commit = self.policy.select(confidence, candidates.sum(1), step, steps_per_block) & candidates
             x[rows, start:end] = torch.where(commit, x0, x_block)
@@ -229,7 +232,7 @@ class LLaDASampler(Sampler):
         """Predictions (B, L) and their scores (B, L) float64 from x_theta logits (B, L, V)."""
         logits = logits.double()  # float64: Gumbel-max in float32 acts like a lowered temperature
         if self.temperature > 0:
-            u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+            u = rand_rows(generator, tuple(logits.shape), logits.device, torch.float64)
             gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
             x0 = (logits / self.temperature + gumbel).argmax(-1)
         else:
@@ -243,7 +246,7 @@ class LLaDASampler(Sampler):
         elif self.remasking == "entropy":
             score = torch.special.xlogy(probs, probs).sum(-1)  # -H; xlogy(0, 0) = 0 at the -inf [MASK] logit
         else:
-            score = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+            score = rand_rows(generator, tuple(x0.shape), x0.device, torch.float64)
         if self.suppress_ids:
             # Every score lies in [-log V, 1]; shifting by 2 + log V puts these below all others, order kept.
             suppressed = torch.isin(x0, torch.tensor(self.suppress_ids, device=x0.device))
@@ -282,4 +285,4 @@ def generate_llada(network, process, prompts: list[list[int]], gen_length: int, 
     out = sampler.sample(network, process, canvas, generator, callback)
     generated = out.tokens[:, -gen_length:]
     sequences = [list(p) + row for p, row in zip(prompts, generated.tolist())]
-    return PromptedOutput(generated, out.nfe, out.nfe_per_row, out.stopped, sequences=sequences)
+    return PromptedOutput(generated, out.nfe, out.nfe_per_row, out.stopped, out.tokens_computed, sequences=sequences)

@@ -74,9 +74,8 @@ def forward_block(ctx: Context, x, span, block, block_embeds, cache, mask, cache
         positions = positions.repeat(2, 1) if positions.dim() == 2 else positions
         mask = None if mask is None else torch.cat((mask, mask)) if mask.shape[0] > 1 else mask
         t = None if t is None else torch.cat((t, t))
-    out = network(None if embeds is not None else ids, inputs_embeds=embeds, t=t, attn_mask=mask, positions=positions,
-                  kv_cache=cache, cache_update=cache_update,
-                  logits_at=slice(start - qs, end - qs))  # (B or 2B, block_length, V)
+    out = process.forward_logits(network, ids, t, None, embeds, attn_mask=mask, positions=positions, kv_cache=cache,
+                                 cache_update=cache_update, logits_at=slice(start - qs, end - qs))  # (B or 2B, b, V)
     return guided_logits(out, ctx.cfg_scale) if ctx.cfg_scale > 0 else out
 
 

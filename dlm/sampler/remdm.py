@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              fill_remaining_masks, forward_live, masked_fraction, sample_tokens)
+                              fill_remaining_masks, forward_live, masked_fraction, rand_rows,
+                              sample_tokens)
 from dlm.sampler.registry import SamplingConfig, register_sampler
 
 STRATEGIES = ("cap", "rescale", "conf", "loop")
@@ -128,12 +129,12 @@ class ReMDMSampler(Sampler):
         alphas = process.alpha(times)
         B = z.shape[0]
         confidence = torch.ones(z.shape, device=z.device)  # (B, L) probability of each token when it was decoded
-        steps = StepReporter(B, callback)
+        steps = StepReporter(B, callback, z.shape[1])
         embeds = None
         for i in range(self.steps):
             live = steps.live(z.device)
             t = torch.full((B,), float(times[i]), device=z.device)
-            raw = forward_live(process, network, z, t, embeds, live)  # (B, L, V)
+            raw = forward_live(process, network, z, t, embeds, live, canvas)  # (B, L, V)
             steps.called()
             alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
             masked = process.is_noise(z)
@@ -147,9 +148,9 @@ class ReMDMSampler(Sampler):
             else:
                 sigma = sigma_masked = torch.zeros((), device=z.device)
             p_unmask = ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
-            u_unmask = torch.rand(z.shape, generator=generator, device=z.device)
-            u_token = torch.rand(z.shape, generator=generator, device=z.device, dtype=torch.float64)
-            u_remask = torch.rand(z.shape, generator=generator, device=z.device)
+            u_unmask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
+            u_token = rand_rows(generator, z.shape, z.device, torch.float64, canvas.key_valid)
+            u_remask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
             unmask = masked & to_generate & (u_unmask < p_unmask) & live[:, None]  # (B, L)
             remask = decoded & (u_remask < sigma) & live[:, None]  # (B, L); fixed positions are never in `decoded`
             step_conf = None
@@ -173,7 +174,7 @@ class ReMDMSampler(Sampler):
             if steps.all_stopped:
                 break
         if not steps.all_stopped:
-            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds)
+            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds, canvas=canvas)
         return steps.output(z)
 
 

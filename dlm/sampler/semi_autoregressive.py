@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepEvent, StepReporter
+from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepEvent, StepReporter, generators_of
 
 
 def semi_autoregressive(sampler: Sampler, network, process, canvas: Canvas, total_length: int,
@@ -30,10 +30,12 @@ def semi_autoregressive(sampler: Sampler, network, process, canvas: Canvas, tota
         rows = steps.live().nonzero().squeeze(1).to(full.device)
         relay = None if callback is None else _relay(steps, full, rows, start)
         base_nfe, base_rows = steps.nfe, steps.nfe_per_row.clone()
-        out = sampler.sample(network, process, window.select(rows), generator, relay)
+        out = sampler.sample(network, process, window.select(rows), generators_of(generator, rows), relay)
         full[rows, start:start + context] = out.tokens
         steps.nfe = base_nfe + out.nfe
         steps.nfe_per_row[rows.cpu()] = base_rows[rows.cpu()] + out.nfe_per_row
+        if out.tokens_computed is not None:
+            steps.tokens_computed[rows.cpu()] += out.tokens_computed
         steps.stopped[rows.cpu()] |= out.stopped
         done = start + context
         if done >= total_length or steps.all_stopped:

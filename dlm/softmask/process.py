@@ -66,8 +66,8 @@ class SoftMaskedDiffusion(Process):
         return build_feedback(self.mixer, self.mask_id, **overrides)
 
     # ------------------------------------------------------------------------------------ the base's, unchanged
-    def forward_logits(self, network, z, t, batch=None, inputs_embeds=None):
-        return self.base.forward_logits(network, z, t, batch, inputs_embeds)
+    def forward_logits(self, network, z, t, batch=None, inputs_embeds=None, **forward):
+        return self.base.forward_logits(network, z, t, batch, inputs_embeds, **forward)
 
     def denoise(self, logits):
         return self.base.denoise(logits)

@@ -1,6 +1,12 @@
 """Record tests/golden/golden.json and tests/golden/legacy/ (run once, from the code before the refactor):
 
     python -m tests.golden.record
+
+A change that is meant to change some recorded behaviour re-records only that, leaving everything else as it was
+recorded (the legacy files are not retrained):
+
+    python -m tests.golden.record --cases mdlm/ancestral/uncond prompted/none/count/t0.8   # these sampling cases
+    python -m tests.golden.record --legacy-values    # what the stored legacy checkpoint/export generate and score
 """
 
 from __future__ import annotations
@@ -61,7 +67,45 @@ def _batch(model):
     return make_batch(torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), ids], 1), None)
 
 
+def legacy_values() -> dict:
+    """What the stored legacy checkpoint and export generate and score today (the files themselves unchanged)."""
+    from dlm.pipeline import load
+
+    out = {}
+    for name, path in (("ckpt", G.HERE / "legacy" / "checkpoints" / "last.ckpt"), ("export", G.HERE / "legacy" / "model")):
+        model = load(path)
+        gen = model.generate(num_samples=2, length=24, steps=8, seed=1, softmask=True, sampler="ancestral",
+                             precision="32")
+        out[name] = {"tokens": gen.tokens.tolist(), "nfe": gen.nfe,
+                     "nelbo": model.nelbo(_batch(model), num_t_samples=2, seed=0, precision="32")}
+    return out
+
+
+def rerecord(case_ids: list[str], legacy_too: bool) -> None:
+    """Re-record the listed sampling cases (and the legacy values) in golden.json; print what changed."""
+    torch.set_num_threads(1)
+    golden = json.loads(G.GOLDEN.read_text())
+    models, cases = G.models(), G.cases()
+    for cid in case_ids:
+        new = G.run_or_refuse(models, cases[cid])
+        print(f"{cid}: {'changed' if new != golden['sampling'].get(cid) else 'unchanged'}")
+        golden["sampling"][cid] = new
+    if legacy_too:
+        new = legacy_values()
+        for name in new:
+            print(f"legacy/{name}: {'changed' if new[name] != golden['legacy'][name] else 'unchanged'}")
+        golden["legacy"] = new
+    G.GOLDEN.write_text(json.dumps(golden, indent=0, sort_keys=True))
+
+
 def main() -> None:
+    import sys
+
+    args = sys.argv[1:]
+    if args:
+        cases = args[args.index("--cases") + 1:] if "--cases" in args else []
+        rerecord([c for c in cases if not c.startswith("--")], "--legacy-values" in args)
+        return
     torch.set_num_threads(1)
     write_tokenizer()
     models = G.models()

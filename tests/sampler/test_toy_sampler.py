@@ -34,7 +34,7 @@ class MostConfident(Sampler):
             open_ = process.is_noise(z) & canvas.to_generate & live[:, None]  # (B, L)
             if not open_.any():
                 return steps.output(z)
-            logits = forward_live(process, network, z, torch.ones(B), None, live)
+            logits = forward_live(process, network, z, torch.ones(B), None, live, canvas)  # padding unseen
             steps.called()
             prob, token = process.denoise(logits).softmax(-1).max(-1)  # (B, L) each
             pos = prob.masked_fill(~open_, -1.0).argmax(1)  # (B,)

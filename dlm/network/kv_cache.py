@@ -1,0 +1,123 @@
+"""The KV cache: keys and values of positions already processed, with per-row key validity, partial appends and
+row selection / stacking (a request joining or leaving a running batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Keys and values of tokens already processed, one (k, v) pair per layer, each (B, n_kv, T_cache, hd) (grouped
+    K/V heads are stored once, not expanded to the query heads).
+
+    A forward pass with `kv_cache=cache` attends to the cached keys before its own; with `cache_update=True` it also
+    appends its own keys/values (autoregressive decoding, a finished block); with a bool mask (T,) only the positions
+    it marks; with a bool mask (B, T) every position, each row's new keys valid where the mask marks them.
+    key_valid (B, T_cache) bool or None (every key valid): per row, the cached keys its queries may attend to
+    (False on left padding, or where another row's position was appended). The network applies it by itself.
+    hidden (B, T_h, C): the final hidden states of the first T_h cached positions, kept only by networks with shifted
+    predictions, whose first new position reads hidden[:, -1] (none when T_h = 0). Usually T_h = T_cache; a cache
+    whose later entries sit after the queries (Fast-dLLM's dual cache: [prefix ; suffix]) holds the prefix's only.
+    Rows can be picked (`select`) and caches of several requests stacked (`cat`), which is how a row joins or
+    leaves a running batch.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[2] if self.layers else 0
+
+    @property
+    def batch(self) -> int | None:
+        return self.layers[0][0].shape[0] if self.layers else None
+
+    def crop(self, length: int) -> None:
+        """Keep only the first `length` cached positions (sliding windows, dropping a suffix)."""
+        self.layers = [(k[:, :, :length], v[:, :, :length]) for k, v in self.layers]
+        self.hidden = None if self.hidden is None else self.hidden[:, :length]
+        self.key_valid = None if self.key_valid is None else self.key_valid[:, :length]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], pick(self.hidden), pick(self.key_valid))
+
+    @staticmethod
+    def cat(caches: list["KVCache"]) -> "KVCache":
+        """The rows of several caches stacked, in order (requests joining one batch). Caches of different lengths
+        are left-padded with keys no row attends to (rotary keys carry their own positions, so a row's attention
+        is unchanged); `hidden` is kept only when every cache has it and all have one length."""
+        caches = [c for c in caches if c.layers]
+        if not caches:
+            return KVCache()
+        if len({len(c.layers) for c in caches}) != 1:
+            raise ValueError("caches of different numbers of layers cannot be stacked")
+        T = max(c.length for c in caches)
+
+        def pad(x, c):  # (B, n_kv, t, hd) -> (B, n_kv, T, hd), zeros on the left
+            return torch.nn.functional.pad(x, (0, 0, T - c.length, 0))
+
+        layers = [(torch.cat([pad(c.layers[i][0], c) for c in caches]), torch.cat([pad(c.layers[i][1], c) for c in caches]))
+                  for i in range(len(caches[0].layers))]
+        valid = None
+        if any(c.key_valid is not None or c.length < T for c in caches):
+            parts = []
+            for c in caches:
+                v = c.key_valid if c.key_valid is not None else torch.ones(c.batch, c.length, dtype=torch.bool,
+                                                                         device=c.layers[0][0].device)
+                parts.append(torch.nn.functional.pad(v, (T - c.length, 0), value=False))
+            valid = torch.cat(parts)
+        hidden = None
+        if all(c.hidden is not None for c in caches) and len({c.hidden.shape[1] for c in caches}) == 1 \
+                and all(c.length == T for c in caches):
+            hidden = torch.cat([c.hidden for c in caches])
+        return KVCache(layers, hidden, valid)
+
+    def attention_mask(self, batch: int, queries: int, device) -> torch.Tensor | None:
+        """(B, 1, 1, T_cache + T) bool: which keys the queries of this call may see (cached: `key_valid`; the call's
+        own: all, the caller's mask decides), or None when every cached key is valid."""
+        if self.key_valid is None:
+            return None
+        own = torch.ones(self.key_valid.shape[0], queries, dtype=torch.bool, device=device)
+        return torch.cat((self.key_valid.to(device), own), 1)[:, None, None, :].expand(batch, 1, 1, -1)
+
+    def append_valid(self, update, batch: int, queries: int, device) -> None:
+        """Extend `key_valid` after a call that appended with `cache_update` (see `appended_columns`)."""
+        if isinstance(update, torch.Tensor) and update.dim() == 2:  # every position, valid per row
+            new = update.to(device)
+            if self.key_valid is None and bool(new.all()):
+                return
+        else:
+            if self.key_valid is None:
+                return
+            n = queries if not isinstance(update, torch.Tensor) else int(update.sum())
+            new = torch.ones(batch, n, dtype=torch.bool, device=device)
+        old = self.key_valid
+        if old is None:
+            old = torch.ones(batch, self.length - new.shape[1], dtype=torch.bool, device=device)
+        self.key_valid = torch.cat((old.to(device), new), 1)
+
+
+def updates_cache(update) -> bool:
+    """Whether a `cache_update` (a bool, or a mask of the positions to append) appends anything."""
+    if isinstance(update, torch.Tensor):
+        return update.dim() == 2 or bool(update.any())  # (B, T): every position is appended
+    return bool(update)
+
+
+def appended_columns(update, queries: int) -> torch.Tensor | None:
+    """The query positions a `cache_update` appends, or None for all of them. True: all. A (T,) bool mask: the
+    positions it marks, for every row. A (B, T) bool mask: all, each row's keys valid where it marks them (a row's
+    left padding, or a position only other rows append)."""
+    if not isinstance(update, torch.Tensor):
+        return None
+    if update.dtype != torch.bool or update.shape[-1] != queries or update.dim() not in (1, 2):
+        raise ValueError(f"cache_update as a mask must be bool ({queries},) or (batch, {queries}); got "
+                         f"{update.dtype} {tuple(update.shape)}")
+    return update if update.dim() == 1 and not bool(update.all()) else None
