@@ -100,3 +100,72 @@ def test_the_dlm_command_trains_and_samples_with_the_plugin(plugin_dir, micro_ar
     assert bad.returncode == 2 and "sampler 'renoise' has no option 'eta'; its options: steps, t_max, t_min" in bad.stderr
     refused = dlm_command(plugin_dir, "sample", str(out), "--sampler", "ancestral", cwd=tmp_path)
     assert refused.returncode == 2 and "sampler 'ancestral' cannot sample a 'uniform_x0' model" in refused.stderr
+
+
+@pytest.fixture
+def plugin_loaded(plugin_dir, monkeypatch):
+    """The plugin imported in this process (its process and sampler registered), removed again afterwards."""
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    load_plugins()
+    yield
+    PROCESSES.pop("uniform_x0", None)
+    SAMPLERS.pop("renoise", None)
+    dlm.plugins._loaded.pop("dlm_uniform_plugin", None)
+    sys.modules.pop("dlm_uniform_plugin", None)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reduction order for every batch size
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_plugins_sampler_is_batch_invariant_and_steps_rows_that_join_and_leave(plugin_loaded, tiny_network,
+                                                                                   one_thread):
+    """What the library's samplers are held to (tests/sampler/test_batch_invariance.py, test_step_api.py) holds for a
+    sampler written only against the docs, on a uniform-state process: a request's tokens are the same alone, in a
+    batch beside prompts of other lengths, and when rows join and leave a running batch (float32)."""
+    import torch
+
+    from dlm.process import ModelDescription, make_process
+    from dlm.sampler import Canvas
+    from dlm.sampler.registry import make_sampler
+    from dlm.sampler.state import SamplerState
+
+    V, gen_len = 13, 8
+    net = tiny_network(V)
+    process = make_process(PROCESSES["uniform_x0"].config_class(), ModelDescription(vocab_size=V, d_model=32))
+    sampler = make_sampler("renoise", steps=5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [3, 3]]
+    gens = lambda i: [torch.Generator().manual_seed(50 + i)]  # noqa: E731  (one per request)
+
+    def canvas(rows):
+        return Canvas.left_padded([prompts[i] for i in rows], gen_len, process,
+                                  generator=[g for i in rows for g in gens(i)])
+
+    with torch.no_grad():
+        alone = [sampler.sample(net, process, canvas([i]), gens(i)).tokens[0, -gen_len:] for i in range(4)]
+        batch = sampler.sample(net, process, canvas([2, 0, 1]), [g for i in (2, 0, 1) for g in gens(i)]).tokens
+        for row, i in enumerate((2, 0, 1)):
+            assert torch.equal(batch[row, -gen_len:], alone[i]), i
+        # Rows 0 and 1 start together, row 2 joins after 2 steps and row 3 after 3; rows leave when done.
+        state = SamplerState.cat([sampler.start(net, process, canvas([i]), gens(i)) for i in (0, 1)])
+        ids, got, joins, t = [0, 1], {}, {2: 2, 3: 3}, 0
+        while ids:
+            if t in joins:
+                state = SamplerState.cat([state, sampler.start(net, process, canvas([joins[t]]), gens(joins[t]))])
+                ids.append(joins[t])
+            state, _ = sampler.step(state)
+            t += 1
+            done = state.done.cpu()
+            for row in done.nonzero().flatten().tolist():
+                got[ids[row]] = state.tokens[row, -gen_len:].clone()
+            keep = (~done).nonzero().flatten()
+            state, ids = state.select(keep), [ids[r] for r in keep.tolist()]
+    for i in range(4):
+        assert torch.equal(got[i], alone[i]), i
+    assert len({tuple(a.tolist()) for a in alone}) > 1  # the requests differ: the comparison can fail

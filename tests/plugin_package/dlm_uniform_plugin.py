@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
-from dlm.sampler.base import SampleOutput, Sampler, StepEvent
+from dlm.sampler.base import Sampler, StepEvent, forward_live, generators_of, rand_rows, sample_tokens
+from dlm.sampler.state import SamplerState
 from dlm.sampler.registry import register_sampler
 
 
@@ -110,15 +111,6 @@ class RenoiseConfig:
             raise ValueError(f"need 0 < t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
 
 
-def stop_rows(answer, batch: int) -> torch.Tensor:
-    """A callback's answer (None / a bool / a (B,) bool tensor) as (B,) bool: the rows to stop."""
-    if answer is None or answer is False:
-        return torch.zeros(batch, dtype=torch.bool)
-    if answer is True:
-        return torch.ones(batch, dtype=torch.bool)
-    return torch.as_tensor(answer, dtype=torch.bool).cpu()
-
-
 @register_sampler("renoise", RenoiseConfig,
                   description="DiffusionGemma-style: predict x0, keep the lowest-entropy tokens, renoise the rest")
 class Renoise(Sampler):
@@ -127,40 +119,57 @@ class Renoise(Sampler):
     corruptions = ("uniform",)
 
     @torch.no_grad()
-    def sample(self, network, process, canvas, generator=None, callback=None) -> SampleOutput:
+    def start(self, network, process, canvas, generator=None) -> SamplerState:
+        """The step-level API (docs/architecture.md): one row per request, each with its own step and generator."""
         process.check_sampler(self)
-        z, gen = canvas.tokens.clone(), canvas.to_generate  # (B, L) each
+        z = canvas.tokens.clone()  # (B, L)
+        B, device = z.shape[0], z.device
+        positions = canvas.positions
+        if positions is not None and positions.dim() == 1:
+            positions = positions.expand(B, -1)
+        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
+        return SamplerState(network, process, z, canvas.to_generate, canvas.key_valid, positions, zeros(torch.long),
+                            torch.full((B,), self.steps, device=device), zeros(torch.bool), generator,
+                            zeros(torch.long).cpu(), zeros(torch.long).cpu())
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """Step n of each live row: predict x0, draw a candidate canvas, keep the lowest-entropy positions, renoise
+        the rest uniformly. Every random number comes from `rand_rows` (one generator per row)."""
+        network, process, z, gen = state.network, state.process, state.tokens, state.to_generate
         B, L = z.shape
-        V = process.vocab_size
-        stopped = torch.zeros(B, dtype=torch.bool)
-        nfe, nfe_per_row = 0, torch.zeros(B, dtype=torch.long)
-        todo = gen.sum(1)  # (B,) positions to generate per row
-        for n in range(self.steps):
-            rows = (~stopped).nonzero().squeeze(1).to(z.device)  # the live rows
-            left = (self.steps - 1 - n) / max(self.steps - 1, 1)  # 1 at the first step, 0 at the last
-            temperature = self.t_min + (self.t_max - self.t_min) * left
-            t = torch.full((len(rows),), max(left, 1e-3), device=z.device)  # the noise level, for a timed network
-            batch = {} if canvas.key_valid is None else {"attention_mask": canvas.key_valid[rows]}
-            logits = process.denoise(process.forward_logits(network, z[rows], t, batch))  # (b, L, V)
-            nfe += 1
-            nfe_per_row[rows.cpu()] += 1
-            probs = (logits / temperature).softmax(-1)
-            draw = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(len(rows), L)
-            confidence = probs.gather(-1, draw[..., None]).squeeze(-1)  # (b, L)
-            p = logits.softmax(-1)
-            entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (b, L)
-            entropy = entropy.masked_fill(~gen[rows], math.inf)  # given positions are never candidates
-            rank = entropy.argsort(dim=1, stable=True).argsort(dim=1)  # (b, L): 0 = most confident
-            keep_count = torch.ceil(todo[rows] * (n + 1) / self.steps)  # (b,)
-            keep = (rank < keep_count[:, None]) & gen[rows]
-            noise = torch.randint(V, (len(rows), L), generator=generator, device=z.device)
-            z[rows] = torch.where(keep, draw, torch.where(gen[rows], noise, z[rows]))
-            committed = torch.zeros_like(gen)
-            committed[rows] = keep
-            conf = torch.zeros(B, L, device=z.device)
-            conf[rows] = torch.where(keep, confidence, 0.0)
-            if callback is not None:
-                stopped |= stop_rows(callback(StepEvent(n, z, committed, conf, nfe, nfe_per_row.clone())), B)
-            if bool(stopped.all()):
-                break
-        return SampleOutput(z, nfe, nfe_per_row, stopped)
+        device, V = z.device, process.vocab_size
+        live = ~state.done  # (B,)
+        n = state.step.clamp(max=self.steps - 1)  # (B,) each row's own step
+        left = (self.steps - 1 - n).double() / max(self.steps - 1, 1)  # 1 at the first step, 0 at the last
+        temperature = (self.t_min + (self.t_max - self.t_min) * left).float()  # (B,)
+        t = left.clamp(min=1e-3).float()  # the noise level, for a time-conditioned network
+        raw = forward_live(process, network, z, t, None, live, state.canvas())  # (B, L, V), zeros off the live rows
+        logits = process.denoise(raw)
+        rows = live.nonzero().squeeze(1)
+        gens = generators_of(state.generators, rows)
+        valid = None if state.key_valid is None else state.key_valid[rows]
+        u_draw = torch.zeros(B, L, dtype=torch.float64, device=device)
+        u_noise = torch.zeros(B, L, device=device)
+        u_draw[rows] = rand_rows(gens, (len(rows), L), device, torch.float64, valid)
+        u_noise[rows] = rand_rows(gens, (len(rows), L), device, valid=valid)
+        scaled = logits / temperature[:, None, None]  # (B, L, V)
+        draw = sample_tokens(scaled.flatten(0, 1), u_draw.flatten()).view(B, L)  # inverse CDF, float64
+        p = logits.softmax(-1)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)  # (B, L)
+        entropy = entropy.masked_fill(~gen, math.inf)  # given positions are never candidates
+        rank = entropy.argsort(dim=1, stable=True).argsort(dim=1)  # (B, L): 0 = most confident
+        keep_count = torch.ceil(gen.sum(1) * (n + 1) / self.steps)  # (B,)
+        keep = (rank < keep_count[:, None]) & gen & live[:, None]
+        noise = (u_noise * V).long().clamp_max(V - 1)  # uniform tokens
+        renoise = gen & live[:, None] & ~keep
+        z[:] = torch.where(keep, draw, torch.where(renoise, noise, z))
+        confidence = scaled.softmax(-1).gather(-1, draw[..., None]).squeeze(-1) * keep  # (B, L)
+        state.calls += 1
+        state.nfe_per_row += live.cpu()
+        state.tokens_computed += live.cpu() * L
+        state.step = state.step + live.long()
+        state.done = state.done | (state.step >= self.steps)
+        event = StepEvent(state.events, z, keep, confidence, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event
