@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_live,
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_live, forward_rows,
                               generators_of, masked_fraction, rand_rows, sample_tokens)
 from dlm.sampler.state import SamplerState
 from dlm.sampler.registry import SamplingConfig, register_sampler
@@ -85,8 +85,11 @@ class AncestralSampler(Sampler):
             inputs = embeds
             if embeds is not None and not bool(fed[need].all()):  # a row without feedback yet is fed its tokens
                 inputs = torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
-            part = forward_live(process, network, z, t, inputs, need, state.canvas())
-            raw = part if raw is None else torch.where(need[:, None, None], part.to(raw.dtype), raw)
+            if raw is None or bool(need.all()):
+                raw = forward_live(process, network, z, t, inputs, need, state.canvas())
+            else:  # only the rows that need it, written in place: no second (B, L, V) tensor per step
+                rows = need.nonzero().squeeze(1)
+                raw[rows] = forward_rows(process, network, z, t, inputs, rows, state.canvas()).to(raw.dtype)
             fresh = fresh | need
             state.calls += 1
             state.nfe_per_row += need.cpu()

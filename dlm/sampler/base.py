@@ -294,14 +294,23 @@ def forward_live(process, network, z, t, inputs_embeds, live: torch.Tensor, canv
     if bool(live.all()):
         return process.forward_logits(network, z, t, None, inputs_embeds, key_valid=key_valid, positions=positions)
     rows = live.nonzero().squeeze(1)
-    if hasattr(process, "select_rows"):  # a process holding per-row context (the blockwise sampler's BlockContext)
-        process = process.select_rows(rows)
-    pick = lambda x: x if x is None or (x is positions and x.dim() < 2) else x[rows]  # noqa: E731
-    part = process.forward_logits(network, z[rows], pick(t), None, pick(inputs_embeds), key_valid=pick(key_valid),
-                                  positions=pick(positions))
+    part = forward_rows(process, network, z, t, inputs_embeds, rows, canvas)
     out = part.new_zeros((z.shape[0], *part.shape[1:]))
     out[rows] = part
     return out
+
+
+def forward_rows(process, network, z, t, inputs_embeds, rows: torch.Tensor, canvas: Canvas | None = None
+                 ) -> torch.Tensor:
+    """Raw logits (B_a, L, V) of one call on the batch rows `rows` (B_a,) indices only (a sampler that keeps its
+    other rows' logits writes these into place, with no full-batch tensor)."""
+    key_valid = None if canvas is None else canvas.key_valid
+    positions = None if canvas is None else canvas.positions
+    if hasattr(process, "select_rows"):  # a process holding per-row context (the blockwise sampler's BlockContext)
+        process = process.select_rows(rows)
+    pick = lambda x: x if x is None or (x is positions and x.dim() < 2) else x[rows]  # noqa: E731
+    return process.forward_logits(network, z[rows], pick(t), None, pick(inputs_embeds), key_valid=pick(key_valid),
+                                  positions=pick(positions))
 
 
 def fill_remaining_masks(network, process, z, to_generate, t_final: float, reporter: StepReporter,
