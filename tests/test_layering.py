@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent / "dlm"
 LAYERS = [
     ("dlm.plugins",),
     ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults"),
+    ("dlm.tasks",),
     ("dlm.process",),
     ("dlm.sampler",),
     ("dlm.softmask",),
