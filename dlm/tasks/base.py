@@ -84,6 +84,24 @@ class Task:
         """Exact metrics of a predicted response string for `example` (a dict of numbers)."""
         raise NotImplementedError
 
+    def response_text(self, ids: list[int], tokenizer) -> str:
+        """A generated response (token ids after the prompt) as a string aligned one character per token: cut at
+        the first EOS (what follows it is dropped, as in LLaDA), any other special token (a [MASK] left) as '?'."""
+        tokens = tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        if tokenizer.eos_token in tokens:
+            tokens = tokens[:tokens.index(tokenizer.eos_token)]
+        return "".join(t if t in self.symbols else "?" for t in tokens)
+
+    def score_ids(self, example: dict, ids: list[int], tokenizer) -> dict:
+        """`score` of a generated response given as token ids (see `response_text`)."""
+        return self.score(example, self.response_text(ids, tokenizer))
+
+    def summarize(self, examples: list[dict], scores: list[dict]) -> dict:
+        """The mean of each metric over the examples (a task may add more, e.g. the hardest examples alone)."""
+        if not scores:
+            return {}
+        return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+
     def write_pairs(self, folder: str | Path, sizes: dict[str, int], seed: int) -> Path:
         """Write `{split}.jsonl` ({"prompt", "response"} per line) for each split in `sizes` and `task.json`
         (name, options, seed, sizes, vocabulary, and `stats` of each split). Returns the folder."""

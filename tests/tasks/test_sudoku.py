@@ -121,6 +121,22 @@ def test_metrics_on_hand_made_boards():
     assert task.score(ex, SOLVED + "[EOS]")["solved"] == 1.0  # characters after the board are ignored
 
 
+def test_score_generated_ids():
+    task = Sudoku(4)
+    tok = task.tokenizer()
+    ex = task.generate("test", 4, seed=0)
+    ids = tok.encode(ex[0]["solution"], add_special_tokens=False)
+    assert task.response_text(ids + [tok.eos_token_id, 6, 6], tok) == ex[0]["solution"]  # cut at the first EOS
+    assert task.score_ids(ex[0], ids + [tok.eos_token_id], tok)["solved"] == 1.0
+    masked = [tok.mask_token_id] + ids[1:]
+    assert task.response_text(masked, tok) == "?" + ex[0]["solution"][1:]  # one character per token
+    m = task.score_ids(ex[0], masked, tok)
+    assert m["solved"] == 0.0 and m["invalid_cells"] == 1.0 and m["cell_accuracy"] == 15 / 16
+    scores = [task.score(e, e["solution"] if i % 2 else e["puzzle"]) for i, e in enumerate(ex)]
+    summary = task.summarize(ex, scores)
+    assert summary["solved"] == 0.5 and 0.0 <= summary["hardest_solved"] <= 1.0
+
+
 def test_tokenizer_round_trip_and_save(tmp_path):
     task = make_task("sudoku", size=9)
     tok = task.tokenizer()
