@@ -27,6 +27,13 @@ def test_prompt_response_row(tok):
     assert ids == [0, 6, 5, 6, 7, 1] and resp == [False, False, False, True, True, True]
 
 
+def test_load_pairs_matches_tokenize_pair(bpe, tmp_path):
+    objs = [{"prompt": "And God said", "response": " let there be light."}, {"prompt": "", "response": "x"},
+            {"prompt": "Verily, ", "response": ""}]
+    ds = load_pairs(write(tmp_path / "p.jsonl", objs), bpe)
+    assert ds.rows == [tokenize_pair(bpe, o) for o in objs]
+
+
 def test_batch_pads_with_eos_inside_the_loss(tok, tmp_path):
     ds = load_pairs(write(tmp_path / "p.jsonl", [{"prompt": "1.", "response": "12"},
                                                  {"prompt": "3", "response": "4123"}]), tok)
