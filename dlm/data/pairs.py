@@ -3,7 +3,8 @@
 One JSON object per line, either
     {"prompt": "...", "response": "..."}        -> [BOS] prompt response [EOS]
     {"messages": [{"role": ..., "content": ...}, ...]}   -> the tokenizer's chat template; only assistant turns
-                                                            (with the template's end-of-turn tokens) are responses
+                                                            (with the template's end-of-turn tokens) are responses;
+                                                            no EOS is added (the end-of-turn token ends it)
 Every row is one pair: no packing across pairs. A batch is a dict in dlm's format (dlm.data.batch.make_batch):
     input_ids       (B, L) long   the rows, right-padded to the longest row of the batch
     given           (B, L) bool   prompt positions (BOS, prompt, user turns, template text): never noised, never scored
