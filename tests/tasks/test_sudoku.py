@@ -176,3 +176,12 @@ def test_command_writes_pair_files(tmp_path, capsys):
     assert set(first) == {"prompt", "response"} and len(first["prompt"]) == len(first["response"]) == 16
     assert main(["--size", "4", "--givens", "99", "--out", str(tmp_path / "bad")]) == 2
     assert "givens must be in 0..16" in capsys.readouterr().err
+
+
+def test_board_text():
+    from dlm.tasks.sudoku import board_text
+
+    assert board_text("12..34..........", 4).splitlines() == ["1 2 | . .", "3 4 | . .", "-" * 9, ". . | . .", ". . | . ."]
+    lines = board_text(SOLVED, 9).splitlines()
+    assert len(lines) == 11 and lines[0] == "5 3 4 | 6 7 8 | 9 1 2" and lines[3] == "-" * 21
+    assert board_text("12", 4).splitlines()[0] == "1 2 | ? ?"  # a short board shows '?' cells
