@@ -13,6 +13,7 @@ LAYERS = [
     ("dlm.plugins",),
     ("dlm.allocator", "dlm.precision", "dlm.memory", "dlm.data", "dlm.network", "dlm.errors", "dlm.faults",
      "dlm.progress"),
+    ("dlm.tasks",),
     ("dlm.process",),
     ("dlm.sampler",),
     ("dlm.softmask",),
