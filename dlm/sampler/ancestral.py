@@ -52,16 +52,9 @@ class AncestralSampler(Sampler):
         if self.cache and process.time_conditioning:
             raise ValueError("the cached ancestral sampler needs a model without time conditioning "
                              "(x_theta must depend on z only); use cache=False")
-        z = canvas.tokens.clone()
-        B, device = z.shape[0], z.device
-        positions = canvas.positions
-        if positions is not None and positions.dim() == 1:
-            positions = positions.expand(B, -1)
-        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
-        return SamplerState(network, process, z, canvas.to_generate, canvas.key_valid, positions, zeros(torch.long),
-                            torch.full((B,), self.steps + 1, device=device), zeros(torch.bool), generator,
-                            zeros(torch.long).cpu(), zeros(torch.long).cpu(),
-                            {"raw": None, "fresh": zeros(torch.bool), "embeds": None, "fed": zeros(torch.bool)})
+        no = torch.zeros(canvas.tokens.shape[0], dtype=torch.bool, device=canvas.tokens.device)
+        return SamplerState.begin(network, process, canvas, generator, self.steps + 1,  # + the final argmax
+                                  {"raw": None, "fresh": no, "embeds": None, "fed": no.clone()})
 
     @torch.no_grad()
     def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:

@@ -42,6 +42,21 @@ class SamplerState:
     events: int = 0  # steps taken by `step` on this state
     confidence: bool = True  # whether step events carry the committed tokens' probabilities
 
+    @classmethod
+    def begin(cls, network, process, canvas, generators, num_steps: int, extras: dict | None = None
+              ) -> "SamplerState":
+        """The state of a canvas (dlm.sampler.base.Canvas) before its first step: its tokens copied, every row at
+        step 0 of `num_steps`, none done, no network call yet; `extras`: the sampler's own per-row tensors."""
+        z = canvas.tokens.clone()
+        B, device = z.shape[0], z.device
+        positions = canvas.positions
+        if positions is not None and positions.dim() == 1:
+            positions = positions.expand(B, -1)
+        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
+        return cls(network, process, z, canvas.to_generate, canvas.key_valid, positions, zeros(torch.long),
+                   torch.full((B,), num_steps, device=device), zeros(torch.bool), generators,
+                   zeros(torch.long).cpu(), zeros(torch.long).cpu(), extras or {})
+
     @property
     def batch(self) -> int:
         return self.tokens.shape[0]

@@ -40,7 +40,6 @@ def write_tokenizer() -> None:
 def legacy(tmp: Path) -> dict:
     """A soft-masking run with EMA (checkpoint and export) written by today's code, and what it generates."""
     from dlm.cli import main
-    from dlm.pipeline import load
 
     dest = G.HERE / "legacy"
     shutil.rmtree(dest, ignore_errors=True)
@@ -50,8 +49,15 @@ def legacy(tmp: Path) -> dict:
     for part in ("checkpoints", "model", "tokenizer"):
         shutil.copytree(run / part, dest / part, ignore=shutil.ignore_patterns("best.ckpt"))
     shutil.copy(run / "config.yaml", dest / "config.yaml")
+    return _values_of(dest)
+
+
+def _values_of(folder) -> dict:
+    """What a soft-masking run folder's checkpoint and export generate and score (the golden "legacy" entry)."""
+    from dlm.pipeline import load
+
     out = {}
-    for name, path in (("ckpt", dest / "checkpoints" / "last.ckpt"), ("export", dest / "model")):
+    for name, path in (("ckpt", folder / "checkpoints" / "last.ckpt"), ("export", folder / "model")):
         model = load(path)
         gen = model.generate(num_samples=2, length=24, steps=8, seed=1, softmask=True, sampler="ancestral",
                              precision="32")
@@ -69,16 +75,7 @@ def _batch(model):
 
 def legacy_values() -> dict:
     """What the stored legacy checkpoint and export generate and score today (the files themselves unchanged)."""
-    from dlm.pipeline import load
-
-    out = {}
-    for name, path in (("ckpt", G.HERE / "legacy" / "checkpoints" / "last.ckpt"), ("export", G.HERE / "legacy" / "model")):
-        model = load(path)
-        gen = model.generate(num_samples=2, length=24, steps=8, seed=1, softmask=True, sampler="ancestral",
-                             precision="32")
-        out[name] = {"tokens": gen.tokens.tolist(), "nfe": gen.nfe,
-                     "nelbo": model.nelbo(_batch(model), num_t_samples=2, seed=0, precision="32")}
-    return out
+    return _values_of(G.HERE / "legacy")
 
 
 def rerecord(case_ids: list[str], legacy_too: bool) -> None:

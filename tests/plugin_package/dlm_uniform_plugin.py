@@ -122,15 +122,7 @@ class Renoise(Sampler):
     def start(self, network, process, canvas, generator=None) -> SamplerState:
         """The step-level API (docs/architecture.md): one row per request, each with its own step and generator."""
         process.check_sampler(self)
-        z = canvas.tokens.clone()  # (B, L)
-        B, device = z.shape[0], z.device
-        positions = canvas.positions
-        if positions is not None and positions.dim() == 1:
-            positions = positions.expand(B, -1)
-        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
-        return SamplerState(network, process, z, canvas.to_generate, canvas.key_valid, positions, zeros(torch.long),
-                            torch.full((B,), self.steps, device=device), zeros(torch.bool), generator,
-                            zeros(torch.long).cpu(), zeros(torch.long).cpu())
+        return SamplerState.begin(network, process, canvas, generator, self.steps)
 
     @torch.no_grad()
     def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
