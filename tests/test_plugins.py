@@ -134,7 +134,7 @@ def test_the_plugins_sampler_is_batch_invariant_and_steps_rows_that_join_and_lea
     from dlm.process import ModelDescription, make_process
     from dlm.sampler import Canvas
     from dlm.sampler.registry import make_sampler
-    from dlm.sampler.state import SamplerState
+    from tests.sampler.test_step_api import run_joining_and_leaving
 
     V, gen_len = 13, 8
     net = tiny_network(V)
@@ -153,19 +153,8 @@ def test_the_plugins_sampler_is_batch_invariant_and_steps_rows_that_join_and_lea
         for row, i in enumerate((2, 0, 1)):
             assert torch.equal(batch[row, -gen_len:], alone[i]), i
         # Rows 0 and 1 start together, row 2 joins after 2 steps and row 3 after 3; rows leave when done.
-        state = SamplerState.cat([sampler.start(net, process, canvas([i]), gens(i)) for i in (0, 1)])
-        ids, got, joins, t = [0, 1], {}, {2: 2, 3: 3}, 0
-        while ids:
-            if t in joins:
-                state = SamplerState.cat([state, sampler.start(net, process, canvas([joins[t]]), gens(joins[t]))])
-                ids.append(joins[t])
-            state, _ = sampler.step(state)
-            t += 1
-            done = state.done.cpu()
-            for row in done.nonzero().flatten().tolist():
-                got[ids[row]] = state.tokens[row, -gen_len:].clone()
-            keep = (~done).nonzero().flatten()
-            state, ids = state.select(keep), [ids[r] for r in keep.tolist()]
+        got = run_joining_and_leaving(sampler, net, process, lambda i: canvas([i]), gens, (0, 1), {2: 2, 3: 3},
+                                      gen_len)
     for i in range(4):
         assert torch.equal(got[i], alone[i]), i
     assert len({tuple(a.tolist()) for a in alone}) > 1  # the requests differ: the comparison can fail

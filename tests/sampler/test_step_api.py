@@ -31,6 +31,27 @@ def test_which_samplers_have_the_step_api():
                             "remdm_loop", "remdm_rescale"}, WITHOUT
 
 
+def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: dict, width: int) -> dict:
+    """Step the requests `first` together through `sampler.step`; request joins[t] joins the running batch before
+    its step t (`SamplerState.cat`) and every row leaves when done (`select`). canvas(i) / gen(i): request i's
+    canvas and generators. Returns {request: its last `width` tokens}."""
+    state = SamplerState.cat([sampler.start(net, process, canvas(i), gen(i)) for i in first])
+    ids, got, t = list(first), {}, 0
+    while ids:
+        if t in joins:
+            state = SamplerState.cat([state, sampler.start(net, process, canvas(joins[t]), gen(joins[t]))])
+            ids.append(joins[t])
+        state, event = sampler.step(state)
+        assert event.tokens.shape == state.tokens.shape
+        t += 1
+        finished = state.done.cpu()
+        for row in finished.nonzero().flatten().tolist():
+            got[ids[row]] = state.tokens[row, -width:].clone()
+        keep = (~finished).nonzero().flatten()
+        state, ids = state.select(keep), [ids[r] for r in keep.tolist()]
+    return got
+
+
 def opts(name):
     accepted = SAMPLERS[name].options
     out = {"steps": 6} if "steps" in accepted else {}
@@ -58,20 +79,7 @@ def test_rows_joining_and_leaving_get_their_tokens_alone(models, name, model_nam
     with torch.no_grad():
         alone = [sampler.sample(net, process, canvas(i), gen(i)).tokens[0, -GEN:] for i in range(4)]
         # Rows 0 and 1 start together; row 2 joins after 2 steps, row 3 after 4; every row leaves when done.
-        state = SamplerState.cat([sampler.start(net, process, canvas(i), gen(i)) for i in (0, 1)])
-        ids, got, joins, t = [0, 1], {}, {2: 2, 4: 3}, 0
-        while ids:
-            if t in joins:
-                state = SamplerState.cat([state, sampler.start(net, process, canvas(joins[t]), gen(joins[t]))])
-                ids.append(joins[t])
-            state, event = sampler.step(state)
-            assert event.tokens.shape == state.tokens.shape
-            t += 1
-            finished = state.done.cpu()
-            for row in finished.nonzero().flatten().tolist():
-                got[ids[row]] = state.tokens[row, -GEN:].clone()
-            keep = (~finished).nonzero().flatten()
-            state, ids = state.select(keep), [ids[r] for r in keep.tolist()]
+        got = run_joining_and_leaving(sampler, net, process, canvas, gen, (0, 1), {2: 2, 4: 3}, GEN)
     for i in range(4):
         assert torch.equal(got[i], alone[i]), (name, model_name, i)
 
