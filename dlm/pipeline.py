@@ -402,11 +402,11 @@ class DiffusionLM:
     # ------------------------------------------------------------------------------------ likelihood
     @torch.no_grad()
     def nelbo(self, batch: dict, num_t_samples: int = 8, seed: int = 0, precision: str = "auto",
-              softmask: bool | None = None, first_row: int = 0) -> tuple[float, int]:
+              softmask: bool | None = None) -> tuple[float, int]:
         """(summed NELBO in nats, scored tokens) of a batch (see dlm.data.batch.make_batch); exact NLL for
         an autoregressive model. Deterministic for a given seed: each row's times and masks come from its own
         generator, seeded by the seed and a hash of the row's tokens (`row_seed`), so a text's estimate depends
-        neither on the batch it is in nor on its place in the list. first_row: unused (kept for callers).
+        neither on the batch it is in nor on its place in the list.
         softmask: bound the two-pass soft-masked denoiser (default: when the model was trained with SM); the
         same times and masks either way."""
         if num_t_samples < 1:
@@ -459,7 +459,7 @@ class DiffusionLM:
         starts = range(0, ids.shape[0], batch_size)
         for start in track(starts, "perplexity", progress):
             batch = make_batch(ids[start:start + batch_size].long(), None if am is None else am[start:start + batch_size])
-            s, n = self.nelbo(batch, num_t_samples, seed, precision, softmask, first_row=start)
+            s, n = self.nelbo(batch, num_t_samples, seed, precision, softmask)
             total, count = total + s, count + n
         if count == 0:
             raise ValueError("no token to score: the text is empty")
