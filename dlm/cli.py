@@ -424,10 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_third_party() -> None:
-    """Lightning's INFO lines (hardware banner, a cloud-logging tip), a torch-internal deprecation warning and two
-    warnings of Lightning on every resume say nothing a dlm user can act on, and fill logs; dlm prints its own
-    summary of each run. (On resume the checkpoint folder holds the run's own checkpoints, and the data order is a
-    function of the step, dlm/train/data_module.py, so resuming mid-epoch is exact.)"""
+    """Lightning's INFO lines (hardware banner, a cloud-logging tip) and a torch-internal deprecation warning say
+    nothing a dlm user can act on, and fill logs; dlm prints its own summary of each run. (Lightning's warnings on
+    a resume are filtered where training runs, dlm/train/run.py.)"""
     import logging
     import warnings
 
@@ -436,8 +435,6 @@ def _quiet_third_party() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,8 +243,11 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
         print(f"dlm: the resume is exact: the batch of every step is a function of (trainer.seed, step, rank) "
               f"(dlm/train/data_module.py), so steps {ckpt['global_step']}+ see the data they would have seen",
               flush=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+    with warnings.catch_warnings():  # Lightning's resume warnings: the folder holds the run's own checkpoints, and
+        for message in (r".*your dataloader is not resumable",  # the data order is a function of the step
+                        r"Checkpoint directory .* exists and is not empty",
+                        r"You're resuming from a checkpoint that ended before the epoch ended"):
+            warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     if stop is not None:  # from here (the export) a signal is only recorded: the run completes
         stop.in_training = True  # (a run resumed at its last step never started training: not set by the callback)
