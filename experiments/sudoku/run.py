@@ -1,0 +1,178 @@
+"""Sudoku: what decoding order, parallel decoding, soft-masking and remasking buy, measured with exact answers
+(issue 20; Kim, Shah et al., "Train for the Worst, Plan for the Best", arXiv 2502.06768).
+
+    python experiments/sudoku/run.py                       # full run: docs/sudoku.md and docs/sudoku.png
+    python experiments/sudoku/run.py --quick --out DIR     # a minute: the same pipeline at toy scale
+
+Protocol. One board size, one data set (dlm.tasks.sudoku: train / validation / test disjoint by solution grid), one
+network size, one optimiser. Every method is trained by `dlm train data.format=pairs` (SFT: the puzzle is given,
+never noised, never scored; the solution and its EOS are the response) for the same number of optimizer steps on
+the same batches (equal training compute, except soft-masking's second pass, reported beside it), with 2 seeds:
+  mdlm   masked diffusion (MDLM)                 ar     autoregressive, the same network, left to right
+  bd3lm  block diffusion, one block per board row  sm   MDLM + soft-masking training
+Each model then solves the same test puzzles with each decoding rule below; every rule reports puzzles solved,
+cells correct, rule violations and network calls per puzzle (NFE):
+  - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
+    schedule), in random order, by top probability, by top-1 minus top-2 margin, by lowest entropy;
+  - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
+  - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
+  - AR: greedy left to right; BD3-LM: block by block, margin order inside a block.
+Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = ("mdlm", "ar", "bd3lm", "sm")
+ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", "entropy": "entropy"}
+
+SCALES = {
+    "full": {"size": 4, "givens": 6, "train": 20000, "val": 200, "test": 500, "steps": 1500, "batch": 64,
+             "lr": 1e-3, "warmup": 100, "model": ["model.n_layer=4", "model.n_head=4", "model.d_model=128"],
+             "seeds": (0, 1), "ks": (1, 2, 4, 8), "thresholds": (0.9, 0.7, 0.5), "ema": 0.999},
+    "quick": {"size": 4, "givens": 6, "train": 300, "val": 20, "test": 24, "steps": 6, "batch": 8,
+              "lr": 1e-3, "warmup": 1, "model": ["model.n_layer=1", "model.n_head=2", "model.d_model=32"],
+              "seeds": (0,), "ks": (1, 8), "thresholds": (0.9,), "ema": 0.0},
+}
+
+
+def write_data(scale: dict, out: Path) -> Path:
+    """The task folder (train/validation/test.jsonl + task.json), written once."""
+    folder = out / "data"
+    if not (folder / "task.json").is_file():
+        from dlm.tasks.sudoku import main as sudoku_main
+
+        sudoku_main(["--size", str(scale["size"]), "--givens", str(scale["givens"]), "--train", str(scale["train"]),
+                     "--val", str(scale["val"]), "--test", str(scale["test"]), "--seed", "0", "--out", str(folder)])
+    return folder
+
+
+def method_overrides(method: str, size: int) -> list[str]:
+    return {"mdlm": ["process=mdlm"], "ar": ["process=ar"], "sm": ["process=mdlm", "softmask.enabled=true"],
+            "bd3lm": ["process=bd3lm", f"process.block_size={size}"]}[method]
+
+
+def train_run(method: str, seed: int, scale: dict, data: Path, out: Path) -> dict:
+    """Train one (method, seed) with `dlm train` in a child process (reused when finished earlier)."""
+    run = out / "runs" / f"{method}_s{seed}"
+    timing = run / "train_seconds.txt"
+    if (run / "model" / "config.json").is_file() and timing.is_file():
+        return {"run": str(run), "train_seconds": float(timing.read_text())}
+    overrides = [*method_overrides(method, scale["size"]), *scale["model"], "data.format=pairs",
+                 f"data.source={data}", f"trainer.max_steps={scale['steps']}", f"trainer.batch_size={scale['batch']}",
+                 f"optim.lr={scale['lr']}", f"optim.warmup_steps={scale['warmup']}", f"trainer.seed={seed}",
+                 f"trainer.ema={scale['ema']}", f"trainer.val_every={scale['steps']}", "trainer.val_batches=2",
+                 f"trainer.ckpt_every={scale['steps']}", f"trainer.out_dir={run}", "trainer.precision=32"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dlm.cli", "train", *overrides, "--progress", "off"], check=True,
+                   cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    timing.write_text(f"{time.perf_counter() - start:.1f}")
+    return {"run": str(run), "train_seconds": float(timing.read_text())}
+
+
+def decoders(method: str, cells: int, scale: dict) -> list[dict]:
+    """The decoding rules a method is evaluated with: {label, order, k, sampler, options}. `cells`: the
+    response's positions (the board's cells and the EOS slot)."""
+    if method == "ar":
+        return [{"label": "left to right", "order": "left-to-right", "k": 1, "sampler": "autoregressive",
+                 "options": {"temperature": 0.0}}]
+    if method == "bd3lm":
+        size = int(round(math.sqrt(cells - 1)))
+        return [{"label": f"blocks of {size}, margin, k={k}", "order": "margin", "k": k, "sampler": "llada",
+                 "options": {"remasking": "margin", "block_length": size, "block_causal": True,
+                             "steps": max(1, math.ceil(size / k)) * math.ceil(cells / size), "temperature": 0.0}}
+                for k in scale["ks"] if k <= size]
+    out = []
+    for order, remasking in ORDERS.items():
+        for k in scale["ks"]:
+            out.append({"label": f"{order}, k={k}", "order": order, "k": k, "sampler": "llada",
+                        "options": {"remasking": remasking, "steps": math.ceil(cells / k), "block_length": cells,
+                                    "temperature": 0.0}})
+    for tau in scale["thresholds"]:
+        out.append({"label": f"threshold {tau}", "order": "top-prob", "k": None, "sampler": "llada",
+                    "options": {"remasking": "low_confidence", "threshold": tau, "steps": cells,
+                                "block_length": cells, "temperature": 0.0}})
+    if method == "mdlm":
+        for k in scale["ks"][:2]:
+            out.append({"label": f"ancestral, {math.ceil(cells / k)} steps", "order": "ancestral", "k": k,
+                        "sampler": "ancestral", "options": {"steps": math.ceil(cells / k)}})
+        out.append({"label": f"ReMDM (loop), {2 * cells} steps", "order": "remdm", "k": None,
+                    "sampler": "remdm_loop", "options": {"steps": 2 * cells}})
+    return out
+
+
+def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict) -> list[dict]:
+    import dlm
+    from dlm.eval.tasks import evaluate_task
+    from dlm.tasks import make_task
+
+    task_info = json.loads((data / "task.json").read_text())
+    task = make_task(task_info["name"], **task_info["options"])
+    # the test split again from its generator (a pure function of split, n, seed): test.jsonl's puzzles, with
+    # each one's search difficulty (`nodes`) for the hardest-quarter metric
+    examples = task.generate("test", task_info["sizes"]["test"], task_info["seed"])
+    model = dlm.load(info["run"])
+    cells = scale["size"] ** 2 + 1
+    rows = []
+    for dec in decoders(method, cells, scale):
+        sampler = model._sampler(dec["sampler"], None, None, None, None, method == "sm" or None,
+                                 dict(dec["options"]))[0]
+        result = evaluate_task(model.network, model.process, model.tokenizer, task, examples, sampler,
+                               batch_size=250, seed=seed)
+        rows.append({"method": method, "seed": seed, **{k: dec[k] for k in ("label", "order", "k", "sampler")},
+                     "options": {k: v for k, v in dec["options"].items()},
+                     **{k: result[k] for k in ("solved", "cell_accuracy", "blank_accuracy", "violations", "nfe",
+                                               "tokens_per_second", "n")},
+                     "train_seconds": info["train_seconds"]})
+        print(f"{method} s{seed} {dec['label']:<32} solved {result['solved']:.3f} cells "
+              f"{result['cell_accuracy']:.3f} nfe {result['nfe']:.1f}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy scale (seconds), for the tests")
+    p.add_argument("--out", default=str(REPO / "experiments" / "sudoku" / "out"), help="working folder")
+    p.add_argument("--docs", default=None, help="where sudoku.md and sudoku.png go (default: docs/, or --out "
+                   "with --quick)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args = p.parse_args(argv)
+    scale = SCALES["quick" if args.quick else "full"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = write_data(scale, out)
+    results_path = out / "results.jsonl"
+    done = {(r["method"], r["seed"]) for r in map(json.loads, results_path.read_text().splitlines())} \
+        if results_path.is_file() else set()
+    for method in args.methods:
+        for seed in scale["seeds"]:
+            if (method, seed) in done:
+                continue
+            info = train_run(method, seed, scale, data, out)
+            rows = evaluate_run(method, seed, info, data, scale)
+            with results_path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    from report import write_report  # experiments/sudoku/report.py
+
+    results = [json.loads(line) for line in results_path.read_text().splitlines()]
+    docs = Path(args.docs) if args.docs else (out if args.quick else REPO / "docs")
+    md, png = write_report(results, scale, args, docs)
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    raise SystemExit(main())
