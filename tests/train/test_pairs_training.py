@@ -1,0 +1,118 @@
+"""Supervised fine-tuning on pair files (data.format=pairs): a Sudoku run through the `dlm` command, the split of
+a pair source, the task's tokenizer, block-size padding and the errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dlm.cli import main
+from dlm.config import build_config
+from dlm.data.pairs import pair_split, read_pairs
+from dlm.tasks import make_task
+
+PAIR_OVERRIDES = ["data.format=pairs", "model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.context=36",
+                  "trainer.batch_size=8", "trainer.val_every=4", "trainer.val_batches=1", "trainer.ckpt_every=4",
+                  "trainer.progress=false", "trainer.ema=0.99", "optim.warmup_steps=0", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def sudoku4(tmp_path_factory):
+    """A 4x4 Sudoku pair folder (train 64, validation 8, test 8) as `python -m dlm.tasks.sudoku` writes it."""
+    folder = tmp_path_factory.mktemp("sudoku4")
+    make_task("sudoku", size=4).write_pairs(folder, {"train": 64, "validation": 8, "test": 8}, seed=0)
+    return folder
+
+
+def test_a_sudoku_sft_run_through_the_cli_keeps_its_given_cells(sudoku4, tmp_path, monkeypatch):
+    """`dlm train data.format=pairs data.source=<sudoku folder>`: the task's tokenizer (15 tokens), one puzzle per
+    row, the prompt (BOS and the 16 cells) given: never noised in any training or validation step, never scored;
+    the run trains, exports and loads, and sampling keeps the givens."""
+    import dlm
+    from dlm.eval.tasks import evaluate_task, task_canvas
+    from dlm.process.mdlm import MaskedDiffusion
+    from dlm.sampler.registry import make_sampler
+
+    seen = []
+    loss_at = MaskedDiffusion.loss_at
+
+    def spy(self, network, batch, z, t, inputs_embeds=None):
+        seen.append((batch["input_ids"], batch["given"], batch["loss_mask"], z))
+        return loss_at(self, network, batch, z, t, inputs_embeds)
+
+    monkeypatch.setattr(MaskedDiffusion, "loss_at", spy)
+    out = tmp_path / "sft"
+    assert main(["train", *PAIR_OVERRIDES, f"data.source={sudoku4}", "trainer.max_steps=8",
+                 f"trainer.out_dir={out}"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["data"]["format"] == "pairs" and cfg["data"]["tokenizer"] == "task" and cfg["model"]["vocab_size"] == 15
+    assert len(seen) == 8 + 2  # 8 training steps, 2 validations of one batch
+    masked_any = False
+    for x, given, loss_mask, z in seen:
+        assert x.shape == (8, 34) and given.sum(1).tolist() == [17] * 8  # [BOS] + 16 cells
+        assert torch.equal(z[given], x[given])  # never noised
+        assert not (loss_mask & given).any()  # never scored
+        masked_any |= bool((z == 3).any())
+    assert masked_any  # the responses were noised
+    losses = [float(r.split(",")[2]) for r in (out / "logs" / "part-000" / "metrics.csv").read_text().splitlines()[1:]
+              if r.split(",")[2]]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+
+    model = dlm.load(out)
+    task = make_task("sudoku", size=4)
+    examples = task.generate("test", 4, seed=0)
+    summary = evaluate_task(model.network, model.process, model.tokenizer, task, examples,
+                            make_sampler("ancestral", steps=8), batch_size=4, seed=0)
+    assert summary["n"] == 4 and 0.0 <= summary["cell_accuracy"] <= 1.0
+    canvas = task_canvas(task, examples, model.tokenizer, model.process, torch.Generator().manual_seed(0))
+    sampled = make_sampler("ancestral", steps=8).sample(model.network, model.process, canvas,
+                                                         torch.Generator().manual_seed(0)).tokens
+    kept = ~canvas.to_generate
+    assert kept.sum(1).tolist() == [17] * 4 and torch.equal(sampled[kept], canvas.tokens[kept])
+
+
+def test_a_pair_file_is_split_by_hash_and_a_pair_folder_by_its_files(tmp_path, sudoku4):
+    objs = [{"prompt": f"{i}", "response": f"{i * 7}"} for i in range(200)]
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    parts = {s: pair_split(path, s)[0] for s in ("train", "val", "test")}
+    keys = {s: {json.dumps(p) for p in v} for s, v in parts.items()}
+    assert sum(map(len, keys.values())) == 200 and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
+    assert 2 <= len(parts["val"]) <= 25 and 2 <= len(parts["test"]) <= 25  # ~5 % each
+    path.write_text("".join(json.dumps(o) + "\n" for o in reversed(objs)))  # the order of the lines does not matter
+    assert {json.dumps(p) for p in pair_split(path, "val")[0]} == keys["val"]
+    assert pair_split(sudoku4, "val")[0] == read_pairs(sudoku4 / "validation.jsonl")
+    only_train = tmp_path / "only"
+    only_train.mkdir()
+    (only_train / "train.jsonl").write_text(path.read_text())
+    assert {json.dumps(p) for p in pair_split(only_train, "val")[0]} == keys["val"]
+    (only_train / "test.jsonl").write_text(path.read_text())
+    with pytest.raises(FileNotFoundError, match="holds test.jsonl but no validation.jsonl or val.jsonl"):
+        pair_split(only_train, "val")
+    with pytest.raises(FileNotFoundError, match="no train.jsonl"):
+        pair_split(tmp_path, "train")
+
+
+def test_block_diffusion_batches_are_padded_to_whole_blocks(sudoku4):
+    from dlm.train.data_module import load_pair_rows
+
+    cfg = build_config(["data.format=pairs", f"data.source={sudoku4}", "model.context=36", "process=bd3lm",
+                        "process.block_size=4"])
+    rows = load_pair_rows(cfg, make_task("sudoku", size=4).tokenizer(), "train")
+    batch = rows.collate([0, 1, 2])
+    assert batch["input_ids"].shape == (3, 36) and (batch["input_ids"][:, 34:] == 1).all()  # EOS, in the loss
+    assert batch["loss_mask"][:, 34:].all() and not batch["given"][:, 17:].any()
+
+
+def test_pair_errors_name_the_fix(sudoku4, tmp_path, capsys):
+    base = [*PAIR_OVERRIDES, "trainer.max_steps=1"]
+    assert main(["train", *base, f"data.source={sudoku4}", "data.format=chat", f"trainer.out_dir={tmp_path / 'a'}"]) == 2
+    assert "unknown data.format 'chat'" in capsys.readouterr().err
+    assert main(["train", *base, f"data.source={sudoku4}", "model.context=20", f"trainer.out_dir={tmp_path / 'b'}"]) == 2
+    assert "set model.context to at least the longest pair" in capsys.readouterr().err
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "train.jsonl").write_text((sudoku4 / "train.jsonl").read_text())
+    assert main(["train", *base, f"data.source={loose}", "data.tokenizer=task", f"trainer.out_dir={tmp_path / 'c'}"]) == 2
+    assert "data.tokenizer=task needs a pair folder written by a task" in capsys.readouterr().err
