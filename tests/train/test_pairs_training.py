@@ -132,3 +132,81 @@ def test_a_pair_run_stopped_and_resumed_equals_the_uninterrupted_one(sudoku4, tm
     train(args(b, "trainer.max_steps=8"))
     train(args(b, "trainer.max_steps=12"))
     assert_identical_runs(a, b)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }} {% for m in messages %}{% if m['role'] == 'user' %}w10 {{ m['content'] }} w11 "
+                 "{% else %}w12 {{ m['content'] }} w13 {% endif %}{% endfor %}{% if add_generation_prompt %}w12 {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_llada(tmp_path_factory):
+    """A tiny LLaDA-layout folder (sharded OLMo-style weights, LLaDA's vocabulary and [MASK] id) whose word-level
+    tokenizer has a BOS and a chat template (user turns w10 ... w11, assistant turns w12 ... w13), and 40
+    conversations of one user and one assistant turn."""
+    from tests.network.checkpoints import LLADA_VOCAB, llada_checkpoint
+    from tests.test_open_models import word_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_llada")
+    folder = root / "llada"
+    torch.manual_seed(0)
+    llada_checkpoint(folder)
+    word_tokenizer(folder, LLADA_VOCAB, 126336, 126081)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "w126080",
+                                                              "chat_template": CHAT_TEMPLATE}))
+    rows = [{"messages": [{"role": "user", "content": f"w{20 + i} w{21 + i}"},
+                          {"role": "assistant", "content": f"w{70 + i} w{71 + i} w{72 + i}"}]} for i in range(40)]
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, root / "chat.jsonl"
+
+
+def test_sft_of_an_open_llada_folder_with_lora_and_its_chat_template(chat_llada, tmp_path, monkeypatch):
+    """`dlm train init_from=<LLaDA folder> data.format=pairs trainer.lora_rank=4` on {"messages"} pairs: the rows
+    are the chat template's (the template's text and the user turn given, the assistant turn and its end-of-turn
+    token scored), only low-rank adapters train in the blocks (the exported weights differ from LLaDA's by a
+    rank <= 4 matrix), and the exported model answers `generate(messages=...)` through the same template."""
+    import dlm
+    from dlm.process.mdlm import MaskedDiffusion
+
+    folder, chat = chat_llada
+    seen = []
+    loss_at = MaskedDiffusion.loss_at
+
+    def spy(self, network, batch, z, t, inputs_embeds=None):
+        seen.append(batch)
+        return loss_at(self, network, batch, z, t, inputs_embeds)
+
+    monkeypatch.setattr(MaskedDiffusion, "loss_at", spy)
+    out = tmp_path / "sft"
+    assert main(["train", f"init_from={folder}", "data.format=pairs", f"data.source={chat}", "trainer.lora_rank=4",
+                 "trainer.lora_embeddings=false", "trainer.max_steps=3", "trainer.batch_size=4",
+                 "trainer.val_batches=0", "trainer.ema=0", "optim.warmup_steps=0", "optim.lr=1e-2",
+                 "trainer.progress=false", f"trainer.out_dir={out}"]) == 0
+    assert len(seen) == 3
+    bos, user, end_user, assistant, end = 126080, 10, 11, 12, 13
+    for batch in seen:
+        for ids, given, scored in zip(batch["input_ids"].tolist(), batch["given"].tolist(), batch["loss_mask"].tolist()):
+            assert len(ids) == 10 and ids[0] == bos and ids[1] == user and ids[4:6] == [end_user, assistant]
+            assert given == [True] * 6 + [False] * 4 and scored == [False] * 6 + [True] * 4
+            assert ids[-1] == end and 70 <= ids[6] < 110  # the assistant's words, then its end-of-turn token
+
+    base, tuned = dlm.load(folder), dlm.load(out)
+    assert tuned.process.mask_id == 126336 and tuned.tokenizer.chat_template == CHAT_TEMPLATE
+    before, after = base.network.state_dict(), tuned.network.state_dict()
+    assert before.keys() == after.keys()
+    changed = 0
+    for name, w in before.items():
+        delta = (after[name].float() - w.float())
+        if not name.startswith("blocks.") or w.dim() != 2:
+            assert torch.equal(after[name], w), name  # embeddings, head and norms frozen (lora_embeddings=false)
+            continue
+        s = torch.linalg.svdvals(delta)
+        changed += bool(s[0] > 1e-4)
+        assert s[4:].max() <= 1e-4 * max(float(s[0]), 1e-3), name  # rank <= 4: the merged adapter
+    assert changed > 0
+
+    messages = [{"role": "user", "content": "w20 w21"}]
+    gen = tuned.generate(messages=messages, gen_length=4, steps=4, seed=0)
+    given = gen.tokens[0][~gen.generated[0]].tolist()
+    assert given == tuned.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert given[-1] == assistant
