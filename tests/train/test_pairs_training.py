@@ -11,6 +11,7 @@ from dlm.cli import main
 from dlm.config import build_config
 from dlm.data.pairs import pair_split, read_pairs
 from dlm.tasks import make_task
+from tests.train.test_adapt import causal_folder  # noqa: F401  (a fixture)
 
 PAIR_OVERRIDES = ["data.format=pairs", "model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.context=36",
                   "trainer.batch_size=8", "trainer.val_every=4", "trainer.val_batches=1", "trainer.ckpt_every=4",
@@ -210,3 +211,29 @@ def test_sft_of_an_open_llada_folder_with_lora_and_its_chat_template(chat_llada,
     given = gen.tokens[0][~gen.generated[0]].tolist()
     assert given == tuned.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
     assert given[-1] == assistant
+
+
+def test_an_adapted_causal_lm_fine_tunes_on_pairs_with_lora(causal_folder, tmp_path):
+    """init_from=hf:<causal LM folder> (adapted into a diffusion LM, dlm/train/adapt.py) with data.format=pairs and
+    LoRA: its own tokenizer (BOS prepended, EOS appended to each pair), the prompt given, trained and exported."""
+    import dlm
+
+    folder, _ = causal_folder
+    pairs = tmp_path / "pairs.jsonl"
+    words = ["the", "and", "of", "to", "that", "in", "he", "shall", "unto", "for", "i", "his", "a", "lord"]
+    pairs.write_text("".join(json.dumps({"prompt": f"{words[i % 14]} {words[(i + 3) % 14]}",
+                                         "response": f"{words[(i + 5) % 14]} {words[(i + 7) % 14]} {words[i % 5]}"}) + "\n"
+                             for i in range(60)))
+    out = tmp_path / "adapted"
+    assert main(["train", f"init_from=hf:{folder}", "process=mdlm", "data.format=pairs", f"data.source={pairs}",
+                 "model.context=16", "trainer.lora_rank=2", "trainer.max_steps=2", "trainer.batch_size=4",
+                 "trainer.val_batches=1", "trainer.val_every=2", "trainer.progress=false",
+                 f"trainer.out_dir={out}"]) == 0
+    from dlm.train.data_module import load_pair_rows
+
+    model = dlm.load(out)
+    assert model.cfg.data.format == "pairs" and model.cfg.trainer.lora_rank == 2
+    batch = load_pair_rows(model.cfg, model.tokenizer, "train").collate([0])
+    ids, given = batch["input_ids"][0].tolist(), batch["given"][0].tolist()
+    assert ids[0] == 1 and ids[-1] == 2 and given == [True] * 3 + [False] * (len(ids) - 3)  # <s> w w | w w w <eos>
+    assert len(model.generate(["the and"], gen_length=3, steps=3, seed=0).texts) == 1
