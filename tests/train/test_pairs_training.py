@@ -237,3 +237,25 @@ def test_an_adapted_causal_lm_fine_tunes_on_pairs_with_lora(causal_folder, tmp_p
     ids, given = batch["input_ids"][0].tolist(), batch["given"][0].tolist()
     assert ids[0] == 1 and ids[-1] == 2 and given == [True] * 3 + [False] * (len(ids) - 3)  # <s> w w | w w w <eos>
     assert len(model.generate(["the and"], gen_length=3, steps=3, seed=0).texts) == 1
+
+
+@pytest.mark.parametrize("name", ["mdlm", "ar"])
+def test_eos_padding_is_noised_and_scored_by_the_process(name, tiny_network, tmp_path):
+    """A short response padded with EOS to its batch's longest row: the padding is part of the response (LLaDA's
+    recipe), attended, counted among the scored tokens, and noised."""
+    from dlm.build import build_process
+    from dlm.data.pairs import tokenize_pairs
+
+    tok = make_task("sudoku", size=4).tokenizer()
+    rows = tokenize_pairs([{"prompt": "12", "response": "3"}, {"prompt": "1", "response": "234123"}], tok)
+    batch = rows.collate([0, 1])  # row 0: [BOS] 1 2 | 3 [EOS] + 4 EOS of padding
+    assert batch["input_ids"][0].tolist() == [0, 6, 7, 8, 1, 1, 1, 1, 1]
+    assert batch["loss_mask"][0].tolist() == [False] * 3 + [True] * 6 and "attention_mask" not in batch
+    cfg = build_config([f"process={name}", "model.context=16"])
+    cfg.model.vocab_size = len(tok)
+    process = build_process(cfg, tok.mask_token_id)
+    out = process.loss(tiny_network(len(tok)), batch, torch.Generator().manual_seed(0))
+    assert out.tokens_per_row.tolist() == [6, 7] and int(out.num_tokens) == 13
+    if name == "mdlm":  # noised: at a high noise level some padding position is masked
+        assert any(process.add_noise(batch["input_ids"], torch.full((2,), 0.9), batch["loss_mask"],
+                                     torch.Generator().manual_seed(s))[0, 5:].eq(tok.mask_token_id).any() for s in range(5))
