@@ -19,6 +19,9 @@ Train a model. Arguments are config overrides; presets apply first (in the order
   KEY.FIELD=VALUE   set one field, e.g. trainer.max_steps=2000 optim.lr=3e-4 data.source=my_texts/
   init_from=PATH    start from another model's weights (continued training)
   init_from=hf:PATH adapt a causal LM (a Hugging Face folder, a .gguf file, or hf:smollm2) into a diffusion LM
+  data.format=pairs supervised fine-tuning on prompt -> response JSONL (data.source: a pair folder with
+                    train.jsonl and validation.jsonl, e.g. from python -m dlm.tasks.sudoku, or one .jsonl file);
+                    the prompt is never noised nor scored, the response is padded with EOS inside the loss
 Re-running the same command in the same trainer.out_dir resumes exactly from its last checkpoint (a larger
 trainer.max_steps continues; the model, data, optimizer, batch size and seed must stay the same).
 trainer.max_minutes=N (> 0) also stops once the run has trained N minutes, summed over resumes.

@@ -32,8 +32,13 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     source: str = "embedded"  # "embedded", a .txt file, a folder, a .jsonl file, or "hf:<name>[:<config>]"
+    # "text": documents packed into rows; "pairs": prompt -> response JSONL for SFT (data.source a folder with
+    # train.jsonl / validation.jsonl, as dlm.tasks writes, or one .jsonl file split by hash; dlm/data/pairs.py)
+    format: str = "text"
     text_field: str = "text"
-    tokenizer: str = "bpe"  # "bpe" (trained on the training split), "gpt2", or a tokenizer folder
+    # "bpe" (trained on the training split), "gpt2", a tokenizer folder, or "task" (the tokenizer of the task
+    # whose task.json is in data.source: what "bpe" becomes for such a pair folder)
+    tokenizer: str = "bpe"
     vocab_size: int = 8192  # for "bpe"
     packing: str = "wrap"  # "wrap" (documents joined with EOS, cut into rows) | "pad" (one document per row)
     cache_dir: str = ""  # tokenised-data cache; "" = $DLM_CACHE or ~/.cache/dlm
@@ -294,6 +299,10 @@ def validate(cfg: RunConfig) -> None:
     _check(m.vocab_size <= 0 or p.mask_id < m.vocab_size,
            f"process.mask_id={p.mask_id} lies outside the vocabulary ({m.vocab_size} tokens)")
     _check(d.packing in ("wrap", "pad"), f"unknown data.packing '{d.packing}'; valid: wrap, pad")
+    _check(d.format in ("text", "pairs"), f"unknown data.format '{d.format}'; valid: text (documents packed into "
+           "rows), pairs (prompt -> response JSONL for supervised fine-tuning)")
+    _check(d.format == "pairs" or d.tokenizer != "task",
+           "data.tokenizer=task (a task's tokenizer) needs data.format=pairs and a pair folder written by a task")
     _check(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE; use at least 260")
     _check(cfg.trainer.attention_anneal_steps >= 0,
            f"trainer.attention_anneal_steps={cfg.trainer.attention_anneal_steps} must be >= 0 (0: no annealing)")

@@ -86,12 +86,14 @@ class PairDataset(torch.utils.data.Dataset):
     """Tokenised pairs; item i is the index i, `collate` builds the padded batch (see the module docstring)."""
 
     def __init__(self, rows: list[tuple[list[int], list[bool]]], eos_id: int, pad_id: int | None = None,
-                 pad_with: str = "eos"):
+                 pad_with: str = "eos", multiple: int = 1):
+        """multiple: a batch's length is rounded up to a multiple of it (a block-diffusion model's block size)."""
         if pad_with not in ("eos", "pad"):
             raise ValueError(f"pad_with is 'eos' (LLaDA's recipe: the padding is scored) or 'pad', got {pad_with!r}")
         if pad_with == "pad" and pad_id is None:
             raise ValueError("pad_with='pad' needs the tokenizer's pad_id")
         self.rows, self.eos_id, self.pad_id, self.pad_with = rows, eos_id, pad_id, pad_with
+        self.multiple = multiple
         self.lengths = [len(ids) for ids, _ in rows]
 
     def __len__(self) -> int:
@@ -103,6 +105,7 @@ class PairDataset(torch.utils.data.Dataset):
     def collate(self, indices: list[int]) -> dict:
         """The batch of rows `indices`, right-padded to the longest of them."""
         length = max(self.lengths[i] for i in indices)
+        length = -(-length // self.multiple) * self.multiple
         eos = self.pad_with == "eos"
         fill = self.eos_id if eos else self.pad_id
         ids, resp, real = [], [], []
@@ -124,7 +127,13 @@ def load_pairs(path: str | Path, tokenizer, max_length: int | None = None, drop_
                pad_with: str = "eos") -> PairDataset:
     """Read and tokenise a JSONL file of pairs. Rows longer than `max_length` are an error, or are dropped with
     `drop_long=True` (never truncated: a cut response would teach the model to stop mid-answer)."""
-    pairs = read_pairs(path)
+    return tokenize_pairs(read_pairs(path), tokenizer, max_length, drop_long, pad_with, str(path))
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int | None = None, drop_long: bool = False,
+                   pad_with: str = "eos", origin: str = "the pairs", multiple: int = 1) -> PairDataset:
+    """`load_pairs` of pairs already read (`origin` names them in errors)."""
+    path = origin
     plain = [i for i, p in enumerate(pairs) if "messages" not in p]
     rows: list = [None] * len(pairs)
     if plain:  # one batched call per side (the fast tokenizer's threads), same ids as tokenize_pair
@@ -146,7 +155,41 @@ def load_pairs(path: str | Path, tokenizer, max_length: int | None = None, drop_
         rows = [r for r in rows if len(r[0]) <= max_length]
         if not rows:
             raise ValueError(f"every pair in {path} is longer than {max_length} tokens")
-    return PairDataset(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, pad_with)
+    return PairDataset(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, pad_with, multiple)
+
+
+SPLIT_FILES = {"train": ("train.jsonl",), "val": ("validation.jsonl", "val.jsonl"), "test": ("test.jsonl",)}
+
+
+def pair_split(source: str | Path, split: str) -> tuple[list[dict], str]:
+    """(pairs, origin) of one split ("train", "val", "test") of a pair source: a folder holding `train.jsonl` and
+    `validation.jsonl` (or `val.jsonl`) and `test.jsonl`, as `dlm.tasks` writes them; or a `.jsonl` file (or a
+    folder with only `train.jsonl`), split here by a hash of each pair (5 % validation, 5 % test, as dlm splits a
+    text source), so a pair's split does not depend on the order of the lines."""
+    from dlm.data.corpus import Document, split_documents
+
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLIT_FILES)}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in SPLIT_FILES[split]:
+            if (path / name).is_file():
+                return read_pairs(path / name), str(path / name)
+        if not (path / "train.jsonl").is_file():
+            raise FileNotFoundError(f"{path} holds no train.jsonl: a pair folder holds train.jsonl and "
+                                    f"validation.jsonl (as python -m dlm.tasks.sudoku writes), or give a .jsonl file")
+        others = [n for names in SPLIT_FILES.values() for n in names if n != "train.jsonl" and (path / n).is_file()]
+        if others:  # split files written for this folder: a missing one is a mistake, not a reason to split train
+            raise FileNotFoundError(f"{path} holds {others[0]} but no {' or '.join(SPLIT_FILES[split])} for the "
+                                    f"{split} split")
+        path = path / "train.jsonl"
+    elif not path.is_file():
+        raise FileNotFoundError(f"no such pair file or folder: {str(source)!r} (relative to {Path.cwd()})")
+    pairs = read_pairs(path)
+    keys = [json.dumps(p, sort_keys=True) for p in pairs]
+    docs = [Document(str(i), "pair", str(i), k) for i, k in enumerate(keys)]
+    chosen = {int(d.id) for d in split_documents(docs, 0.05, 0.05, lambda d: d.text)[split]}
+    return [p for i, p in enumerate(pairs) if i in chosen], f"{path} ({split} split)"
 
 
 class LengthBucketBatchSampler:

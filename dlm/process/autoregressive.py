@@ -46,6 +46,8 @@ class Autoregressive(Process):
                                          logits_at=logits_at, attn_mask=mask)
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
+        """Next-token NLL per scored token. Nothing is corrupted; given positions (an SFT prompt) are not scored."""
+        batch = self.honour_given(batch)
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
         logits = network.next_token_logits(x[:, :-1])  # (B, L-1, V): position l predicts token l+1
         # Padding is on the right, so a causal mask never lets a real token see a pad.

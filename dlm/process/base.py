@@ -19,7 +19,14 @@ What a sampler may ask of a process (and nothing else; no sampler imports a proc
 
 and what training and evaluation ask: `loss(network, batch, generator)` and `nelbo(network, batch,
 num_t_samples, generator)`, both returning a `LossOutput`. Batches are dicts with `input_ids` (B, L), `loss_mask`
-(B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
+(B, L) bool (the positions scored), optionally `attention_mask` (B, L) bool and optionally `given` (B, L) bool.
+
+Given positions (`batch["given"]`: an SFT prompt, BOS, a chat template's text; the training-side twin of a
+sampler's `Canvas` positions not `to_generate`) are context: the network sees their clean tokens, and a process
+must never corrupt them and never score them, in `loss` and in `nelbo`. The one mechanism: a process noises and
+scores only `corruptible(batch)` = loss_mask & ~given, most simply by starting `loss` and `nelbo` with
+`batch = honour_given(batch)` (the batch whose loss_mask is that), as every process of dlm does. The contract
+tests check it for every registered process.
 
 A new process is one file (in dlm/process/, or in a plugin: dlm.plugins): subclass `Process`, decorate it with
 `@register_process`, give it a `from_config(cfg, description)` (description: a `ModelDescription`), a config
@@ -41,6 +48,21 @@ from dlm.network.base import and_masks, padding_mask
 from dlm.plugins import Registry
 
 CORRUPTIONS = ("absorbing", "uniform", "none")
+
+
+def corruptible(batch: dict) -> torch.Tensor:
+    """(B, L) bool: the positions a process may noise and score, `loss_mask` less the `given` positions (if any)."""
+    given = batch.get("given")
+    return batch["loss_mask"] if given is None else batch["loss_mask"] & ~given
+
+
+def honour_given(batch: dict) -> dict:
+    """The batch whose `loss_mask` is `corruptible(batch)`: a process that noises and scores its loss_mask (as
+    every process of dlm does) then never touches a given position. The same dict when nothing is given; the
+    tensors are shared, never modified."""
+    if batch.get("given") is None:
+        return batch
+    return {**batch, "loss_mask": corruptible(batch)}
 
 
 @dataclass
@@ -119,11 +141,17 @@ class Process(nn.Module):
 
     # ------------------------------------------------------------------------------------ objective
     def loss(self, network, batch: dict, generator: torch.Generator | None = None) -> LossOutput:
+        """The training loss per scored token. Given positions (`batch["given"]`) are never corrupted and never
+        scored: noise and score `corruptible(batch)` only (start with `batch = honour_given(batch)`)."""
         raise NotImplementedError
 
     def nelbo(self, network, batch: dict, num_t_samples: int, generator) -> LossOutput:
-        """Monte Carlo NELBO (exact NLL for an autoregressive process); generator: one, or a list of one per row."""
+        """Monte Carlo NELBO (exact NLL for an autoregressive process); generator: one, or a list of one per row.
+        Given positions are neither corrupted nor scored, as in `loss`."""
         raise NotImplementedError
+
+    corruptible = staticmethod(corruptible)
+    honour_given = staticmethod(honour_given)
 
     # ------------------------------------------------------------------------------------ corruption
     def prior(self, canvas: torch.Tensor, to_generate: torch.Tensor, generator: torch.Generator | None = None

@@ -172,7 +172,8 @@ class BlockDiffusion(SUBSProcess):
 
     # ------------------------------------------------------------------------------------------ loss
     def _terms(self, network, batch, generator, t):
-        """Per-token NELBO terms (B, L) and the times per block (B, nb)."""
+        """Per-token NELBO terms (B, L) and the times per block (B, nb). Given positions are neither noised nor
+        scored (callers pass `honour_given(batch)`)."""
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
         B, L = x.shape
         check_block_size(self.block_size, L)
@@ -193,6 +194,7 @@ class BlockDiffusion(SUBSProcess):
 
     def loss(self, network, batch: dict, generator: torch.Generator | None = None, t: torch.Tensor | None = None) -> LossOutput:
         """Training loss: the NELBO per scored token with one (clipped) time per block; t (B, nb) or (B,) to fix it."""
+        batch = self.honour_given(batch)
         terms = self._terms(network, batch, generator, t)
         num_tokens = batch["loss_mask"].sum()
         total = terms.sum()
@@ -202,6 +204,7 @@ class BlockDiffusion(SUBSProcess):
     @torch.no_grad()
     def per_block_nelbo(self, network, batch: dict, generator=None) -> torch.Tensor:
         """(B, num_blocks) NELBO estimate of each block per scored token (one draw; used by the clip search)."""
+        batch = self.honour_given(batch)
         terms = self._terms(network, batch, generator, None)
         B, L = terms.shape
         scored = batch["loss_mask"].view(B, -1, self.block_size).sum(-1)
@@ -211,6 +214,7 @@ class BlockDiffusion(SUBSProcess):
     def nelbo(self, network, batch: dict, num_t_samples: int, generator: torch.Generator) -> LossOutput:
         """Monte Carlo NELBO with `num_t_samples` antithetic times per block over the FULL range [sampling_eps, 1],
         whatever the training clip: the unbiased bound that evaluation reports."""
+        batch = self.honour_given(batch)
         full = self.with_clip(0.0, 1.0)  # the times below are explicit
         full.resample = False  # the bound is over the unconditioned forward process
         x = batch["input_ids"]

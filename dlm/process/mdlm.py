@@ -149,7 +149,9 @@ class MaskedDiffusion(SUBSProcess):
 
         embed_fn(z, t) -> (B, L, C) or None, called after z_t is drawn, replaces the network's input embeddings
         (soft-masking builds them from a first pass). Random draws: t, then z_t, then whatever embed_fn draws.
+        Given positions (batch["given"]) are neither noised nor scored (the process contract).
         """
+        batch = self.honour_given(batch)
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
         if t is None:
             t = antithetic_times(x.shape[0], self.sampling_eps, generator, x.device, self.antithetic)
@@ -183,6 +185,7 @@ class MaskedDiffusion(SUBSProcess):
     def nelbo(self, network, batch: dict, num_t_samples: int, generator: torch.Generator, embed_fn=None) -> LossOutput:
         """Monte Carlo NELBO of each sequence with `num_t_samples` antithetic times per sequence (evaluation).
         generator: one, or a list of one per row (each row's times and masks then depend on its own only)."""
+        batch = self.honour_given(batch)
         x = batch["input_ids"]
         times = evaluation_times((x.shape[0],), num_t_samples, self.sampling_eps, generator, x.device)  # (B, n)
         nll_sum = torch.zeros((), device=x.device, dtype=torch.float64)

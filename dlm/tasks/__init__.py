@@ -43,4 +43,16 @@ def make_task(name: str, **options) -> Task:
     return TASKS[name](**options)
 
 
-__all__ = ["TASKS", "Task", "make_task", "register_task", "task_names"]
+__all__ = ["TASKS", "Task", "make_task", "register_task", "task_names", "task_of_folder"]
+
+
+def task_of_folder(folder) -> Task | None:
+    """The task that wrote a pair folder, rebuilt from its `task.json` (name and options); None without one."""
+    import json
+    from pathlib import Path
+
+    meta = Path(folder).expanduser() / "task.json"
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    return make_task(info["name"], **info.get("options", {}))

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from dlm.build import build_process, mask_id_of
 from dlm.config import ConfigError, to_yaml
-from dlm.data.batch import make_batch
 from dlm.process.clipped_schedule import search_clip_interval
-from dlm.train.data_module import load_rows
+from dlm.train.data_module import validation_batches
 
 log = logging.getLogger("dlm")
 
@@ -26,11 +25,7 @@ def run_clip_search(cfg, module, tokenizer, run_dir: Path) -> tuple[float, float
     if not cfg.init_from:
         log.warning("process.clip_search=true without init_from: the search uses randomly initialised weights, "
                     "so the interval it picks says little; the reference recipe searches from an MDLM checkpoint")
-    rows = load_rows(cfg, tokenizer, "val")
-    batches = []
-    for start in range(0, min(len(rows), t.val_batches * t.batch_size), t.batch_size):
-        am = None if rows.attention_mask is None else rows.attention_mask[start:start + t.batch_size]
-        batches.append(make_batch(rows.input_ids[start:start + t.batch_size].long(), am))
+    batches = validation_batches(cfg, tokenizer)
     result = search_clip_interval(module.process, module.network, batches, seed=t.seed)
     cfg.process.clip_low, cfg.process.clip_high = result["best"]
     cfg.process.clip_search = False  # done: the saved config now holds the chosen interval

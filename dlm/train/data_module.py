@@ -2,6 +2,11 @@
 
 Batch k of the run is a pure function of (seed, k, rank), so a resumed run sees exactly the batches an
 uninterrupted run would, without saving any iterator state: the sampler restarts at `global_step * accumulate`.
+
+Two formats (`data.format`): "text", documents packed into rows of model.context tokens; "pairs", prompt ->
+response pairs for supervised fine-tuning (dlm.data.pairs): one pair per row, no packing, rows of similar length
+batched together (`LengthBucketBatchSampler`, also a pure function of (seed, k, rank)), the prompt `given` (never
+noised, never scored: the process contract), the response right-padded with EOS inside the loss.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dlm.config import RunConfig
+from dlm.config import ConfigError, RunConfig
 from dlm.data.batch import make_batch
+from dlm.data.pairs import LengthBucketBatchSampler, PairDataset, pair_split, tokenize_pairs
 
 
 class TokenRows(Dataset):
@@ -72,8 +78,17 @@ class StepBatchSampler:
         return self.total
 
 
+class PairStepSampler(LengthBucketBatchSampler):
+    """The length-bucketed batches k = start, start+1, ... (start read when iteration (re)starts, e.g. on resume);
+    its length is the run's total, as StepBatchSampler's."""
+
+    def __len__(self) -> int:
+        return self.total
+
+
 class TextDataModule(L.LightningDataModule):
-    """Builds the tokenizer (or reuses the run's) and the tokenised train/validation rows."""
+    """Builds the tokenizer (or reuses the run's) and the tokenised train/validation rows (packed text, or pairs
+    with data.format=pairs)."""
 
     def __init__(self, cfg: RunConfig, tokenizer):
         super().__init__()
@@ -83,12 +98,19 @@ class TextDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows is not None:
             return
-        self.train_rows = load_rows(self.cfg, self.tokenizer, "train")
-        self.val_rows = load_rows(self.cfg, self.tokenizer, "val")
+        load = load_pair_rows if self.cfg.data.format == "pairs" else load_rows
+        self.train_rows = load(self.cfg, self.tokenizer, "train")
+        self.val_rows = load(self.cfg, self.tokenizer, "val") if self.cfg.trainer.val_batches > 0 else None
 
     def train_dataloader(self) -> DataLoader:
         t = self.cfg.trainer
         trainer = self.trainer
+        if isinstance(self.train_rows, PairDataset):
+            sampler = PairStepSampler(self.train_rows.lengths, t.batch_size, t.seed,
+                                      start=lambda: trainer.global_step * t.accumulate, total=t.max_steps * t.accumulate,
+                                      rank=trainer.global_rank, world=trainer.world_size)
+            return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.train_rows.collate,
+                              num_workers=self.cfg.data.num_workers)
         sampler = StepBatchSampler(
             len(self.train_rows), t.batch_size, t.seed,
             start=lambda: trainer.global_step * t.accumulate,  # read when iteration (re)starts, e.g. on resume
@@ -101,6 +123,9 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         t = self.cfg.trainer
         n = min(len(self.val_rows), t.val_batches * t.batch_size)
+        if isinstance(self.val_rows, PairDataset):  # the first n pairs, in batches of similar length
+            rows = sorted(range(n), key=lambda i: (self.val_rows.lengths[i], i))
+            return DataLoader(rows, batch_size=t.batch_size, shuffle=False, collate_fn=self.val_rows.collate)
         subset = TokenRows(self.val_rows.input_ids[:n], None if self.val_rows.attention_mask is None
                            else self.val_rows.attention_mask[:n])
         return DataLoader(subset, batch_size=t.batch_size, shuffle=False, collate_fn=subset.collate)
@@ -117,6 +142,66 @@ def load_rows(cfg: RunConfig, tokenizer, split: str) -> TokenRows:
     return TokenRows(data["input_ids"], data.get("attention_mask"))
 
 
+def load_pair_rows(cfg: RunConfig, tokenizer, split: str) -> PairDataset:
+    """Tokenised pairs of one split (dlm.data.pairs.pair_split), each at most model.context tokens; a batch is
+    padded to a multiple of the block size for a block-diffusion process."""
+    pairs, origin = pair_split(cfg.data.source, split)
+    block = getattr(cfg.process, "block_size", 0) or 1
+    try:
+        return tokenize_pairs(pairs, tokenizer, cfg.model.context, origin=origin, multiple=block)
+    except ValueError as e:
+        if "longer than" not in str(e):
+            raise
+        raise ConfigError(f"{e} (the length is model.context={cfg.model.context}: set model.context to at least "
+                          "the longest pair; pairs are never truncated)") from e
+
+
+def validation_batches(cfg: RunConfig, tokenizer) -> list[dict]:
+    """The first trainer.val_batches validation batches, as validation sees them (text or pairs)."""
+    t = cfg.trainer
+    if cfg.data.format == "pairs":
+        rows = load_pair_rows(cfg, tokenizer, "val")
+        n = min(len(rows), t.val_batches * t.batch_size)
+        order = sorted(range(n), key=lambda i: (rows.lengths[i], i))
+        return [rows.collate(order[i:i + t.batch_size]) for i in range(0, n, t.batch_size)]
+    rows = load_rows(cfg, tokenizer, "val")
+    batches = []
+    for start in range(0, min(len(rows), t.val_batches * t.batch_size), t.batch_size):
+        am = None if rows.attention_mask is None else rows.attention_mask[start:start + t.batch_size]
+        batches.append(make_batch(rows.input_ids[start:start + t.batch_size].long(), am))
+    return batches
+
+
+def pair_texts(cfg: RunConfig) -> list[str]:
+    """The training pairs' text (prompts, responses, turns), what a "bpe" tokenizer of a pair run is trained on."""
+    pairs, _ = pair_split(cfg.data.source, "train")
+    texts = []
+    for p in pairs:
+        texts += [m.get("content", "") for m in p["messages"]] if "messages" in p else [p["prompt"], p["response"]]
+    return [t for t in texts if t]
+
+
+def resolve_data(cfg: RunConfig) -> None:
+    """A pair folder written by a task (its task.json) trains with the task's tokenizer: data.tokenizer=bpe (the
+    default) becomes "task" there, recorded in the run's config (a started run, or init_from, keeps its own)."""
+    from dlm.tasks import task_of_folder
+
+    if (cfg.data.format == "pairs" and cfg.data.tokenizer == "bpe" and not cfg.init_from
+            and Path(cfg.data.source).expanduser().is_dir() and task_of_folder(cfg.data.source) is not None):
+        cfg.data.tokenizer = "task"
+
+
+def task_tokenizer(source: str):
+    """data.tokenizer=task: the tokenizer of the task that wrote the pair folder `source` (its task.json)."""
+    from dlm.tasks import task_of_folder
+
+    task = task_of_folder(source) if Path(source).expanduser().is_dir() else None
+    if task is None:
+        raise ConfigError(f"data.tokenizer=task needs a pair folder written by a task (with a task.json, e.g. python "
+                          f"-m dlm.tasks.sudoku --out FOLDER); data.source={source!r} has none")
+    return task.tokenizer()
+
+
 def build_tokenizer(cfg: RunConfig, run_dir: Path | None):
     """The run's tokenizer: reused from `run_dir/tokenizer` when the run already has one (resume), else built."""
     from dlm.data.corpus import load_texts
@@ -129,8 +214,14 @@ def build_tokenizer(cfg: RunConfig, run_dir: Path | None):
         fix = (f"delete {saved} and run the same command again (it is restored from the run's checkpoint, or "
                "rebuilt if the run has none yet)")
         return load_tokenizer_dir(saved, fix, verify=(saved / RECORD).exists() or not _legacy_tokenizer_dir(saved))
-    train_texts = load_texts(cfg.data.source, split="train", text_field=cfg.data.text_field) if cfg.data.tokenizer == "bpe" else None
-    tok = load_tokenizer(cfg.data.tokenizer, train_texts=train_texts, vocab_size=cfg.data.vocab_size)
+    if cfg.data.tokenizer == "task":
+        tok = task_tokenizer(cfg.data.source)
+    else:
+        train_texts = None
+        if cfg.data.tokenizer == "bpe":
+            train_texts = (pair_texts(cfg) if cfg.data.format == "pairs"
+                           else load_texts(cfg.data.source, split="train", text_field=cfg.data.text_field))
+        tok = load_tokenizer(cfg.data.tokenizer, train_texts=train_texts, vocab_size=cfg.data.vocab_size)
     if saved is not None:
         from dlm.integrity import save_tokenizer_dir
 

@@ -28,7 +28,7 @@ from dlm.train.adapt import check_init_process, is_causal_lm_spec, load_causal_l
 from dlm.train.lora import add_lora, has_lora, merged_state
 from dlm.train.clip_search import adopt_saved_interval, run_clip_search
 from dlm.train.callbacks import LossCurvePlot, PlainProgress, ProgressBar, StepTimer, Throughput
-from dlm.train.data_module import TextDataModule, build_tokenizer
+from dlm.train.data_module import TextDataModule, build_tokenizer, resolve_data
 from dlm.train.durable import DurableCSVLogger, StepCheckpoint, truncate_logs
 from dlm.train.lit_module import DiffusionLightningModule
 
@@ -122,6 +122,7 @@ def _train(cfg: RunConfig, run_dir: Path, stop=None) -> Path:
     from dlm.integrity import check_tokenizer, save_tokenizer_dir, write_atomic
 
     t = cfg.trainer
+    resolve_data(cfg)  # a task's pair folder: the task's tokenizer
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     resume = last.is_file()

@@ -76,6 +76,7 @@ class UniformX0(Process):
         return t, u, noise
 
     def loss(self, network, batch, generator=None) -> LossOutput:
+        batch = self.honour_given(batch)  # given positions: neither noised nor scored (the process contract)
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
         t, u, noise = self.draws(x.shape, generator, x.device)
         z = torch.where((u < t[:, None]) & loss_mask, noise, x)  # (B, L)
@@ -89,6 +90,7 @@ class UniformX0(Process):
     @torch.no_grad()
     def nelbo(self, network, batch, num_t_samples, generator) -> LossOutput:
         """The Monte Carlo mean over `num_t_samples` draws of t of the reconstruction loss (an estimate)."""
+        batch = self.honour_given(batch)
         per_row = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
         for _ in range(num_t_samples):
             per_row += self.loss(network, batch, generator).nll_per_row.double().cpu()

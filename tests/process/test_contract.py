@@ -200,3 +200,98 @@ def test_a_learnable_process_is_trained_saved_emad_exported_and_loaded(micro_arg
     assert float(from_ckpt.process.log_scale.detach()) == pytest.approx(live)
     want_bias = torch.linspace(0.0, 0.1, exported.network.cfg.vocab_size)
     assert torch.equal(exported.process.bias, want_bias) and torch.equal(from_ckpt.process.bias, want_bias)
+
+
+# ------------------------------------------------------------------------------------------ given positions
+def given_batch(B=3, seed=0):
+    """A batch whose `given` positions (a prompt of 2 to 7 tokens after BOS, per row) lie inside its loss_mask:
+    only the process's honouring of `given` keeps them from being noised and scored."""
+    b = batch(B, seed)
+    given = torch.zeros(B, L, dtype=torch.bool)
+    for r in range(B):
+        given[r, : 3 + 2 * r] = True
+    given[:, 0] = True  # BOS
+    b["given"] = given
+    assert (b["loss_mask"] & given).any()
+    return b
+
+
+class InputSpy:
+    """Records what the network is fed (token ids, or input embeddings) in every forward call, next-token calls
+    included (they go through forward)."""
+
+    def __init__(self, net):
+        self.ids, self.embeds = [], []
+        self.handle = net.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        embeds = args[1] if len(args) > 1 else kwargs.get("inputs_embeds")
+        if ids is not None:
+            self.ids.append(ids.detach().clone())
+        if embeds is not None:
+            self.embeds.append(embeds.detach().clone())
+
+    def given_intact(self, net, x, given) -> bool:
+        """Whether every recorded input holds the clean token (or its embedding) at every given position. A call
+        on T tokens is checked on its first min(T, L) (bd3lm feeds [z_t ; x]: z_t first; ar feeds x[:, :-1])."""
+        with torch.no_grad():
+            clean = net.embed_tokens(x)
+        ok = True
+        for ids in self.ids:
+            n = min(ids.shape[1], x.shape[1])
+            ok &= torch.equal(ids[:, :n][given[:, :n]], x[:, :n][given[:, :n]])
+        for e in self.embeds:
+            n = min(e.shape[1], x.shape[1])
+            ok &= torch.allclose(e[:, :n][given[:, :n]].float(), clean[:, :n][given[:, :n]].float(), atol=1e-6)
+        return bool(ok)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_given_positions_are_never_corrupted(name, tiny_network):
+    """Training (loss) and evaluation (nelbo) never change a given position in what the network sees. Without
+    `given`, the same positions are noised (so this test can fail): for every process that corrupts at all."""
+    process, net, b = make(name), tiny_network(V).train(), given_batch()
+    x, given = b["input_ids"], b["given"]
+    spy = InputSpy(net)
+    for seed in range(4):
+        process.loss(net, b, torch.Generator().manual_seed(seed))
+        process.nelbo(net, b, 2, torch.Generator().manual_seed(seed))
+    assert spy.ids or spy.embeds
+    assert spy.given_intact(net, x, given)
+    spy.handle.remove()
+    if process.corruption != "none":
+        without = InputSpy(net)
+        plain = {k: v for k, v in b.items() if k != "given"}
+        for seed in range(4):
+            process.loss(net, plain, torch.Generator().manual_seed(seed))
+        assert not without.given_intact(net, x, given)
+        without.handle.remove()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_given_positions_are_never_scored(name, tiny_network):
+    """The loss and the bound with `given` are those of the same batch with the given positions taken out of
+    loss_mask: no term at a given position, no given token counted (the network still sees them as context)."""
+    process, net, b = make(name), tiny_network(V).train(), given_batch()
+    out_of_mask = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                   "loss_mask": b["loss_mask"] & ~b["given"]}
+    for run in (lambda bb, s: process.loss(net, bb, torch.Generator().manual_seed(s)),
+                lambda bb, s: process.nelbo(net, bb, 2, [torch.Generator().manual_seed(s + r) for r in range(3)])):
+        for seed in (0, 1):
+            a, want = run(b, seed), run(out_of_mask, seed)
+            assert torch.equal(a.num_tokens, want.num_tokens) and int(a.num_tokens) == int(out_of_mask["loss_mask"].sum())
+            assert torch.equal(a.tokens_per_row, want.tokens_per_row)
+            assert float(a.nll_sum) == pytest.approx(float(want.nll_sum), rel=1e-6)
+            assert torch.allclose(a.nll_per_row.double(), want.nll_per_row.double(), rtol=1e-6)
+            assert float(a.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-6)
+
+
+def test_honour_given_leaves_a_batch_without_given_alone():
+    from dlm.process.base import corruptible, honour_given
+
+    b = batch()
+    assert honour_given(b) is b and torch.equal(corruptible(b), b["loss_mask"])
+    g = given_batch()
+    h = honour_given(g)
+    assert torch.equal(h["loss_mask"], g["loss_mask"] & ~g["given"]) and not torch.equal(h["loss_mask"], g["loss_mask"])
