@@ -364,10 +364,12 @@ def _add_task_args(p, what: str) -> None:
                         "`python -m dlm.tasks.sudoku`), or `generate` (fresh ones from the task's generator); "
                         "default: the model's training data folder when it is a task folder, else generate")
     g.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
-                   help="an option of generated examples (repeatable), e.g. --task-option size=4 --task-option "
-                        "givens=5; default: the model's task folder's options, else the task's defaults")
-    g.add_argument("--task-seed", type=int, default=None,
-                   help="seed of generated examples (default: the model's task folder's seed, else 0)")
+                   help="an option of generated examples (repeatable; it implies generated ones), e.g. --task-option "
+                        "size=4 --task-option givens=5; default: the model's task folder's options, else the task's "
+                        "defaults")
+    g.add_argument("--task-seed", type=int, default=None, metavar="N",
+                   help="seed of generated examples (it implies generated ones; default: the model's task folder's "
+                        "seed, else 0)")
 
 
 def cmd_export(args) -> int:
@@ -466,11 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per block, generated left to right (llada: must divide --gen-length, default one "
                         "block; blockwise: default the bd3lm model's block size)")
     g.add_argument("--threshold", type=float, default=None,
-                   help="commit every token with confidence >= threshold (at least one per step), in (0, 1]")
+                   help="commit every token whose score (--remasking) is >= threshold (at least one per step), in "
+                        "(0, 1]")
     g.add_argument("--factor", type=float, default=None, help="factor-rule parallel decoding (e.g. 1.0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
     g.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random", "margin", "entropy"),
-                   help="the score that orders the masked positions")
+                   help="the score that orders the masked positions, each in [0, 1]: the prediction's probability, "
+                        "a uniform draw, top-1 minus top-2 probability, exp(-entropy) (docs/tasks.md)")
     g.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="Fast-dLLM KV cache")
     g.add_argument("--suppress-eos", action="store_true", help="commit positions that predict EOS last")
     _add_task_args(p, "answer task prompts and show each answer with its exact score (sudoku: the board solved): "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dlm.sampler import Canvas
+from dlm.sampler import Canvas, Sampler
 
 
 def task_canvas(task, examples: list[dict], tokenizer, process, generator: torch.Generator | None = None) -> Canvas:
@@ -154,11 +154,17 @@ def evaluate_model(model, task, examples: list[dict], *, seed: int = 0, batch_si
     (so any sampler, its options, soft-masking and autocast work as there: sampler=, steps=, remasking=,
     threshold=, ...), the canvas laid out as `task_canvas`: [BOS] prompt, then the response's length plus one EOS
     slot. Example i draws from its own generator (seed `sample_seed(seed, i)`), so its answer does not depend on
-    the batch. Returns the task's summary (e.g. `solved`), `nfe` (mean calls per example), `seconds`,
+    the batch. A sampler with a step budget gets one generated position per call unless `steps` (or
+    sampler_options["steps"]) is given. Returns the task's summary (e.g. `solved`), `nfe` (mean calls per example), `seconds`,
     `tokens_per_second` (generated positions), `peak_memory_mib`, `n`, `scores` and `responses`."""
     from dlm.pipeline import sample_seed
+    from dlm.sampler.registry import sampler_spec
 
     check_task_tokenizer(model.tokenizer, task)
+    sampler = generate_kw.get("sampler")
+    default_steps = (generate_kw.get("steps") is None and "steps" not in (generate_kw.get("sampler_options") or {})
+                     and not isinstance(sampler, Sampler)
+                     and "steps" in sampler_spec(model.sampler_name(sampler)).options)
     tok = model.tokenizer
     groups: dict[tuple[int, int], list[int]] = {}  # examples of one layout are batched together
     for i, ex in enumerate(examples):
@@ -172,9 +178,9 @@ def evaluate_model(model, task, examples: list[dict], *, seed: int = 0, batch_si
             raise ValueError(f"a {task.name} example needs {2 + prompt_len + response_len} positions ([BOS], "
                              f"{prompt_len} of prompt, {response_len} of response, an EOS) but the model's context is "
                              f"{model.context}")
+        kw = {**generate_kw, "steps": response_len + 1} if default_steps else generate_kw
         gen = model.generate([task.format_prompt(examples[i]) for i in idx], gen_length=response_len + 1,
-                             seed=[sample_seed(seed, i) for i in idx], batch_size=batch_size, progress=progress,
-                             **generate_kw)
+                             seed=[sample_seed(seed, i) for i in idx], batch_size=batch_size, progress=progress, **kw)
         for r, i in enumerate(idx):
             responses[i] = task.response_text(gen.tokens[r][gen.generated[r]].tolist(), tok)
             calls[i] = int(gen.nfe_per_row[r])
