@@ -169,8 +169,9 @@ def _sample_task(model, args, options: dict) -> int:
         if value is not None:
             raise ValueError(f"{flag} does not go with --task: an answer's length is the task's")
     check_task_tokenizer(model.tokenizer, make_task(args.task))
-    task, examples, source = task_examples(args.task, model, args.task_data, "test", args.num_samples,
-                                           args.task_seed, parse_task_options(args.task_option))
+    task, examples, source = task_examples(args.task, model, args.task_data, "test",
+                                           0 if args.prompt else args.num_samples, args.task_seed,
+                                           parse_task_options(args.task_option))
     if args.prompt:  # the user's own prompts, with the task's options (size) from the same place
         examples, source = [task.from_prompt(p) for p in args.prompt], f"{len(args.prompt)} given prompt(s)"
     positions = len(model.tokenizer.encode(task.format_response(examples[0]), add_special_tokens=False)) + 1

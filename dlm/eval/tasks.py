@@ -105,9 +105,9 @@ def task_examples(name: str, model=None, data: str | None = None, split: str = "
     if folder is None and data is None and not options and seed is None:
         folder = own
     if folder is not None:
-        if options:
-            raise ValueError("--task-option sets the options of generated puzzles; puzzles read from a task folder "
-                             f"({folder}) have that folder's options (add --task-data generate to generate them)")
+        if options or seed is not None:
+            raise ValueError("--task-option and --task-seed set generated examples; examples read from a task folder "
+                             f"({folder}) are that folder's (give --task-data generate to generate them)")
         task, meta = read_task_folder(folder)
         if task.name != name:
             raise ValueError(f"{folder} holds the task {task.name!r}, not {name!r}")

@@ -75,7 +75,7 @@ def test_generated_examples_are_the_task_folders_own(sudoku_run):
     assert generated == from_folder[:5]  # puzzles, solutions, givens and the solver's branchings
     _, other, source = task_examples("sudoku", model, seed=3, limit=5)
     assert "seed 3" in source and other != generated
-    with pytest.raises(ValueError, match="--task-option sets the options of generated puzzles"):
+    with pytest.raises(ValueError, match="--task-option and --task-seed set generated examples"):
         task_examples("sudoku", model, data=str(model.cfg.data.source), options={"size": 6})
 
 
