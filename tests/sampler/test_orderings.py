@@ -62,9 +62,9 @@ class Fixed(torch.nn.Module):
         return out if logits_at is None else out[:, logits_at]
 
 
-def run(remasking, policy, steps=N, B=1, seed=0):
+def run(remasking, policy, steps=N, B=1, seed=0, block_length=None):
     canvas = torch.tensor([PROMPT + [MASK] * N] * B)
-    sampler = LLaDASampler(steps=steps, remasking=remasking, policy=policy)
+    sampler = LLaDASampler(steps=steps, block_length=block_length, remasking=remasking, policy=policy)
     return sample(sampler, Fixed(), MaskedDiffusion(make_schedule("loglinear", 1e-3), MASK), canvas, canvas != MASK,
                   torch.Generator().manual_seed(seed), record_trajectory=True)
 
@@ -120,6 +120,27 @@ def test_every_ordering_with_every_policy(remasking, label, policy, steps):
                     n += 1
                 assert committed == set(ranked[:max(n, 1)])
             left = rest
+
+
+@pytest.mark.parametrize("remasking", REMASKING)
+@pytest.mark.parametrize("label,policy,steps", POLICIES, ids=[p[0] for p in POLICIES])
+def test_every_ordering_with_every_policy_in_two_blocks(remasking, label, policy, steps):
+    """Blocks of 4: the second block's positions are committed only once the first is full, each block in the
+    order of its own scores."""
+    out = run(remasking, policy, steps, B=2, block_length=N // 2)
+    assert (out.tokens[:, :len(PROMPT)] == torch.tensor(PROMPT)).all() and (out.tokens != MASK).all()
+    s = scores(remasking) if remasking != "random" else None
+    for row in commits_per_step(out):
+        left = set(range(N))
+        for committed in row:
+            if not committed:  # this row's block is full; it waits for the other row's (random draws differ)
+                continue
+            block = set(range(N // 2)) if left & set(range(N // 2)) else set(range(N // 2, N))
+            assert committed <= left & block
+            rest = left & block - committed
+            if s is not None and rest:
+                assert min(s[j] for j in committed) >= max(s[j] for j in rest)
+            left -= committed
 
 
 def test_threshold_on_the_scores_that_are_not_probabilities():
