@@ -118,7 +118,11 @@ def cmd_sample(args) -> int:
     model = load(args.model, device=args.device)
     args.sampler = args.sampler or model.process.default_sampler  # the model's own sampler unless one is named
     options = option_values(model, args)
+    if args.task:
+        return _sample_task(model, args, options)
     args.steps = None if "steps" in options else default_steps(model, args)
+    if args.task_data or args.task_option or args.task_seed is not None:
+        raise ValueError("--task-data, --task-option and --task-seed go with --task NAME")
     if args.sampler == "llada":
         args.gen_length = 64 if args.gen_length is None else args.gen_length
         return _sample_llada(model, args, options)
@@ -154,6 +158,53 @@ def cmd_sample(args) -> int:
 
         plot_trajectory(gen.trajectory, model.tokenizer.mask_token_id, args.plot_trajectory, model.tokenizer)
         print(f"denoising trajectory plotted to {args.plot_trajectory}")
+    return 0
+
+
+def _sample_task(model, args, options: dict) -> int:
+    """`dlm sample MODEL --task NAME`: answer each --prompt (a puzzle of the task), or --num-samples test examples
+    (from the model's task folder, --task-data or generated), and show each answer with its exact score."""
+    from dlm.eval.tasks import check_task_tokenizer, evaluate_model, parse_task_options, task_examples
+    from dlm.tasks import make_task
+
+    for flag, value in (("--template", args.template), ("--length", args.length), ("--gen-length", args.gen_length),
+                        ("--stride", args.stride), ("--plot-trajectory", args.plot_trajectory)):
+        if value is not None:
+            raise ValueError(f"{flag} does not go with --task: an answer's length is the task's")
+    check_task_tokenizer(model.tokenizer, make_task(args.task))
+    task, examples, source = task_examples(args.task, model, args.task_data, "test",
+                                           0 if args.prompt else args.num_samples, args.task_seed,
+                                           parse_task_options(args.task_option))
+    if args.prompt:  # the user's own prompts, with the task's options (size) from the same place
+        examples, source = [task.from_prompt(p) for p in args.prompt], f"{len(args.prompt)} given prompt(s)"
+    positions = len(model.tokenizer.encode(task.format_response(examples[0]), add_special_tokens=False)) + 1
+    if args.steps is None and "steps" not in options:
+        args.steps = positions if default_steps(model, args) is not None else None  # one position per call
+    kw = {}
+    if model.sampler_name(args.sampler) == "llada":
+        kw = dict(block_length=args.block_length, threshold=args.threshold, factor=args.factor,
+                  temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale, remasking=args.remasking,
+                  cache=args.cache)
+    elif args.threshold is not None or args.factor is not None:
+        raise ValueError("--threshold and --factor are options of --sampler llada")
+    out = evaluate_model(model, task, examples, seed=args.seed, batch_size=args.batch_size, progress=args.progress,
+                         sampler=args.sampler, steps=args.steps, top_p=args.top_p,
+                         temperature=kw.pop("temperature", args.temperature), softmask=softmask_option(args),
+                         sampler_options={**sampler_options(args), **kw, **options})
+    for i, (ex, response, score) in enumerate(zip(examples, out["responses"], out["scores"])):
+        facts = " | ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in score.items())
+        print(f"--- {task.name} {i} ---\n{task.show(ex, response)}\n{facts}\n")
+    steps = options.get("steps", args.steps)
+    parallel = options.get("threshold", args.threshold) is not None or options.get("factor", args.factor) is not None
+    kind = model.sampler_name(args.sampler) + (f", {steps} steps" if steps and not parallel else "")
+    print(f"[{len(examples)} {task.name} examples ({source}) | {kind} | solved {out['solved'] * len(examples):.0f}/"
+          f"{len(examples)} | NFE per example {out['nfe']:.1f} | {out['seconds']:.2f} s | "
+          f"{out['tokens_per_second']:.0f} tokens/s{_peak(out['peak_memory_mib'])}]")
+    if args.out:
+        with open(args.out, "w") as f:
+            for ex, response, score in zip(examples, out["responses"], out["scores"]):
+                f.write(json.dumps({"prompt": task.format_prompt(ex), "response": response, **score}) + "\n")
+        print(f"samples written to {args.out}")
     return 0
 
 
@@ -275,12 +326,54 @@ def cmd_eval(args) -> int:
                         num_t_samples=args.num_t_samples, max_rows=args.max_rows)
 
     args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)  # -o: per model (report.py)
+    if args.task:
+        return _eval_task(args)
+    if args.task_data or args.task_option or args.limit is not None or args.task_seed is not None:
+        raise ValueError("--task-data, --task-option, --limit and --task-seed go with --task NAME")
     rows = evaluate_models(args)
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"results written to {args.json}")
     return 0
+
+
+def _eval_task(args) -> int:
+    """`dlm eval MODEL... --task NAME`: exact metrics of each model's sampled answers (dlm/eval/tasks.py)."""
+    from dlm.eval.tasks import evaluate_models_on_task, print_task_table
+
+    given = [flag for flag, on in (("--gen-ppl", args.gen_ppl), ("--mauve", args.mauve),
+                                   ("--max-rows", args.max_rows is not None), ("--source", args.source != "embedded"))
+             if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} measure text models; with --task the metrics are the task's own "
+                         "(leave them out, or drop --task)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit={args.limit} must be a positive integer")
+    rows = evaluate_models_on_task(args)
+    print_task_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _add_task_args(p, what: str) -> None:
+    from dlm.tasks import task_names
+
+    g = p.add_argument_group("tasks with exact answers (dlm.tasks, docs/tasks.md)")
+    g.add_argument("--task", default=None, choices=task_names(), help=what)
+    g.add_argument("--task-data", default=None, metavar="FOLDER|generate",
+                   help="where the examples come from: a task folder (task.json and {split}.jsonl, written by "
+                        "`python -m dlm.tasks.sudoku`), or `generate` (fresh ones from the task's generator); "
+                        "default: the model's training data folder when it is a task folder, else generate")
+    g.add_argument("--task-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of generated examples (repeatable; it implies generated ones), e.g. --task-option "
+                        "size=4 --task-option givens=5; default: the model's task folder's options, else the task's "
+                        "defaults")
+    g.add_argument("--task-seed", type=int, default=None, metavar="N",
+                   help="seed of generated examples (it implies generated ones; default: the model's task folder's "
+                        "seed, else 0)")
 
 
 def cmd_export(args) -> int:
@@ -379,19 +472,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per block, generated left to right (llada: must divide --gen-length, default one "
                         "block; blockwise: default the bd3lm model's block size)")
     g.add_argument("--threshold", type=float, default=None,
-                   help="commit every token with confidence >= threshold (at least one per step), in (0, 1]")
+                   help="commit every token whose score (--remasking) is >= threshold (at least one per step), in "
+                        "(0, 1]")
     g.add_argument("--factor", type=float, default=None, help="factor-rule parallel decoding (e.g. 1.0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
     g.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random", "margin", "entropy"),
-                   help="the score that orders the masked positions")
+                   help="the score that orders the masked positions, each in [0, 1]: the prediction's probability, "
+                        "a uniform draw, top-1 minus top-2 probability, exp(-entropy) (docs/tasks.md)")
     g.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="Fast-dLLM KV cache")
     g.add_argument("--suppress-eos", action="store_true", help="commit positions that predict EOS last")
+    _add_task_args(p, "answer task prompts and show each answer with its exact score (sudoku: the board solved): "
+                      "each --prompt is one (a puzzle: its digits and '.', row by row), else --num-samples test "
+                      "examples; --steps defaults to one generated position per call")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", allow_abbrev=False, help="perplexity, generative perplexity and entropy of trained models")
     p.add_argument("models", nargs="+", help="run folders, exported folders or .ckpt files")
     p.add_argument("--source", default="embedded", help="data source for perplexity (as data.source)")
-    p.add_argument("--split", default="test", help="train | val | test")
+    p.add_argument("--split", default="test", help="train | val | test (with --task: train | validation | test)")
     p.add_argument("--num-t-samples", type=int, default=4, help="Monte Carlo times per sequence for the NELBO")
     p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
     p.add_argument("--seed", type=int, default=0)
@@ -413,6 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_arg(p, "a line per batch of each stage (perplexity, sampling, generative perplexity), at most "
                          "one every 10 s (DLM_PROGRESS_SECONDS), and the last one")
     _add_sampling_args(p)
+    _add_task_args(p, "instead of perplexity: sample each example's answer of this task and score it exactly "
+                      "(sudoku: solved %%, cell and blank accuracy, violations; NFE per example, tokens/s); "
+                      "--steps defaults to one generated position per call, --split to test "
+                      "(train | validation | test)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="with --task: the first N examples of the split (generated: N, default 100)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", allow_abbrev=False, help="export a training checkpoint as a Hugging Face-style folder")

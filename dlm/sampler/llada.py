@@ -6,11 +6,12 @@ to right, each with steps / num_blocks steps. At every step the network predicts
 masked positions: the prediction is the argmax of Gumbel-perturbed logits in float64 at temperature tau
 (tau = 0: argmax). Each masked position of the block gets a score (`remasking`):
 
-    low_confidence  probability of its prediction          random   a uniform draw
-    margin          top-1 minus top-2 probability           entropy  negative entropy of the prediction
+    low_confidence  probability of its prediction          random   a uniform draw in [0, 1)
+    margin          top-1 minus top-2 probability           entropy  exp(-entropy) of the prediction, in [1/V, 1]
 
 and an `UnmaskingPolicy` (dlm.sampler.policies) picks which to commit: the count schedule (LLaDA), a
-confidence threshold or the factor rule (Fast-dLLM). Positions after the current block are never
+confidence threshold or the factor rule (Fast-dLLM). Every score lies in [0, 1], so each policy works with each
+ordering (what a threshold means for each: dlm.sampler.policies). Positions after the current block are never
 committed; committed and prompt tokens never change. With the threshold and factor rules a block takes
 as many steps as it needs (at most block_length); `steps` only sets the count schedule's budget. NFE
 counts the network calls made: a block that is full ends, so a budget above block_length costs
@@ -51,7 +52,6 @@ This rule is the same with and without a cache, so the caches stay as exact as w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +60,7 @@ from dlm.network import KVCache
 import dlm.sampler.fast_dllm as fast_dllm
 from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, generators_of, rand_rows
 from dlm.sampler.llada_forward import Context, canvas_attention_mask, feedback_inputs, forward_block
-from dlm.sampler.policies import ConfidenceThreshold, CountSchedule, FactorRule, UnmaskingPolicy, make_policy
+from dlm.sampler.policies import CountSchedule, UnmaskingPolicy, make_policy
 from dlm.sampler.registry import check_steps, check_temperature, register_sampler
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
@@ -102,9 +102,6 @@ class LLaDAConfig:
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking='{self.remasking}' is unknown; valid: {', '.join(REMASKING)}")
         fast_dllm.check_cache_mode(self.cache)
-        if self.remasking == "entropy" and (self.threshold is not None or self.factor is not None):
-            raise ValueError("remasking='entropy' scores are negative entropies (<= 0), which a probability "
-                             "threshold or the factor rule cannot read; use low_confidence or margin with them")
         make_policy(self.threshold, self.factor)  # validates
 
 
@@ -118,9 +115,6 @@ class LLaDASampler(Sampler):
                  suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False):
         LLaDAConfig(steps, block_length, temperature, 1.0, remasking, cfg_scale=cfg_scale, cache=cache)  # validates
         policy = policy or CountSchedule()
-        if remasking == "entropy" and isinstance(policy, (ConfidenceThreshold, FactorRule)):
-            raise ValueError("remasking='entropy' scores are negative entropies (<= 0), which a probability "
-                             "threshold or the factor rule cannot read; use low_confidence or margin with them")
         self.steps, self.block_length, self.temperature, self.remasking = steps, block_length, temperature, remasking
         self.policy, self.cfg_scale, self.cache = policy, cfg_scale, cache
         self.feedback, self.block_causal = feedback, block_causal
@@ -244,13 +238,13 @@ class LLaDASampler(Sampler):
             top2 = probs.topk(2, dim=-1).values
             score = top2[..., 0] - top2[..., 1]
         elif self.remasking == "entropy":
-            score = torch.special.xlogy(probs, probs).sum(-1)  # -H; xlogy(0, 0) = 0 at the -inf [MASK] logit
+            score = torch.special.xlogy(probs, probs).sum(-1).exp()  # exp(-H): xlogy(0, 0) = 0 at the [MASK] logit
         else:
             score = rand_rows(generator, tuple(x0.shape), x0.device, torch.float64)
         if self.suppress_ids:
-            # Every score lies in [-log V, 1]; shifting by 2 + log V puts these below all others, order kept.
+            # Every score lies in [0, 1]; shifting by 2 puts these below all others, order kept.
             suppressed = torch.isin(x0, torch.tensor(self.suppress_ids, device=x0.device))
-            score = torch.where(suppressed, score - (2.0 + math.log(logits.shape[-1])), score)
+            score = torch.where(suppressed, score - 2.0, score)
         return x0, score
 
 

@@ -10,6 +10,22 @@ Every policy has one method, `select(confidence, n_masked_in_block, step_in_bloc
 
 All are vectorised over the batch (a sort per step, no Python loop over rows).
 
+The score ("confidence") is whatever ordering the sampler uses, always in [0, 1] (llada's `remasking`), so every
+policy works with every ordering; what a threshold or factor then reads:
+
+    low_confidence  p, the probability of the prediction: threshold t commits positions with p >= t.
+    margin          p1 - p2 (top-1 minus top-2 probability): margin >= t, which implies p1 >= t, so at the same t
+                    a margin threshold commits a subset of what the probability threshold commits.
+    entropy         exp(-H), H the entropy of the prediction in nats (1 when certain, 1/V when uniform; the
+                    same order as -H): exp(-H) >= t, i.e. H <= -ln t. exp(-H) <= p1, so again a subset.
+    random          a uniform draw u in [0, 1), fresh at every step: the model is not consulted, so a threshold
+                    t commits each candidate with probability 1 - t (and at least one per step), the factor rule a
+                    random count. A model-blind baseline; for random order at a given number of calls use the
+                    count schedule (steps).
+
+The factor rule reads 1 - score as the error of committing a position (Fast-dLLM's 1 - p); with margin and
+entropy scores that error is over-estimated (1 - margin >= 1 - p1), so it commits fewer positions per call.
+
 - CountSchedule (LLaDA, arXiv 2502.09992): the k most confident, k from an even split of the block's masks
   over its steps, the remainder going to the first steps.
 - ConfidenceThreshold (Fast-dLLM, arXiv 2505.22618): every candidate with confidence >= threshold, and at
@@ -76,8 +92,8 @@ class ConfidenceThreshold(UnmaskingPolicy):
 
     def __init__(self, threshold: float = 0.9):
         if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold={threshold} must be in (0, 1]: it is a probability (1 = one token per step "
-                             "unless the model is certain)")
+            raise ValueError(f"threshold={threshold} must be in (0, 1]: scores are probabilities or other numbers "
+                             "in [0, 1] (1 = one token per step unless the model is certain)")
         self.threshold = threshold
 
     def select(self, confidence, n_masked_in_block, step_in_block, steps_per_block):

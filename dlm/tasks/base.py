@@ -84,6 +84,20 @@ class Task:
         """Exact metrics of a predicted response string for `example` (a dict of numbers)."""
         raise NotImplementedError
 
+    def from_pair(self, prompt: str, response: str) -> dict:
+        """The example a line of a pair file holds (the inverse of format_prompt / format_response), as
+        `generate` would have made it."""
+        raise NotImplementedError(f"task {self.name!r} cannot read its examples back from pair files")
+
+    def from_prompt(self, prompt: str) -> dict:
+        """An example from a prompt alone (a user's puzzle), its reference answer computed by the task; an error
+        when the prompt is not one of the task's or has no unique answer."""
+        raise NotImplementedError(f"task {self.name!r} cannot answer a prompt of its own")
+
+    def show(self, example: dict, predicted: str) -> str:
+        """The prompt and a predicted response, for printing."""
+        return f"{self.format_prompt(example)}\n-> {predicted}"
+
     def response_text(self, ids: list[int], tokenizer) -> str:
         """A generated response (token ids after the prompt) as a string aligned one character per token: cut at
         the first EOS (what follows it is dropped, as in LLaDA), any other special token (a [MASK] left) as '?'."""

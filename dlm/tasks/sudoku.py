@@ -264,6 +264,39 @@ class Sudoku(Task):
                 "blank_accuracy": sum(correct[i] for i in blanks) / len(blanks) if blanks else 1.0,
                 "violations": float(violations), "givens_kept": float(givens_kept), "invalid_cells": float(invalid)}
 
+    def from_pair(self, prompt: str, response: str) -> dict:
+        """The example of a pair-file line: the puzzle, its solution, the givens and the solver's branchings."""
+        ex = self.from_prompt(prompt, solve_it=False)
+        return {**ex, "solution": response}
+
+    def from_prompt(self, prompt: str, solve_it: bool = True) -> dict:
+        """An example from a puzzle string alone: its unique solution found by the exact solver (an error when the
+        board is not a size x size puzzle, breaks a rule, or has no or several solutions)."""
+        prompt = prompt.strip()
+        if len(prompt) != self.grid.cells:
+            raise ValueError(f"a {self.size}x{self.size} sudoku puzzle has {self.grid.cells} cells (digits and '.', "
+                             f"row by row), got {len(prompt)} characters: {prompt!r}")
+        board = from_string(prompt)
+        if any(d > self.size for d in board):
+            raise ValueError(f"a {self.size}x{self.size} sudoku holds digits 1..{self.size}, got {prompt!r}")
+        s = Solver(self.grid, board)
+        found = s.count(1)  # its branchings (nodes) as generate records them
+        ex = {"puzzle": to_string(board), "givens": sum(d > 0 for d in board), "nodes": s.nodes}
+        if not solve_it:
+            return ex
+        if not found or Solver(self.grid, board).count(2) != 1:
+            raise ValueError(f"the puzzle {prompt!r} has {'no solution' if not found else 'several solutions'}; "
+                             "give one with exactly one")
+        return {**ex, "solution": to_string(s.solution)}
+
+    def show(self, example: dict, predicted: str) -> str:
+        """The puzzle and the predicted board side by side (a '?' for a missing or non-digit cell)."""
+        left = board_text(example["puzzle"], self.size).splitlines()
+        right = board_text(predicted, self.size).splitlines()
+        width = max(len(line) for line in left)
+        head = ["puzzle".ljust(width) + "    answer"]
+        return "\n".join(head + [a.ljust(width) + "    " + b for a, b in zip(left, right)])
+
     def summarize(self, examples: list[dict], scores: list[dict]) -> dict:
         """Mean metrics, and `hardest_solved`: the solved fraction over the quarter of puzzles whose MRV search
         branches most (ties by order), since confidence-ordered decoding is reported to fail on the hard tail."""

@@ -169,7 +169,7 @@ def test_scores_and_gumbel_sampling(process):
     logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0, float("-inf")]]])  # (1, 1, 5); the last id plays [MASK]
     p = torch.softmax(logits[0, 0, :4].double(), -1)
     for remasking, expected in [("low_confidence", p[0]), ("margin", p[0] - p[1]),
-                                ("entropy", (p * p.log()).sum())]:
+                                ("entropy", (p * p.log()).sum().exp())]:
         x0, score = LLaDASampler(remasking=remasking)._predict(logits, None)
         assert int(x0) == 0 and math.isclose(float(score), float(expected), rel_tol=1e-12)
     # tau > 0: Gumbel-max draws follow softmax(logits / tau)
@@ -243,8 +243,6 @@ def test_bad_arguments(net, process):
         generate_llada(net, process, PROMPTS, 16, 4, 16, remasking="lowest")
     with pytest.raises(ValueError, match="cache='kv'"):
         generate_llada(net, process, PROMPTS, 16, 4, 16, cache="kv")
-    with pytest.raises(ValueError, match="entropy"):
-        generate_llada(net, process, PROMPTS, 16, 4, 16, remasking="entropy", policy=ConfidenceThreshold(0.9))
     with pytest.raises(ValueError, match="temperature"):
         generate_llada(net, process, PROMPTS, 16, 4, 16, temperature=-1)
 

@@ -185,3 +185,28 @@ def test_board_text():
     lines = board_text(SOLVED, 9).splitlines()
     assert len(lines) == 11 and lines[0] == "5 3 4 | 6 7 8 | 9 1 2" and lines[3] == "-" * 21
     assert board_text("12", 4).splitlines()[0] == "1 2 | ? ?"  # a short board shows '?' cells
+
+
+@pytest.mark.parametrize("size", [4, 9])
+def test_examples_read_back_from_pairs_and_from_a_puzzle_alone(size):
+    """from_pair inverts write_pairs' lines; from_prompt finds the unique solution with the solver; both record the
+    givens and the branchings as generate does."""
+    task = make_task("sudoku", size=size)
+    for ex in task.generate("test", 3, seed=0):
+        assert task.from_pair(task.format_prompt(ex), task.format_response(ex)) == ex
+        assert task.from_prompt(ex["puzzle"]) == ex
+    with pytest.raises(ValueError, match="has 16 cells"):
+        make_task("sudoku", size=4).from_prompt("12")
+    with pytest.raises(ValueError, match="several solutions"):
+        make_task("sudoku", size=4).from_prompt("." * 16)
+    with pytest.raises(ValueError, match="no solution"):
+        make_task("sudoku", size=4).from_prompt("11" + "." * 14)  # breaks a rule
+    with pytest.raises(ValueError, match="holds digits 1..4"):
+        make_task("sudoku", size=4).from_prompt("5" + "." * 15)
+
+
+def test_show_puts_the_answer_beside_the_puzzle():
+    task = make_task("sudoku", size=4)
+    lines = task.show({"puzzle": "12..34.........."}, "1234341221434321").splitlines()
+    assert lines == ["puzzle       answer", "1 2 | . .    1 2 | 3 4", "3 4 | . .    3 4 | 1 2", "-" * 9 + "    " + "-" * 9,
+                     ". . | . .    2 1 | 4 3", ". . | . .    4 3 | 2 1"]
