@@ -16,7 +16,7 @@ cells correct, rule violations and network calls per puzzle (NFE):
     schedule), in random order, by top probability, by top-1 minus top-2 margin, by lowest entropy;
   - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
-  - AR: greedy left to right; BD3-LM: block by block, margin order inside a block.
+  - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
 """
 
@@ -39,9 +39,9 @@ METHODS = ("mdlm", "ar", "bd3lm", "sm")
 ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", "entropy": "entropy"}
 
 SCALES = {
-    "full": {"size": 4, "givens": 6, "train": 20000, "val": 200, "test": 500, "steps": 1500, "batch": 64,
+    "full": {"size": 4, "givens": 6, "train": 20000, "val": 200, "test": 500, "steps": 1200, "batch": 64,
              "lr": 1e-3, "warmup": 100, "model": ["model.n_layer=4", "model.n_head=4", "model.d_model=128"],
-             "seeds": (0, 1), "ks": (1, 2, 4, 8), "thresholds": (0.9, 0.7, 0.5), "ema": 0.999},
+             "seeds": (0, 1), "ks": (1, 2, 4, 8), "thresholds": (0.9, 0.7, 0.5), "ema": 0.99},
     "quick": {"size": 4, "givens": 6, "train": 300, "val": 20, "test": 24, "steps": 6, "batch": 8,
               "lr": 1e-3, "warmup": 1, "model": ["model.n_layer=1", "model.n_head=2", "model.d_model=32"],
               "seeds": (0,), "ks": (1, 8), "thresholds": (0.9,), "ema": 0.0},
@@ -83,39 +83,41 @@ def train_run(method: str, seed: int, scale: dict, data: Path, out: Path) -> dic
 
 
 def decoders(method: str, cells: int, scale: dict) -> list[dict]:
-    """The decoding rules a method is evaluated with: {label, order, k, sampler, options}. `cells`: the
-    response's positions (the board's cells and the EOS slot)."""
+    """The decoding rules a method is evaluated with: {label, order, k, generate: the keywords of
+    `DiffusionLM.generate` (sampler and its options)}. `cells`: the response's positions (board cells + EOS)."""
     if method == "ar":
-        return [{"label": "left to right", "order": "left-to-right", "k": 1, "sampler": "autoregressive",
-                 "options": {"temperature": 0.0}}]
-    if method == "bd3lm":
+        return [{"label": "left to right", "order": "left-to-right", "k": 1,
+                 "generate": {"sampler": "autoregressive", "temperature": 0.0}}]
+    if method == "bd3lm":  # block by block (the blockwise sampler), ancestral inside a block
         size = int(round(math.sqrt(cells - 1)))
-        return [{"label": f"blocks of {size}, margin, k={k}", "order": "margin", "k": k, "sampler": "llada",
-                 "options": {"remasking": "margin", "block_length": size, "block_causal": True,
-                             "steps": max(1, math.ceil(size / k)) * math.ceil(cells / size), "temperature": 0.0}}
-                for k in scale["ks"] if k <= size]
+        blocks = math.ceil(cells / size) + 1  # the response straddles one more block than it fills
+        return [{"label": f"blocks of {size}, {steps} steps", "order": "blockwise", "k": cells / steps,
+                 "generate": {"sampler": "ancestral_cache", "steps": steps}}
+                for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)]
     out = []
     for order, remasking in ORDERS.items():
         for k in scale["ks"]:
-            out.append({"label": f"{order}, k={k}", "order": order, "k": k, "sampler": "llada",
-                        "options": {"remasking": remasking, "steps": math.ceil(cells / k), "block_length": cells,
-                                    "temperature": 0.0}})
+            out.append({"label": f"{order}, k={k}", "order": order, "k": k,
+                        "generate": {"sampler": "llada", "remasking": remasking, "steps": math.ceil(cells / k),
+                                     "temperature": 0.0}})
     for tau in scale["thresholds"]:
-        out.append({"label": f"threshold {tau}", "order": "top-prob", "k": None, "sampler": "llada",
-                    "options": {"remasking": "low_confidence", "threshold": tau, "steps": cells,
-                                "block_length": cells, "temperature": 0.0}})
+        out.append({"label": f"threshold {tau}", "order": "top-prob", "k": None,
+                    "generate": {"sampler": "llada", "remasking": "low_confidence", "threshold": tau,
+                                 "steps": cells, "temperature": 0.0}})
     if method == "mdlm":
         for k in scale["ks"][:2]:
             out.append({"label": f"ancestral, {math.ceil(cells / k)} steps", "order": "ancestral", "k": k,
-                        "sampler": "ancestral", "options": {"steps": math.ceil(cells / k)}})
+                        "generate": {"sampler": "ancestral", "steps": math.ceil(cells / k)}})
         out.append({"label": f"ReMDM (loop), {2 * cells} steps", "order": "remdm", "k": None,
-                    "sampler": "remdm_loop", "options": {"steps": 2 * cells}})
+                    "generate": {"sampler": "remdm_loop", "steps": 2 * cells}})
     return out
 
 
 def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict) -> list[dict]:
+    """Every decoding rule of `method` on the test puzzles, through the generation door (`evaluate_model`, i.e.
+    `DiffusionLM.generate`: what a user runs); the soft-masking model with its learned feedback."""
     import dlm
-    from dlm.eval.tasks import evaluate_task
+    from dlm.eval.tasks import evaluate_model
     from dlm.tasks import make_task
 
     task_info = json.loads((data / "task.json").read_text())
@@ -127,14 +129,11 @@ def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict) ->
     cells = scale["size"] ** 2 + 1
     rows = []
     for dec in decoders(method, cells, scale):
-        sampler = model._sampler(dec["sampler"], None, None, None, None, method == "sm" or None,
-                                 dict(dec["options"]))[0]
-        result = evaluate_task(model.network, model.process, model.tokenizer, task, examples, sampler,
-                               batch_size=250, seed=seed)
-        rows.append({"method": method, "seed": seed, **{k: dec[k] for k in ("label", "order", "k", "sampler")},
-                     "options": {k: v for k, v in dec["options"].items()},
+        kw = dict(dec["generate"], softmask=True) if method == "sm" else dec["generate"]
+        result = evaluate_model(model, task, examples, seed=seed, batch_size=250, **kw)
+        rows.append({"method": method, "seed": seed, **{k: dec[k] for k in ("label", "order", "k", "generate")},
                      **{k: result[k] for k in ("solved", "cell_accuracy", "blank_accuracy", "violations", "nfe",
-                                               "tokens_per_second", "n")},
+                                               "tokens_per_second", "n", "hardest_solved")},
                      "train_seconds": info["train_seconds"]})
         print(f"{method} s{seed} {dec['label']:<32} solved {result['solved']:.3f} cells "
               f"{result['cell_accuracy']:.3f} nfe {result['nfe']:.1f}", flush=True)
@@ -148,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", default=None, help="where sudoku.md and sudoku.png go (default: docs/, or --out "
                    "with --quick)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--train-only", action="store_true", help="train every run, evaluate nothing")
     args = p.parse_args(argv)
     scale = SCALES["quick" if args.quick else "full"]
     out = Path(args.out)
@@ -161,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
             if (method, seed) in done:
                 continue
             info = train_run(method, seed, scale, data, out)
+            if args.train_only:
+                continue
             rows = evaluate_run(method, seed, info, data, scale)
             with results_path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.train_only:
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report import write_report  # experiments/sudoku/report.py
 
     results = [json.loads(line) for line in results_path.read_text().splitlines()]
@@ -174,5 +179,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())
