@@ -185,12 +185,14 @@ def check_steps(steps: int) -> None:
 
 
 def check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature={temperature!r} must be a number (0 = greedy)")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 = greedy)")
 
 
 def check_top_p(top_p: float) -> None:
-    if not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off")
 
 
