@@ -7,9 +7,10 @@ It uses only what both sides of the architecture refactor have (before it, sampl
 
     python bench/step_speed.py --step-api [--repeats 5] [--batch 8] [--length 128] [--steps 32]
 
-times, in one run and alternated, the ancestral sampler as it now runs (`Sampler.sample`: the step-level API's
-loop, `start` then `step` until done) against `legacy_ancestral`, a copy of the loop it replaced (the whole loop
-in local variables), per step on the tiny preset (8 x 128 canvas, 32 steps, float32), and prints a table.
+times, in one run and alternated, the ancestral samplers and ReMDM (remdm_cap) as they now run (`Sampler.sample`:
+the step-level API's loop, `start` then `step` until done) against `legacy_ancestral` / `legacy_remdm`, copies of
+the loops they replaced (the whole loop in local variables), per step on the tiny preset (8 x 128 canvas, 32 steps,
+float32), and prints a table.
 """
 
 import sys
@@ -70,6 +71,48 @@ def legacy_ancestral(sampler, network, process, canvas, generator):
     return steps.output(z)
 
 
+@torch.no_grad()
+def legacy_remdm(sampler, network, process, canvas, generator):
+    """ReMDM's loop before the step-level API (no callback, no feedback), for --step-api."""
+    from dlm.sampler.base import StepReporter, fill_remaining_masks, forward_live, rand_rows, sample_tokens
+
+    z, to_generate = canvas.tokens.clone(), canvas.to_generate
+    times, remask_steps = sampler.time_grid(process)
+    alphas = process.alpha(times)
+    B = z.shape[0]
+    confidence = torch.ones(z.shape, device=z.device)
+    steps = StepReporter(B, None, z.shape[1])
+    for i in range(sampler.steps):
+        live = steps.live(z.device)
+        t = torch.full((B,), float(times[i]), device=z.device)
+        raw = forward_live(process, network, z, t, None, live, canvas)
+        steps.called()
+        alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
+        masked = process.is_noise(z)
+        decoded = ~masked & to_generate
+        if remask_steps[i]:
+            sigma = sampler.sigma(alpha_t, alpha_s, decoded, confidence).to(z.device)
+            sigma_masked = torch.zeros_like(sigma) if sampler.strategy == "conf" else sigma
+        else:
+            sigma = sigma_masked = torch.zeros((), device=z.device)
+        p_unmask = ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+        u_unmask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
+        u_token = rand_rows(generator, z.shape, z.device, torch.float64, canvas.key_valid)
+        u_remask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
+        unmask = masked & to_generate & (u_unmask < p_unmask) & live[:, None]
+        remask = decoded & (u_remask < sigma) & live[:, None]
+        if unmask.any():
+            rows = process.denoise(raw[unmask])
+            tokens = sample_tokens(rows, u_token[unmask], sampler.temperature, sampler.top_p)
+            z[unmask] = tokens
+            if sampler.strategy == "conf":
+                confidence[unmask] = rows.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        z[remask] = process.mask_id
+        steps.report(z, unmask, None)
+    fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, None, canvas=canvas)
+    return steps.output(z)
+
+
 def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
     import platform
 
@@ -85,22 +128,25 @@ def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
           f"{n_steps} steps, float32, per-row generators; seconds per step, median of the alternated repeats")
     print("| sampler | legacy loop (s/step) | step API (s/step) | step API / legacy | same tokens |")
     print("|---|---|---|---|---|")
-    for cache in (False, True):
-        sampler = AncestralSampler(steps=n_steps, cache=cache)
+    from dlm.sampler.registry import make_sampler
+
+    for name, legacy in (("ancestral", legacy_ancestral), ("ancestral_cache", legacy_ancestral),
+                         ("remdm_cap", legacy_remdm)):
+        sampler = make_sampler(name, steps=n_steps)
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
         with torch.no_grad():
-            same = torch.equal(legacy_ancestral(sampler, net, proc, canvas, gens()).tokens,
+            same = torch.equal(legacy(sampler, net, proc, canvas, gens()).tokens,
                                sampler.sample(net, proc, canvas, gens()).tokens)  # also the warm-up
         old, new = [], []
         for _ in range(repeats):
-            for fn, out in ((lambda: legacy_ancestral(sampler, net, proc, canvas, gens()), old),
+            for fn, out in ((lambda: legacy(sampler, net, proc, canvas, gens()), old),
                             (lambda: sampler.sample(net, proc, canvas, gens()), new)):
                 start = time.perf_counter()
                 with torch.no_grad():
                     fn()
                 out.append((time.perf_counter() - start) / (n_steps + 1))  # the steps and the final argmax
         o, n = sorted(old)[len(old) // 2], sorted(new)[len(new) // 2]
-        print(f"| ancestral{'_cache' if cache else ''} | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
+        print(f"| {name} | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
 
 
 def main() -> None:

@@ -52,7 +52,8 @@ class KVCache:
     def cat(caches: list["KVCache"]) -> "KVCache":
         """The rows of several caches stacked, in order (requests joining one batch). Caches of different lengths
         are left-padded with keys no row attends to (rotary keys carry their own positions, so a row's attention
-        is unchanged); `hidden` is kept only when every cache has it and all have one length."""
+        is unchanged); `hidden` is kept when every cache has it for all its positions (left-padded with zeros like
+        the keys, so hidden[:, -1] stays each row's last state), or for the same number of them at one length."""
         caches = [c for c in caches if c.layers]
         if not caches:
             return KVCache()
@@ -77,6 +78,8 @@ class KVCache:
         if all(c.hidden is not None for c in caches) and len({c.hidden.shape[1] for c in caches}) == 1 \
                 and all(c.length == T for c in caches):
             hidden = torch.cat([c.hidden for c in caches])
+        elif all(c.hidden is not None and c.hidden.shape[1] == c.length for c in caches):  # (B, T, C) each
+            hidden = torch.cat([torch.nn.functional.pad(c.hidden, (0, 0, T - c.length, 0)) for c in caches])
         return KVCache(layers, hidden, valid)
 
     def attention_mask(self, batch: int, queries: int, device) -> torch.Tensor | None:

@@ -35,12 +35,6 @@ class AncestralSampler(Sampler):
     name = "ancestral"
     takes_feedback = True
 
-    def __init__(self, steps: int = 128, temperature: float = 1.0, top_p: float = 1.0, cache: bool = False,
-                 feedback: InputFeedback | None = None):
-        AncestralConfig(steps, temperature, top_p)  # validates
-        self.steps, self.temperature, self.top_p, self.cache = steps, temperature, top_p, cache
-        self.feedback = feedback  # e.g. soft-masking: the next call sees embeddings built from these logits
-
     def times(self, process) -> tuple[torch.Tensor, torch.Tensor]:
         """Times (steps + 1,) float64 from 1 down to sampling_eps, and alpha at each."""
         times = torch.linspace(1.0, getattr(process, "sampling_eps", 1e-3), self.steps + 1, dtype=torch.float64)

@@ -211,18 +211,35 @@ class Sampler:
     takes_feedback: ClassVar[bool] = False
 
     config = None  # the config dataclass instance it was built from (dlm.sampler.registry), when it was
+    config_class: ClassVar[type | None] = None  # the dataclass of its options (set by register_sampler)
+
+    def __init__(self, *args, **options):
+        """A sampler is built from its config: `AncestralSampler(8, cache=True)` is
+        `AncestralSampler.from_config(AncestralConfig(8, cache=True))` (arguments in the config's field order), so
+        the config's `__post_init__` checks the values and no sampler repeats its fields in an `__init__`."""
+        if self.config_class is None:
+            if args or options:
+                raise TypeError(f"{type(self).__name__} has no config dataclass (register it with register_sampler) "
+                                "and takes no arguments")
+            return
+        self._configure(self.config_class(*args, **options))
+
+    def _configure(self, config) -> None:
+        """The config's fields as attributes (`self.steps`, ...; shallow: feedback modules stay) and the config as
+        `self.config`."""
+        self.__dict__.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+        self.config = config
 
     @classmethod
     def from_config(cls, config) -> "Sampler":
         """The sampler of a config dataclass instance (what the registry calls). A sampler class without its own
         `__init__` gets the config's fields as attributes (`self.steps`, ...) and the config as `self.config`;
         one with an `__init__` is called with the fields as keywords."""
-        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # shallow: modules stay
         if cls.__init__ is Sampler.__init__:
-            sampler = cls()
-            sampler.__dict__.update(values)
-        else:
-            sampler = cls(**values)
+            sampler = cls.__new__(cls)
+            sampler._configure(config)
+            return sampler
+        sampler = cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
         sampler.config = config
         return sampler
 

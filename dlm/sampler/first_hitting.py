@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              forward_live, masked_fraction, rand_rows, sample_tokens)
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_rows,
+                              masked_fraction, sample_tokens)
 from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
+from dlm.sampler.state import SamplerState
 
 
 @dataclass
@@ -37,51 +38,78 @@ class FirstHittingSampler(Sampler):
     name = "first_hitting"
     takes_feedback = True
 
-    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, feedback: InputFeedback | None = None):
-        FirstHittingConfig(temperature, top_p)  # validates
-        self.temperature, self.top_p, self.feedback = temperature, top_p, feedback
-
     def with_steps(self, steps: int) -> "FirstHittingSampler":
         return self  # one token per step: the number of steps is the number of masks
 
     @torch.no_grad()
-    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+    def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
+        """Every row at time 1, with one step per position left to generate (a row with none is done)."""
         process.check_sampler(self)
-        z, to_generate = canvas.tokens.clone(), canvas.to_generate
-        fixed = ~to_generate
+        z = canvas.tokens
+        open_ = (process.is_noise(z) & canvas.to_generate).sum(1)  # (B,): its number of steps
+        no = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        state = SamplerState.begin(network, process, canvas, generator, 0,
+                                   {"t": torch.ones(z.shape[0], dtype=torch.float64), "embeds": None, "fed": no})
+        state.num_steps, state.done = open_, open_ == 0
+        return state
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """One token per row not done: at the row's next hitting time, a uniformly random masked position takes
+        a token drawn from x_theta."""
+        network, process, z = state.network, state.process, state.tokens
         B, L = z.shape
-        rows = torch.arange(B, device=z.device)
-        t = torch.ones(B, dtype=torch.float64)
-        steps = StepReporter(B, callback, z.shape[1])
-        embeds = None
-        while not steps.all_stopped:
-            live = steps.live(z.device)
-            open_ = process.is_noise(z) & to_generate & live[:, None]  # (B, L)
-            n_open = open_.sum(1)  # (B,)
-            if not n_open.any():
-                break
-            if process.time_conditioning:  # the next hitting time: mask rate (1 - alpha_t) * u^(1/n)
-                u_time = rand_rows(generator, (B,), z.device, torch.float64).cpu()
-                rate = (1.0 - process.alpha(t)) * u_time ** (1.0 / n_open.clamp(min=1).double().cpu())
-                t = torch.where(n_open.cpu() > 0, process.time_of_mask_rate(rate), t)
-            raw = forward_live(process, network, z, t.float().to(z.device), embeds, live, canvas)  # (B, L, V)
-            steps.called()
-            # A uniformly random open position per row (argmax of uniform scores over the open ones).
-            scores = rand_rows(generator, (B, L), z.device, valid=canvas.key_valid).masked_fill(~open_, -1.0)
-            pos = scores.argmax(1)  # (B,)
-            u_token = rand_rows(generator, (B,), z.device, torch.float64)
-            logits = process.denoise(raw[rows, pos])  # (B, V)
-            new = sample_tokens(logits, u_token, self.temperature, self.top_p)
-            active = n_open > 0
-            z[rows[active], pos[active]] = new[active]
-            if self.feedback is not None:
-                masks_left = masked_fraction(process, z, to_generate)  # (B,)
-                embeds = self.feedback(network, z, raw, fixed, masks_left)
-            committed = torch.zeros(B, L, dtype=torch.bool, device=z.device)
-            committed[rows[active], pos[active]] = True
-            confidence = None
-            if callback is not None:
-                confidence = torch.zeros(B, L, device=z.device)
-                confidence[rows[active], pos[active]] = chosen_probability(logits[active], new[active])
-            steps.report(z, committed, confidence)
-        return steps.output(z)
+        active = ~state.done
+        rows = active.nonzero().squeeze(1)  # (B_a,)
+        open_ = process.is_noise(z[rows]) & state.to_generate[rows]  # (B_a, L)
+        t, embeds, fed = state.extras["t"], state.extras["embeds"], state.extras["fed"]
+        if process.time_conditioning:  # the next hitting time: mask rate (1 - alpha_t) * u^(1/n)
+            u = state.rand(rows, (), torch.float64).cpu()
+            n = open_.sum(1).double().cpu()
+            rate = (1.0 - process.alpha(t[rows.cpu()])) * u ** (1.0 / n)
+            t = t.clone()
+            t[rows.cpu()] = process.time_of_mask_rate(rate)
+        inputs = None  # feedback embeddings where a row has them; a row without (yet) is fed its tokens
+        if embeds is not None and bool(fed[rows].any()):
+            inputs = embeds if bool(fed[rows].all()) else \
+                torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
+        time = t.float().to(z.device)
+        if rows.numel() == B:  # every row: the batch's call as it is
+            raw = process.forward_logits(network, z, time, None, inputs, key_valid=state.key_valid,
+                                         positions=state.positions)
+        else:
+            raw = forward_rows(process, network, z, time, inputs, rows, state.canvas())  # (B_a, L, V)
+        state.calls += 1
+        state.nfe_per_row[rows.cpu()] += 1
+        state.tokens_computed[rows.cpu()] += L
+        # A uniformly random open position per row (argmax of uniform scores over the open ones).
+        scores = state.rand(rows, (L,), per_position=True).masked_fill(~open_, -1.0)
+        pos = scores.argmax(1)  # (B_a,)
+        u_token = state.rand(rows, (), torch.float64)
+        a = torch.arange(rows.numel(), device=z.device)
+        logits = process.denoise(raw[a, pos])  # (B_a, V)
+        new = sample_tokens(logits, u_token, self.temperature, self.top_p)
+        z[rows, pos] = new
+        if self.feedback is not None:
+            masks_left = masked_fraction(process, z[rows], state.to_generate[rows])  # (B_a,)
+            given = self.feedback(network, z[rows], raw, ~state.to_generate[rows], masks_left)
+            if given is None:  # plain tokens next time
+                fed = fed & ~active
+            elif rows.numel() == B:
+                embeds, fed = given, fed | active
+            else:
+                embeds = given.new_zeros((B, L, given.shape[-1])) if embeds is None else embeds
+                embeds[rows] = given.to(embeds.dtype)
+                fed = fed | active
+        committed = torch.zeros(B, L, dtype=torch.bool, device=z.device)
+        committed[rows, pos] = True
+        confidence = None
+        if state.confidence:
+            confidence = torch.zeros(B, L, device=z.device)
+            confidence[rows, pos] = chosen_probability(logits, new)
+        state.step = state.step + active.long()
+        state.done = state.done | ~(process.is_noise(z) & state.to_generate).any(1)
+        state.extras = {"t": t, "embeds": embeds, "fed": fed}
+        event = StepEvent(state.events, z, committed, confidence, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event

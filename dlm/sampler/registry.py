@@ -84,7 +84,9 @@ ALIASES: dict[str, str] = {}  # alias -> registered name (read it after SAMPLERS
 
 def register_sampler(name: str, config: type, aliases: tuple[str, ...] = (), description: str | None = None,
                      defaults: dict | None = None):
-    """Decorator of a Sampler class (or factory function): make it available as `name` (and `aliases`)."""
+    """Decorator of a Sampler class (or factory function): make it available as `name` (and `aliases`). A Sampler
+    class gets `config` as its `config_class` (the first one it is registered with), so `Cls(*args, **options)`
+    builds it from that dataclass too (`Sampler.__init__`)."""
 
     def register(build):
         if SAMPLERS.registered(name) is not None or name in ALIASES:
@@ -94,6 +96,11 @@ def register_sampler(name: str, config: type, aliases: tuple[str, ...] = (), des
         if bad:
             raise ValueError(f"sampler '{name}': defaults {sorted(bad)} are not fields of {config.__name__}")
         SAMPLERS[name] = SamplerSpec(name, build, config, tuple(aliases), doc, dict(defaults or {}))
+        from dlm.sampler.base import Sampler
+
+        if isinstance(build, type) and issubclass(build, Sampler) and build is not Sampler \
+                and "config_class" not in vars(build):  # built from this config (Sampler.__init__)
+            build.config_class = config
         for alias in aliases:
             ALIASES[alias] = name
         return build
@@ -178,12 +185,14 @@ def check_steps(steps: int) -> None:
 
 
 def check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature={temperature!r} must be a number (0 = greedy)")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 and finite (0 = greedy)")
 
 
 def check_top_p(top_p: float) -> None:
-    if not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]; use 1.0 to turn nucleus filtering off")
 
 

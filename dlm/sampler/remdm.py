@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, chosen_probability,
-                              fill_remaining_masks, forward_live, masked_fraction, rand_rows,
-                              sample_tokens)
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_rows,
+                              masked_fraction, sample_tokens)
 from dlm.sampler.registry import SamplingConfig, register_sampler
+from dlm.sampler.state import SamplerState
 
 STRATEGIES = ("cap", "rescale", "conf", "loop")
 DEFAULT_ETA = {"cap": 0.008, "rescale": 0.015, "conf": 0.0, "loop": 0.02}
@@ -47,7 +47,9 @@ class ReMDMConfig(SamplingConfig):
         super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown ReMDM strategy '{self.strategy}'; valid: {', '.join(STRATEGIES)}")
-        eta = DEFAULT_ETA[self.strategy] if self.eta is None else self.eta
+        if self.eta is None:
+            self.eta = DEFAULT_ETA[self.strategy]  # the strategy's published value
+        eta = self.eta
         if self.strategy == "conf" and eta != 0.0:
             raise ValueError("ReMDM-conf takes no eta (its sigma is spread by confidence); leave eta unset")
         if not 0.0 <= eta <= 1.0:
@@ -78,20 +80,6 @@ class ReMDMSampler(Sampler):
     name = "remdm"
     takes_feedback = True
 
-    def __init__(self, steps: int = 128, strategy: str = "cap", eta: float | None = None, t_on: float = 0.55,
-                 t_off: float = 0.05, alpha_on: float = 0.9, temperature: float = 1.0, top_p: float = 1.0,
-                 feedback: InputFeedback | None = None):
-        ReMDMConfig(steps, temperature, top_p, strategy, eta, t_on, t_off, alpha_on)  # validates
-        eta = DEFAULT_ETA[strategy] if eta is None else eta
-        self.steps, self.strategy, self.eta = steps, strategy, eta
-        self.t_on, self.t_off, self.alpha_on = t_on, t_off, alpha_on
-        self.temperature, self.top_p = temperature, top_p
-        self.feedback = feedback
-
-    def with_steps(self, steps: int) -> "ReMDMSampler":
-        ReMDMConfig(steps, self.temperature, self.top_p, self.strategy, self.eta, self.t_on, self.t_off, self.alpha_on)
-        return super().with_steps(steps)
-
     def time_grid(self, process) -> tuple[torch.Tensor, torch.Tensor]:
         """Network times (steps + 1,) float64 from 1 down to sampling_eps, and which steps remask (steps,) bool."""
         eps = getattr(process, "sampling_eps", 1e-3)
@@ -121,61 +109,122 @@ class ReMDMSampler(Sampler):
         return sigma_max * weights
 
     @torch.no_grad()
-    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+    def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         process.check_sampler(self)
-        z, to_generate = canvas.tokens.clone(), canvas.to_generate
-        fixed = ~to_generate
+        self.time_grid(process)  # refuses an alpha_on the schedule never reaches before the first step
+        B, device = canvas.tokens.shape[0], canvas.tokens.device
+        no = torch.zeros(B, dtype=torch.bool, device=device)
+        confidence = torch.ones(canvas.tokens.shape, device=device)  # (B, L) each token's probability when decoded
+        return SamplerState.begin(network, process, canvas, generator, self.steps + 1,  # + the final argmax
+                                  {"confidence": confidence, "embeds": None, "fed": no})
+
+    def rates(self, alphas: torch.Tensor, remasks: bool, i: int, decoded: torch.Tensor, confidence: torch.Tensor):
+        """Step i's (sigma, p_unmask) for rows (B_a, L) at that step (alphas: the grid's (steps + 1,); remasks:
+        whether step i remasks): sigma the remasking probability of a decoded token, p_unmask the unmasking
+        probability of a mask; each a 0-dim tensor, or (B_a, L) for conf."""
+        alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
+        if remasks:
+            sigma = self.sigma(alpha_t, alpha_s, decoded, confidence).to(decoded.device)
+            sigma_masked = torch.zeros_like(sigma) if self.strategy == "conf" else sigma  # conf: decoded tokens only
+        else:
+            sigma = sigma_masked = torch.zeros((), device=decoded.device)
+        return sigma, ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """Step i < steps of a row: t_i -> t_{i+1} (unmask, remask); step `steps`: the final argmax of the masks
+        left (then done). Rows at the same step share the schedule's numbers; each draws from its own generator."""
+        network, process, z = state.network, state.process, state.tokens
         times, remask_steps = self.time_grid(process)
         alphas = process.alpha(times)
-        B = z.shape[0]
-        confidence = torch.ones(z.shape, device=z.device)  # (B, L) probability of each token when it was decoded
-        steps = StepReporter(B, callback, z.shape[1])
-        embeds = None
-        for i in range(self.steps):
-            live = steps.live(z.device)
-            t = torch.full((B,), float(times[i]), device=z.device)
-            raw = forward_live(process, network, z, t, embeds, live, canvas)  # (B, L, V)
-            steps.called()
-            alpha_t, alpha_s = float(alphas[i]), float(alphas[i + 1])
-            masked = process.is_noise(z)
-            decoded = ~masked & to_generate
-            if remask_steps[i]:
-                sigma = self.sigma(alpha_t, alpha_s, decoded, confidence).to(z.device)
-                if self.strategy == "conf":
-                    sigma_masked = torch.zeros_like(sigma)  # conf spreads sigma over decoded tokens only
-                else:
-                    sigma_masked = sigma
+        B, L = z.shape
+        device = z.device
+        idx = state.step
+        active = ~state.done
+        final = active & (idx >= self.steps)  # the final argmax (only rows with masks left are not done there)
+        move = active & ~final
+        rows = active.nonzero().squeeze(1)  # (B_a,) the rows of this call
+        conf, embeds, fed = state.extras["confidence"], state.extras["embeds"], state.extras["fed"]
+        inputs = None  # feedback embeddings where a row has them; a row without (yet) is fed its tokens
+        if embeds is not None and bool(fed[rows].any()):
+            inputs = embeds if bool(fed[rows].all()) else \
+                torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
+        t = times[idx.clamp(max=self.steps).cpu()].float().to(device)  # (B,) each row's own time
+        if rows.numel() == B:  # every row: the batch's call as it is
+            raw = process.forward_logits(network, z, t, None, inputs, key_valid=state.key_valid,
+                                         positions=state.positions)
+        else:
+            raw = forward_rows(process, network, z, t, inputs, rows, state.canvas())  # (B_a, L, V)
+        state.calls += 1
+        state.nfe_per_row[rows.cpu()] += 1
+        state.tokens_computed[rows.cpu()] += L
+        at = torch.full((B,), -1, dtype=torch.long, device=device)
+        at[rows] = torch.arange(rows.numel(), device=device)  # batch row -> its row of raw
+
+        def x_theta_at(where: torch.Tensor) -> torch.Tensor:  # (N, V) at the positions where (B, L), row-major
+            b, l = where.nonzero().unbind(1)
+            return process.denoise(raw[at[b], l])
+
+        masked = process.is_noise(z)
+        decoded = ~masked & state.to_generate
+        sigma = torch.zeros(B, L, device=device)
+        p_unmask = torch.zeros(B, L, device=device)
+        for i in idx[move].unique().tolist():  # rows at step i share alpha_t, alpha_s (conf: sigma per row)
+            group = move & (idx == i)
+            s, p = self.rates(alphas, bool(remask_steps[i]), i, decoded[group], conf[group])
+            sigma[group], p_unmask[group] = s, p
+        u_unmask = torch.zeros(B, L, device=device)
+        u_token = torch.zeros(B, L, device=device, dtype=torch.float64)
+        u_remask = torch.zeros(B, L, device=device)
+        moving = move.nonzero().squeeze(1)
+        if moving.numel():
+            u_unmask[moving] = state.rand(moving, (L,), per_position=True)
+            u_token[moving] = state.rand(moving, (L,), torch.float64, per_position=True)
+            u_remask[moving] = state.rand(moving, (L,), per_position=True)
+        unmask = masked & state.to_generate & (u_unmask < p_unmask) & move[:, None]  # (B, L)
+        remask = decoded & (u_remask < sigma) & move[:, None]  # (B, L); fixed positions are never in `decoded`
+        last = masked & state.to_generate & final[:, None]  # the final argmax's positions
+        confidence = torch.zeros(z.shape, device=device) if state.confidence else None
+        if bool(unmask.any()):
+            x_theta = x_theta_at(unmask)  # (N, V): x_theta only where it is drawn from
+            tokens = sample_tokens(x_theta, u_token[unmask], self.temperature, self.top_p)
+            z[unmask] = tokens
+            if self.strategy == "conf":
+                conf[unmask] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+            if confidence is not None:
+                confidence[unmask] = chosen_probability(x_theta, tokens)
+        if bool(last.any()):
+            x_theta = x_theta_at(last)
+            tokens = x_theta.argmax(-1)
+            z[last] = tokens
+            if confidence is not None:
+                confidence[last] = x_theta.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        z[remask] = process.mask_id
+        if self.feedback is not None and moving.numel():
+            feed = at[moving]
+            masks_left = masked_fraction(process, z[moving], state.to_generate[moving])  # (B_a,)
+            given = self.feedback(network, z[moving], raw[feed], ~state.to_generate[moving], masks_left)
+            if given is None:  # plain tokens next time
+                fed = fed & ~move
             else:
-                sigma = sigma_masked = torch.zeros((), device=z.device)
-            p_unmask = ((alpha_s - (1.0 - sigma_masked) * alpha_t) / (1.0 - alpha_t)).clamp(0.0, 1.0)
-            u_unmask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
-            u_token = rand_rows(generator, z.shape, z.device, torch.float64, canvas.key_valid)
-            u_remask = rand_rows(generator, z.shape, z.device, valid=canvas.key_valid)
-            unmask = masked & to_generate & (u_unmask < p_unmask) & live[:, None]  # (B, L)
-            remask = decoded & (u_remask < sigma) & live[:, None]  # (B, L); fixed positions are never in `decoded`
-            step_conf = None
-            if unmask.any():
-                rows = process.denoise(raw[unmask])  # (N, V): x_theta only where it is drawn from
-                tokens = sample_tokens(rows, u_token[unmask], self.temperature, self.top_p)
-                z[unmask] = tokens
-                if self.strategy == "conf":
-                    confidence[unmask] = rows.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-                if callback is not None:
-                    step_conf = torch.zeros(z.shape, device=z.device)
-                    step_conf[unmask] = chosen_probability(rows, tokens)
-            z[remask] = process.mask_id
-            embeds = None
-            if self.feedback is not None:
-                masks_left = masked_fraction(process, z, to_generate)  # (B,)
-                embeds = self.feedback(network, z, raw, fixed, masks_left)
-                if embeds is not None and remask.any():
-                    embeds[remask] = network.embed.weight[process.mask_id].to(embeds.dtype)
-            steps.report(z, unmask, step_conf)
-            if steps.all_stopped:
-                break
-        if not steps.all_stopped:
-            fill_remaining_masks(network, process, z, to_generate, float(times[-1]), steps, embeds, canvas=canvas)
-        return steps.output(z)
+                if bool(remask.any()):  # a position remasked now gets plain E[m]
+                    given[remask[moving]] = network.embed.weight[process.mask_id].to(given.dtype)
+                if moving.numel() == B:
+                    embeds = given
+                else:
+                    embeds = given.new_zeros((B, L, given.shape[-1])) if embeds is None else embeds
+                    embeds[moving] = given.to(embeds.dtype)
+                fed = fed | move
+        state.step = idx + active.long()
+        state.done = state.done | final | (active & (state.step >= self.steps) &
+                                           ~(process.is_noise(z) & state.to_generate).any(1))
+        state.extras = {"confidence": conf, "embeds": embeds, "fed": fed}
+        committed = unmask | last
+        if not bool(committed.any()):
+            confidence = None  # nothing committed, nothing to report
+        event = StepEvent(state.events, z, committed, confidence, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event
 
 
 def _time_of_alpha(process, alpha: float, t_min: float) -> float:

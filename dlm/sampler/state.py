@@ -71,6 +71,21 @@ class SamplerState:
 
         return Canvas(self.tokens, self.to_generate, self.key_valid, self.positions)
 
+    def rand(self, rows: torch.Tensor, shape: tuple[int, ...] = (), dtype=torch.float32,
+             per_position: bool = False) -> torch.Tensor:
+        """Uniforms (B_a, *shape) for the batch rows `rows` (B_a,) indices: with one generator per row, those rows
+        draw from their own (per_position: shape is (L,), and a row draws only at its valid positions, as
+        `rand_rows`); a shared generator (or None) draws for the whole batch, as a loop over every row did, and
+        the rows are picked from it."""
+        from dlm.sampler.base import generators_of, rand_rows
+
+        device = self.tokens.device
+        valid = self.key_valid if per_position else None
+        if isinstance(self.generators, (list, tuple)):
+            return rand_rows(generators_of(self.generators, rows.cpu()), (rows.numel(), *shape), device, dtype,
+                             None if valid is None else valid[rows])
+        return rand_rows(self.generators, (self.batch, *shape), device, dtype, valid)[rows]
+
     def select(self, rows: torch.Tensor) -> "SamplerState":
         """The state of the batch rows `rows` (B_a,) indices, in that order (rows leaving the batch)."""
         rows = rows.to(self.tokens.device)
@@ -118,12 +133,15 @@ def _select(value, rows):
         return value[rows.to(value.device)]
     if isinstance(value, list):
         return [value[i] for i in rows.cpu().tolist()]
+    if hasattr(value, "select") and hasattr(type(value), "cat"):  # per-row rows of its own (e.g. a KV cache)
+        return value.select(rows)
     return value  # shared by every row (e.g. a time grid)
 
 
 def _cat(values, batches):
     """Stack one extra of several states; a state without a tensor extra (None: e.g. no logits yet) gets zeros,
-    which its sampler never reads (its own flags say the values are not there)."""
+    which its sampler never reads (its own flags say the values are not there). An object with `select` and a
+    static `cat` (a KV cache of the rows) is stacked by its own `cat`."""
     present = [v for v in values if v is not None]
     if not present:
         return None
@@ -134,6 +152,8 @@ def _cat(values, batches):
         raise ValueError("an extra is set in some states and not in others: they cannot be stacked")
     if isinstance(present[0], list):
         return [x for v in present for x in v]
+    if hasattr(present[0], "select") and hasattr(type(present[0]), "cat"):
+        return type(present[0]).cat(present)
     return present[0]
 
 

@@ -79,3 +79,22 @@ def test_cat_and_select_of_rows(net):
 def test_a_bad_cache_update_mask_is_refused(net):
     with pytest.raises(ValueError, match="cache_update as a mask"):
         net(torch.zeros(1, 4, dtype=torch.long), kv_cache=KVCache(), cache_update=torch.ones(5, dtype=torch.bool))
+
+
+def test_cat_keeps_a_shifted_networks_hidden_states(tiny_network):
+    """A shifted network's first new position reads the hidden state of the last cached one: caches of different
+    lengths, stacked, keep `hidden` left-padded like the keys, so each row's next-token logits are its own cache's."""
+    net = tiny_network(V, seed=4, prediction="shifted")
+    torch.manual_seed(3)
+    a, b = torch.randint(0, V, (1, 6)), torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        ca, cb = KVCache(), KVCache()
+        net.next_token_logits(a, kv_cache=ca, cache_update=True)
+        net.next_token_logits(b, kv_cache=cb, cache_update=True)
+        both = KVCache.cat([ca, cb])
+        assert both.hidden is not None and both.hidden.shape[:2] == (2, 6)
+        q = torch.randint(0, V, (2, 1))
+        got = net.next_token_logits(q, positions=torch.tensor([[6], [3]]), kv_cache=both, cache_update=True)
+        want_a = net.next_token_logits(q[:1], kv_cache=ca, cache_update=True)
+        want_b = net.next_token_logits(q[1:], kv_cache=cb, cache_update=True)
+        torch.testing.assert_close(got, torch.cat((want_a, want_b)), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ def test_fixed_tokens_are_never_remasked_and_no_mask_is_left(tiny_network, strat
     eta = None if strategy == "conf" else 0.3  # strong remasking, so decoded tokens really are remasked
     remasked = 0
     for seed in range(3):
-        out = sample(ReMDMSampler(12, strategy, eta=eta, top_p=0.9), net, process(), canvas, fixed,
+        out = sample(ReMDMSampler(12, strategy=strategy, eta=eta, top_p=0.9), net, process(), canvas, fixed,
                      torch.Generator().manual_seed(seed), record_trajectory=True)
         previous = canvas
         for z in out.trajectory:
@@ -39,7 +39,7 @@ def test_loop_holds_the_mask_fraction_at_one_minus_alpha_on(tiny_network):
     B, n = 64, L - 1
     canvas = torch.full((B, L), MASK)
     canvas[:, 0] = BOS
-    sampler = ReMDMSampler(20, "loop", eta=0.2)
+    sampler = ReMDMSampler(20, strategy="loop", eta=0.2)
     times, remask = sampler.time_grid(process())
     out = sample(sampler, net, process(), canvas, canvas != MASK, torch.Generator().manual_seed(0),
                  record_trajectory=True)
@@ -51,7 +51,7 @@ def test_loop_holds_the_mask_fraction_at_one_minus_alpha_on(tiny_network):
 
 
 def test_loop_time_grid():
-    sampler = ReMDMSampler(40, "loop")
+    sampler = ReMDMSampler(40, strategy="loop")
     times, remask = sampler.time_grid(process())
     alphas = process().schedule.alpha(times)
     assert times.shape == (41,) and remask.shape == (40,)
@@ -67,7 +67,7 @@ def test_loop_time_grid():
                                                (7, 0.99, 0.01)])
 def test_loop_time_grid_has_every_phase_for_any_valid_arguments(steps, t_on, t_off):
     """MDLM down to alpha_on, at least one remasking step at constant alpha, then MDLM down to sampling_eps."""
-    times, remask = ReMDMSampler(steps, "loop", t_on=t_on, t_off=t_off).time_grid(process())
+    times, remask = ReMDMSampler(steps, strategy="loop", t_on=t_on, t_off=t_off).time_grid(process())
     alphas = process().schedule.alpha(times)
     assert times.shape == (steps + 1,) and remask.shape == (steps,)
     assert float(times[0]) == 1.0 and float(times[-1]) == pytest.approx(1e-3)  # phase 3 reaches eps
@@ -81,13 +81,13 @@ def test_sigma_of_each_strategy():
     decoded = torch.tensor([[True, True, False, True]])
     confidence = torch.tensor([[0.9, 0.2, 1.0, 0.5]])
     a_t, a_s = 0.5, 0.6  # sigma_max = min(1, 0.4 / 0.5) = 0.8
-    assert float(ReMDMSampler(4, "cap", eta=0.05).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.05)
-    assert float(ReMDMSampler(4, "cap", eta=0.95).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.8)
-    assert float(ReMDMSampler(4, "rescale", eta=0.5).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.4)
-    conf = ReMDMSampler(4, "conf").sigma(a_t, a_s, decoded, confidence)
+    assert float(ReMDMSampler(4, strategy="cap", eta=0.05).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.05)
+    assert float(ReMDMSampler(4, strategy="cap", eta=0.95).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.8)
+    assert float(ReMDMSampler(4, strategy="rescale", eta=0.5).sigma(a_t, a_s, decoded, confidence)) == pytest.approx(0.4)
+    conf = ReMDMSampler(4, strategy="conf").sigma(a_t, a_s, decoded, confidence)
     assert float(conf.sum()) == pytest.approx(0.8) and float(conf[0, 2]) == 0.0
     assert float(conf[0, 1]) > float(conf[0, 3]) > float(conf[0, 0])  # least confident first
-    assert float(ReMDMSampler(4, "cap").sigma(0.001, 0.002, decoded, confidence)) == pytest.approx(0.008)
+    assert float(ReMDMSampler(4, strategy="cap").sigma(0.001, 0.002, decoded, confidence)) == pytest.approx(0.008)
 
 
 @pytest.mark.parametrize("name", ["remdm_cap", "remdm_rescale", "remdm_conf", "remdm_loop"])
@@ -119,4 +119,4 @@ def test_published_defaults_and_bad_parameters():
         with pytest.raises(ValueError, match=match):
             ReMDMSampler(**kw)
     with pytest.raises(ValueError, match="alpha_on"):  # alpha never reaches 0.9995 before sampling_eps = 1e-3
-        ReMDMSampler(8, "loop", alpha_on=0.9995).time_grid(process())
+        ReMDMSampler(8, strategy="loop", alpha_on=0.9995).time_grid(process())

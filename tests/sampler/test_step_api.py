@@ -27,8 +27,8 @@ WITHOUT = [n for n in sorted(sampler_names(aliases=False)) if not has_step_api(n
 def test_which_samplers_have_the_step_api():
     assert "ancestral" in STEPPED and "ancestral_cache" in STEPPED
     # Not yet (issue 19, item 5): they keep their own `sample` loop.
-    assert set(WITHOUT) <= {"autoregressive", "blockwise", "first_hitting", "llada", "remdm_cap", "remdm_conf",
-                            "remdm_loop", "remdm_rescale"}, WITHOUT
+    assert {"autoregressive", "first_hitting", "remdm_cap", "remdm_conf", "remdm_loop", "remdm_rescale"} <= set(STEPPED)
+    assert set(WITHOUT) <= {"blockwise", "llada"}, WITHOUT
 
 
 def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: dict, width: int) -> dict:
@@ -60,8 +60,12 @@ def opts(name):
     return out
 
 
-@pytest.mark.parametrize("name", STEPPED)
-@pytest.mark.parametrize("model_name", ["mdlm", "sm"])
+def golden_models(name: str) -> list[str]:
+    """The golden models a sampler is stepped on: the plain and the soft-masking MDLM, or the AR model."""
+    return ["ar"] if getattr(SAMPLERS[name].build, "autoregressive", False) else ["mdlm", "sm"]
+
+
+@pytest.mark.parametrize("name,model_name", [(n, m) for n in STEPPED for m in golden_models(n)])
 def test_rows_joining_and_leaving_get_their_tokens_alone(models, name, model_name):
     model = models[model_name]
     sampler = make_sampler(name, **opts(name))
@@ -100,3 +104,27 @@ def test_state_select_and_cat_keep_every_per_row_field(models):
     back = both.select(torch.tensor([1 - short]))
     original = (a, b)[1 - short]
     assert torch.equal(back.tokens, original.tokens) and back.generators == original.generators
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_autoregressive_rows_joining_with_and_without_a_cache(models, kv_cache):
+    """Rows at other positions share each call: with the cache, one token each (a row that just joined holds its
+    prefill's logits and feeds a key nobody sees); without, the longest prefix, each row reading its own position."""
+    model = models["ar"]
+    sampler = make_sampler("autoregressive", temperature=1.0, kv_cache=kv_cache)
+    net, process = model.network, model.process
+    prompts = [[model.tokenizer.bos_token_id] + model.encode(p) for p in PROMPTS]
+    lengths = [GEN, GEN - 5, GEN, GEN - 3]  # rows finish at other steps too
+
+    def canvas(i):
+        return Canvas.left_padded([prompts[i]], lengths[i], process)
+
+    def gen(i):
+        return [torch.Generator().manual_seed(200 + i)]
+
+    with torch.no_grad():
+        alone = {i: sampler.sample(net, process, canvas(i), gen(i)) for i in range(4)}
+        got = run_joining_and_leaving(sampler, net, process, canvas, gen, (0, 1), {1: 2, 3: 3}, GEN)
+    for i in range(4):
+        assert torch.equal(got[i][-lengths[i]:], alone[i].tokens[0, -lengths[i]:]), (kv_cache, i)
+        assert int(alone[i].nfe_per_row[0]) == lengths[i]  # the prefill, then one call per token but the first
