@@ -80,7 +80,8 @@ def cmd_presets(args) -> int:
     for group, names in preset_groups().items():
         print(f"{group}:")
         for name in names:
-            first = (CONFIG_DIR / group / f"{name}.yaml").read_text().splitlines()[0]
+            path = CONFIG_DIR / group / f"{name}.yaml"  # a registered process may have none: its config's defaults
+            first = path.read_text().splitlines()[0] if path.is_file() else "# its config's defaults"
             note = first[1:].strip() if first.startswith("#") else ""
             print(f"  {group}={name:10s} {note}")
     from dlm.process import PROCESSES
