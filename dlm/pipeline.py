@@ -8,7 +8,7 @@ and `perplexity`. `dlm.load(path)` returns one.
     >>> model.perplexity(split="test")["ppl"]
     >>> model.generate(steps=32, sampler="remdm_loop", softmask=dict(omega_s=0.5, schedule="linear")).texts
     >>> sm = dlm.load("runs/sm")  # a run trained with softmask.enabled=true
-    >>> sm.generate(num_samples=2, steps=32, softmask=True).texts  # soft-masking with the learned weights
+    >>> sm.generate(num_samples=2, steps=32).texts  # soft-masking with the learned weights (its default)
 """
 
 from __future__ import annotations
@@ -232,6 +232,9 @@ class DiffusionLM:
             if feedback is not None:
                 raise ValueError("feedback given twice: as an argument and as a sampler option; give it once")
             feedback = options.pop("feedback")
+        if isinstance(sampler, Sampler) and getattr(sampler, "feedback", None) is not None and softmask is None \
+                and feedback is None:
+            feedback = sampler.feedback  # a sampler given with its own feedback keeps it (not the process's)
         sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p,
                                            self.feedback_for(softmask, feedback), options)
         given, fixed = given_rows(self.tokenizer, self.process, prompts, prompt, template, messages)

@@ -247,3 +247,21 @@ def test_the_projection_is_trained_emad_saved_exported_and_sampled_with(micro_ar
     assert "self-conditioning" in capsys.readouterr().out
     assert main(["sample", str(out), "--num-samples", "1", "--steps", "4", "--length", "16", "--no-feedback"]) == 0
     assert "self-conditioning" not in capsys.readouterr().out
+
+
+def test_a_sampler_given_with_its_own_feedback_keeps_it():
+    from dlm.process.feedback import InputFeedback
+    from dlm.sampler import make_sampler
+
+    class Spy(InputFeedback):
+        calls = 0
+
+        def __call__(self, network, z, logits, fixed, masks_left):
+            Spy.calls += 1
+            return None
+
+    m = model(scale=0.5)
+    m.generate(length=16, sampler=make_sampler("ancestral", steps=4, feedback=Spy()), precision="32")
+    assert Spy.calls > 0
+    with pytest.raises(ValueError, match="not both"):
+        m.generate(length=16, feedback=Spy(), softmask=True)
