@@ -235,7 +235,7 @@ def feedback_option(args) -> bool | None:
 def feedback_words(model, args) -> str:
     """", soft-masking + self-conditioning" (what the sampler was fed) for the summary line, or ""."""
     fb = model.feedback_for(softmask_option(args), feedback_option(args))
-    return "" if fb is None else f", {fb.label}"
+    return "" if fb is None else f", {getattr(fb, 'label', 'feedback')}"
 
 
 def sampler_options(args) -> dict:

@@ -187,7 +187,8 @@ class DiffusionLM:
                  steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | list[int] = 0, stride: int | None = None, batch_size: int = 16,
                  precision: str = "auto", softmask: bool | dict | SoftMaskFeedback | None = None,
-                 feedback: InputFeedback | bool | None = None, callback=None, progress: bool = False, record_trajectory: bool = False,
+                 feedback: InputFeedback | bool | None = None, callback=None, progress: bool = False,
+                 record_trajectory: bool = False,
                  sampler_options: dict | None = None, **options) -> Generation:
         """The one generation door: unconditional, prompted (batched, left-padded), infill, chat and any length.
 
@@ -349,7 +350,8 @@ class DiffusionLM:
         if isinstance(sampler, Sampler):
             if feedback is not None:
                 if not getattr(sampler, "takes_feedback", False):
-                    raise ValueError(f"sampler {type(sampler).__name__} does not take feedback ({feedback.label}); "
+                    raise ValueError(f"sampler {type(sampler).__name__} does not take feedback "
+                                     f"({getattr(feedback, 'label', 'feedback')}); "
                                      "give one that does, or feedback=False for plain token inputs")
                 sampler = copy.copy(sampler)
                 sampler.feedback = feedback
@@ -369,7 +371,7 @@ class DiffusionLM:
             accepted = sampler_spec(name).options
             if feedback is not None and "feedback" not in accepted:
                 raise ValueError(f"sampler '{typed}' does not take feedback, and this model is sampled with "
-                                 f"{feedback.label}: choose a sampler that does "
+                                 f"{getattr(feedback, 'label', 'a feedback')}: choose a sampler that does "
                                  f"({', '.join(n for n in sorted(SAMPLERS) if 'feedback' in sampler_spec(n).options)})"
                                  ", or pass feedback=False (--no-feedback) for plain token inputs")
             refused = sorted(k for k in common if k not in accepted)
@@ -409,7 +411,8 @@ class DiffusionLM:
                      feedback: InputFeedback | bool | None = None) -> InputFeedback | None:
         """The InputFeedback `generate(softmask=..., feedback=...)` gives the sampler (None: plain token inputs).
 
-        feedback: None (or True) = as `softmask` says; False = none; an InputFeedback = that one (softmask must be None).
+        feedback: None (or True) = as `softmask` says; False = none; an InputFeedback = that one (softmask must be
+        None or False).
         softmask: None = the process's own (`process.feedback()`: a soft-masking model's learned soft-masking, a
         self-conditioned model's self-conditioning, both combined, or None); False = the process's without
         soft-masking (`process.plain.feedback()`); True or a dict of overrides (omega_s, omega_a, omega_b, k,
@@ -420,7 +423,7 @@ class DiffusionLM:
                 raise ValueError("give softmask= or feedback=, not both (feedback= replaces every feedback)")
             if feedback is False:
                 return None
-            if not isinstance(feedback, InputFeedback):
+            if not callable(feedback):
                 raise ValueError(f"feedback must be None, False or an InputFeedback, not {feedback!r}")
             return feedback
         if softmask is None:

@@ -65,13 +65,15 @@ def evaluate_models(args) -> list[dict]:
             takes_steps = "steps" in sampler_spec(model.sampler_name(sampler)).options
             steps = None if "steps" in options else args.steps if args.steps is not None else 128 if takes_steps else None
             gen = model.generate(num_samples=args.num_samples, sampler=sampler, steps=steps,
-                                 top_p=args.top_p, seed=args.seed, softmask=softmask, feedback=feedback, sampler_options=options,
+                                 top_p=args.top_p, seed=args.seed, softmask=softmask, feedback=feedback,
+                                 sampler_options=options,
                                  progress=progress)
             g = generative_perplexity(gen.texts, eval_lm, progress=progress)
             row.update(gen_ppl=g["gen_ppl"], eval_model=g["eval_model"],
                        entropy=mean_sample_entropy(gen.tokens.tolist()), nfe=gen.nfe,
                        tokens_per_s=gen.tokens_per_second, sampler="autoregressive" if model.is_autoregressive
-                       else f"{sampler}/{options.get('steps', steps)}" + ("" if fed is None else "+" + fed.short),
+                       else f"{sampler}/{options.get('steps', steps)}"
+                       + ("" if fed is None else "+" + getattr(fed, "short", "FB")),
                        num_samples=args.num_samples)
             if want_mauve:
                 from dlm.eval.mauve import mauve_score

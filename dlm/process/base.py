@@ -18,14 +18,14 @@ What a sampler may ask of a process (and nothing else; no sampler imports a proc
     supports(sampler) / check_sampler(sampler)   whether a sampler can sample this process, with the reason
 
 and what training and evaluation ask: `loss(network, batch, generator)` and `nelbo(network, batch,
-num_t_samples, generator)`, both returning a `LossOutput`.
+num_t_samples, generator)`, both returning a `LossOutput`. Batches are dicts with `input_ids` (B, L), `loss_mask`
+(B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
 
 Feedback (dlm/process/feedback.py): a process may decide the network's input from its previous prediction.
 `feedback(**overrides)` is the `InputFeedback` a model trained with it is sampled with (`DiffusionLM.generate`
 attaches it by default; samplers take it as `feedback=`), `loss_feedback(generator, device, always)` the one a
 training batch's loss pass gets (its two-pass loss: `second_pass_inputs`). Both are None by default (plain token
-inputs); soft-masking and self-conditioning are the two the library has, and they combine. Batches are dicts with `input_ids` (B, L), `loss_mask`
-(B, L) bool (the positions scored) and optionally `attention_mask` (B, L) bool.
+inputs); soft-masking and self-conditioning are the two the library has, and they combine.
 
 A new process is one file (in dlm/process/, or in a plugin: dlm.plugins): subclass `Process`, decorate it with
 `@register_process`, give it a `from_config(cfg, description)` (description: a `ModelDescription`), a config

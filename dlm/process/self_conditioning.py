@@ -52,8 +52,8 @@ class SelfConditioningFeedback(InputFeedback):
         raw logits at those positions (row-major). Differentiable in W only (p and E enter as a stop-gradient)."""
         weight = network.embed.weight  # (V, C)
         if weight.shape[1] != self.projection.in_features:
-            raise ValueError(f"the self-conditioning projection is {self.projection.in_features} wide but the network's "
-                             f"embeddings are {weight.shape[1]}: the process was built for another model")
+            raise ValueError(f"the self-conditioning projection is {self.projection.in_features} wide but the "
+                             f"network's embeddings are {weight.shape[1]}: the process was built for another model")
         with torch.no_grad():
             p = subs_logits(rows, self.mask_id).softmax(-1)  # (N, V) float32; 0 at [MASK]
             previous = p.to(weight.dtype) @ weight  # (N, C): the expected embedding of the prediction
