@@ -83,7 +83,8 @@ def cmd_presets(args) -> int:
     for group, names in preset_groups().items():
         print(f"{group}:")
         for name in names:
-            first = (CONFIG_DIR / group / f"{name}.yaml").read_text().splitlines()[0]
+            path = CONFIG_DIR / group / f"{name}.yaml"  # a registered process may have none: its config's defaults
+            first = path.read_text().splitlines()[0] if path.is_file() else "# its config's defaults"
             note = first[1:].strip() if first.startswith("#") else ""
             print(f"  {group}={name:10s} {note}")
     from dlm.process import PROCESSES
@@ -133,7 +134,8 @@ def cmd_sample(args) -> int:
         template=args.template, sampler=args.sampler, steps=args.steps,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
-        softmask=softmask_option(args), sampler_options={**sampler_options(args), **options},
+        softmask=softmask_option(args), feedback=feedback_option(args),
+        sampler_options={**sampler_options(args), **options},
         block_length=args.block_length if blockwise else None, progress=args.progress,
     )
     for i, text in enumerate(gen.texts):
@@ -145,7 +147,7 @@ def cmd_sample(args) -> int:
         steps = "one token per step" if inner == "first_hitting" else f"{steps} steps over all blocks"
         kind = (f"blockwise ({inner}, {steps}, "
                 f"{'KV cache' if 'blockwise' in model.process.exact_caches and args.kv_cache is not False else 'no cache'})")
-    kind += ", soft-masking" if args.softmask else ""
+    kind += feedback_words(model, args)
     print(f"[{len(gen.texts)} samples x {gen.tokens.shape[1]} tokens | {kind} | NFE {gen.nfe} | "
           f"{gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s{_peak(gen.peak_memory_mib)}]")
     if args.out:
@@ -224,14 +226,14 @@ def _sample_llada(model, args, options: dict) -> int:
               temperature=args.temperature or 0.0, cfg_scale=args.cfg_scale, remasking=args.remasking, cache=args.cache)
     res = model.generate_prompted(
         prompts, gen_length=args.gen_length, **{**kw, **options}, softmask=softmask_option(args),
-        batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos,
+        feedback=feedback_option(args), batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos,
         progress=args.progress)
     args.steps = options.get("steps", args.steps)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
     policy = f"threshold {args.threshold}" if args.threshold is not None else (
         f"factor {args.factor}" if args.factor is not None else f"{args.steps} steps")
-    policy += ", soft-masking" if args.softmask else ""
+    policy += feedback_words(model, args)
     print(f"[{len(res.texts)} prompts x {args.gen_length} new tokens | llada, {policy}, cache {args.cache} | "
           f"NFE {res.nfe} (per prompt {res.row_calls / len(res.texts):.1f}) | {res.tokens_per_nfe:.2f} tokens/NFE | "
           f"{res.seconds:.2f} s | {res.tokens_per_second:.0f} tokens/s{_peak(res.peak_memory_mib)}]")
@@ -265,15 +267,29 @@ def option_values(model, args) -> dict:
     return values
 
 
-def softmask_option(args) -> dict | None:
-    """`generate(softmask=...)` from the --softmask flags: None (off) or a dict of the overrides given."""
+def softmask_option(args) -> dict | bool | None:
+    """`generate(softmask=...)` from the --softmask flags: None (the model's default: on for a model trained with
+    soft-masking), False (--no-softmask) or a dict of the overrides given (--softmask)."""
     given = {"k": args.softmask_k, "omega_s": args.omega_s, "omega_a": args.omega_a, "omega_b": args.omega_b}
     given = {k: v for k, v in given.items() if v is not None}
     if not args.softmask:
         if given or args.softmask_schedule != "none":
             raise ValueError("--softmask-k/--omega-*/--softmask-schedule set soft-masking options: add --softmask")
-        return None
+        return args.softmask  # None or False
+    if getattr(args, "no_feedback", False):
+        raise ValueError("--softmask and --no-feedback contradict each other: give one")
     return {**given, "schedule": args.softmask_schedule}
+
+
+def feedback_option(args) -> bool | None:
+    """`generate(feedback=...)`: False with --no-feedback (plain token inputs), else None (the model's own)."""
+    return False if getattr(args, "no_feedback", False) else None
+
+
+def feedback_words(model, args) -> str:
+    """", soft-masking + self-conditioning" (what the sampler was fed) for the summary line, or ""."""
+    fb = model.feedback_for(softmask_option(args), feedback_option(args))
+    return "" if fb is None else f", {getattr(fb, 'label', 'feedback')}"
 
 
 def sampler_options(args) -> dict:
@@ -287,9 +303,13 @@ def sampler_options(args) -> dict:
 
 def _add_sampling_args(p) -> None:
     g = p.add_argument_group("soft-masking (masked diffusion models)")
-    g.add_argument("--softmask", action="store_true",
+    g.add_argument("--softmask", action=argparse.BooleanOptionalAction, default=None,
                    help="feed each retained [MASK] a mix of its top-k predictions, with the learned weights (a model "
-                        "trained without soft-masking needs --omega-s: training-free use)")
+                        "trained without soft-masking needs --omega-s: training-free use); default: on for a model "
+                        "trained with soft-masking, off otherwise; --no-softmask turns it off")
+    g.add_argument("--no-feedback", action="store_true",
+                   help="feed the network plain token ids: no soft-masking and no self-conditioning, even for a model "
+                        "trained with them (by default a model is sampled with the feedback it was trained with)")
     g.add_argument("--softmask-k", type=int, default=None, help="top candidates per position (default: the model's)")
     g.add_argument("--omega-s", type=float, default=None, help="override w_s in [0, 1] (feedback strength)")
     g.add_argument("--omega-a", type=float, default=None, help="override w_a > 0 (sharpness in the entropy)")
@@ -326,6 +346,7 @@ def cmd_eval(args) -> int:
                         num_t_samples=args.num_t_samples, max_rows=args.max_rows)
 
     args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)  # -o: per model (report.py)
+    args.feedback_kw = feedback_option(args)
     if args.task:
         return _eval_task(args)
     if args.task_data or args.task_option or args.limit is not None or args.task_seed is not None:

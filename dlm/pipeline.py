@@ -8,7 +8,7 @@ and `perplexity`. `dlm.load(path)` returns one.
     >>> model.perplexity(split="test")["ppl"]
     >>> model.generate(steps=32, sampler="remdm_loop", softmask=dict(omega_s=0.5, schedule="linear")).texts
     >>> sm = dlm.load("runs/sm")  # a run trained with softmask.enabled=true
-    >>> sm.generate(num_samples=2, steps=32, softmask=True).texts  # soft-masking with the learned weights
+    >>> sm.generate(num_samples=2, steps=32).texts  # soft-masking with the learned weights (its default)
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from dlm.progress import resolve as resolve_progress
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
 from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
-from dlm.sampler.registry import sampler_spec
+from dlm.sampler.registry import SAMPLERS, sampler_spec
+from dlm.process.feedback import InputFeedback, combine
 from dlm.softmask import SoftMaskFeedback, build_feedback
 
 class DiffusionLM:
@@ -186,7 +187,8 @@ class DiffusionLM:
                  steps: int | None = None, block_length: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | list[int] = 0, stride: int | None = None, batch_size: int = 16,
                  precision: str = "auto", softmask: bool | dict | SoftMaskFeedback | None = None,
-                 callback=None, progress: bool = False, record_trajectory: bool = False,
+                 feedback: InputFeedback | bool | None = None, callback=None, progress: bool = False,
+                 record_trajectory: bool = False,
                  sampler_options: dict | None = None, **options) -> Generation:
         """The one generation door: unconditional, prompted (batched, left-padded), infill, chat and any length.
 
@@ -205,8 +207,13 @@ class DiffusionLM:
         remasking= of "llada", eta= of ReMDM. An option the sampler does not take (steps= for first_hitting,
         temperature= for a sampler without one) is refused, naming its options. An autoregressive model always
         decodes left to right (a non-autoregressive sampler named for it is replaced, with its options, by the
-        process's own); a sampler the process cannot serve is refused. softmask: True = soft-masking with the learned w; a dict overrides
-        omega_s, omega_a, omega_b, k, schedule (a model trained without SM needs omega_s); None/False = plain.
+        process's own); a sampler the process cannot serve is refused.
+        Feedback (the next call's inputs built from the previous prediction; `feedback_for`): by default the
+        process's own — a model trained with soft-masking and/or self-conditioning is sampled with it. softmask:
+        None = as the process says; True = soft-masking with the learned w (a dict overrides omega_s, omega_a,
+        omega_b, k, schedule; a model trained without SM needs omega_s: training-free use); False = without
+        soft-masking (the process's other feedback stays). feedback: False = plain token inputs, no feedback at
+        all; an InputFeedback = that one instead of the process's.
         callback(StepEvent) after every step (return True or a (B,) bool tensor to stop rows); progress: True or
         "auto" (a bar on a terminal, plain lines on stderr otherwise; dlm/progress.py), "bar", "plain", or
         False/"off"; record_trajectory: keep the canvas after every step.
@@ -221,8 +228,16 @@ class DiffusionLM:
         check_sampling_args(length=length, gen_length=gen_length, stride=stride, steps=steps, temperature=temperature,
                             top_p=top_p, batch_size=batch_size, block_length=block_length,
                             cfg_scale=options.get("cfg_scale"))  # 0 or NaN would otherwise mean "default" or garbage
-        sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p, softmask,
-                                           {**(sampler_options or {}), **options})
+        options = {**(sampler_options or {}), **options}
+        if "feedback" in options:  # given as a sampler option: the same as the argument
+            if feedback is not None:
+                raise ValueError("feedback given twice: as an argument and as a sampler option; give it once")
+            feedback = options.pop("feedback")
+        if isinstance(sampler, Sampler) and getattr(sampler, "feedback", None) is not None and softmask is None \
+                and feedback is None:
+            feedback = sampler.feedback  # a sampler given with its own feedback keeps it (not the process's)
+        sampler, blockwise = self._sampler(sampler, steps, block_length, temperature, top_p,
+                                           self.feedback_for(softmask, feedback), options)
         given, fixed = given_rows(self.tokenizer, self.process, prompts, prompt, template, messages)
         seeds = [seed] * len(given) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(given) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
@@ -327,15 +342,17 @@ class DiffusionLM:
         """Texts of (N, L) ids; EOS (a document boundary) becomes a blank line, other special tokens vanish."""
         return decode_rows(self.tokenizer, tokens)
 
-    def _sampler(self, sampler, steps, block_length, temperature, top_p, softmask, options) -> tuple[Sampler, bool]:
-        """The sampler to run and whether it generates block by block; refused when the process cannot serve it."""
-        feedback = self._softmask_feedback(softmask)
+    def _sampler(self, sampler, steps, block_length, temperature, top_p, feedback, options) -> tuple[Sampler, bool]:
+        """The sampler to run and whether it generates block by block; refused when the process cannot serve it.
+        feedback: an InputFeedback for the sampler, or None."""
         if feedback is not None:
             options["feedback"] = feedback
         if isinstance(sampler, Sampler):
             if feedback is not None:
                 if not getattr(sampler, "takes_feedback", False):
-                    raise ValueError(f"sampler {type(sampler).__name__} does not take soft-masking feedback")
+                    raise ValueError(f"sampler {type(sampler).__name__} does not take feedback "
+                                     f"({getattr(feedback, 'label', 'feedback')}); "
+                                     "give one that does, or feedback=False for plain token inputs")
                 sampler = copy.copy(sampler)
                 sampler.feedback = feedback
             blockwise = isinstance(sampler, BlockwiseSampler)
@@ -352,6 +369,11 @@ class DiffusionLM:
                 options["block_length"] = block_length
             common = {k: v for k, v in common.items() if v is not None}
             accepted = sampler_spec(name).options
+            if feedback is not None and "feedback" not in accepted:
+                raise ValueError(f"sampler '{typed}' does not take feedback, and this model is sampled with "
+                                 f"{getattr(feedback, 'label', 'a feedback')}: choose a sampler that does "
+                                 f"({', '.join(n for n in sorted(SAMPLERS) if 'feedback' in sampler_spec(n).options)})"
+                                 ", or pass feedback=False (--no-feedback) for plain token inputs")
             refused = sorted(k for k in common if k not in accepted)
             if refused:
                 raise ValueError(f"sampler '{typed}' does not take {', '.join(refused)}; its options: "
@@ -385,19 +407,38 @@ class DiffusionLM:
         return sampler_spec(self.sampler_name(sampler)).parse_options(list(items), label=sampler or
                                                                       self.process.default_sampler)
 
-    def _softmask_feedback(self, softmask: bool | dict | SoftMaskFeedback | None) -> SoftMaskFeedback | None:
-        """The sampling feedback a `softmask=` argument asks for: None/False = plain masks; True or {} = the learned
-        w; a dict overrides omega_s, omega_a, omega_b, k, schedule; a SoftMaskFeedback is used as it is."""
-        if softmask is None or softmask is False:
-            return None
+    def feedback_for(self, softmask: bool | dict | SoftMaskFeedback | None = None,
+                     feedback: InputFeedback | bool | None = None) -> InputFeedback | None:
+        """The InputFeedback `generate(softmask=..., feedback=...)` gives the sampler (None: plain token inputs).
+
+        feedback: None (or True) = as `softmask` says; False = none; an InputFeedback = that one (softmask must be
+        None or False).
+        softmask: None = the process's own (`process.feedback()`: a soft-masking model's learned soft-masking, a
+        self-conditioned model's self-conditioning, both combined, or None); False = the process's without
+        soft-masking (`process.plain.feedback()`); True or a dict of overrides (omega_s, omega_a, omega_b, k,
+        schedule) = soft-masking with the learned w, or training-free with the chosen w on a model trained without
+        it, combined with the process's other feedback; a SoftMaskFeedback = that soft-masking, likewise."""
+        if feedback is not None and feedback is not True:
+            if softmask is not None and softmask is not False:
+                raise ValueError("give softmask= or feedback=, not both (feedback= replaces every feedback)")
+            if feedback is False:
+                return None
+            if not callable(feedback):
+                raise ValueError(f"feedback must be None, False or an InputFeedback, not {feedback!r}")
+            return feedback
+        if softmask is None:
+            return self.process.feedback()
+        if softmask is False:
+            return self.process.plain.feedback()
         if self.is_autoregressive:
             raise ValueError("soft-masking needs a masked diffusion model; this model is autoregressive")
         if isinstance(softmask, SoftMaskFeedback):
-            return softmask
+            return combine(softmask, self.process.plain.feedback())
         overrides = {} if softmask is True else dict(softmask)
-        if hasattr(self.process, "feedback"):  # a soft-masking process: its learned w
+        if self.softmask is not None:  # a soft-masking process: its learned w (and its base's feedback)
             return self.process.feedback(**overrides)
-        return build_feedback(None, self.process.mask_id, **overrides)  # training-free: w chosen here
+        training_free = build_feedback(None, self.process.mask_id, **overrides)  # training-free: w chosen here
+        return combine(training_free, self.process.plain.feedback())
 
     # ------------------------------------------------------------------------------------ likelihood
     @torch.no_grad()

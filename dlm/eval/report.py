@@ -57,20 +57,23 @@ def evaluate_models(args) -> list[dict]:
                                seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=progress)
         row.update({f"val_{k}": v for k, v in ppl.items()}, val_seconds=time.perf_counter() - t0)
         if eval_lm is not None:
-            softmask = getattr(args, "softmask_kw", None)
+            softmask, feedback = getattr(args, "softmask_kw", None), getattr(args, "feedback_kw", None)
+            fed = model.feedback_for(softmask, feedback)  # what the sampler is fed (the model's own by default)
             sampler = args.sampler or model.process.default_sampler  # each model's own unless one is named
             options = {**(getattr(args, "sampler_kw", None) or {}),
                        **model.sampler_options(sampler, getattr(args, "option", None) or [])}
             takes_steps = "steps" in sampler_spec(model.sampler_name(sampler)).options
             steps = None if "steps" in options else args.steps if args.steps is not None else 128 if takes_steps else None
             gen = model.generate(num_samples=args.num_samples, sampler=sampler, steps=steps,
-                                 top_p=args.top_p, seed=args.seed, softmask=softmask, sampler_options=options,
+                                 top_p=args.top_p, seed=args.seed, softmask=softmask, feedback=feedback,
+                                 sampler_options=options,
                                  progress=progress)
             g = generative_perplexity(gen.texts, eval_lm, progress=progress)
             row.update(gen_ppl=g["gen_ppl"], eval_model=g["eval_model"],
                        entropy=mean_sample_entropy(gen.tokens.tolist()), nfe=gen.nfe,
                        tokens_per_s=gen.tokens_per_second, sampler="autoregressive" if model.is_autoregressive
-                       else f"{sampler}/{options.get('steps', steps)}" + ("+SM" if softmask else ""),
+                       else f"{sampler}/{options.get('steps', steps)}"
+                       + ("" if fed is None else "+" + getattr(fed, "short", "FB")),
                        num_samples=args.num_samples)
             if want_mauve:
                 from dlm.eval.mauve import mauve_score

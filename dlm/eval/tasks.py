@@ -237,9 +237,10 @@ def evaluate_models_on_task(args) -> list[dict]:
         steps = None if "steps" in options or not takes_steps else args.steps or positions
         if resolve_progress(progress) != "off":
             emit(f"eval: {path} ({model.process.name}) on {source}")
-        softmask = getattr(args, "softmask_kw", None)
+        softmask, feedback = getattr(args, "softmask_kw", None), getattr(args, "feedback_kw", None)
+        fed = model.feedback_for(softmask, feedback)  # what the sampler is fed (the model's own by default)
         out = evaluate_model(model, task, examples, seed=args.seed, batch_size=args.batch_size, progress=progress,
-                             sampler=sampler, steps=steps, top_p=args.top_p, softmask=softmask,
+                             sampler=sampler, steps=steps, top_p=args.top_p, softmask=softmask, feedback=feedback,
                              sampler_options=options)
         shown = {"steps": options.get("steps", steps), **{k: v for k, v in options.items() if k != "steps"}}
         if options.get("threshold") is not None or options.get("factor") is not None:
@@ -247,7 +248,7 @@ def evaluate_models_on_task(args) -> list[dict]:
         label = "autoregressive" if model.is_autoregressive else " ".join(
             [model.sampler_name(sampler)] + [f"{k}={v}" for k, v in shown.items() if v is not None])
         row = {"model": str(path), "process": model.process.name, "task": task.name, "task_options": task.options(),
-               "source": source, "sampler": label + (" +SM" if softmask else ""), "seed": args.seed,
+               "source": source, "sampler": label + ("" if fed is None else f" +{getattr(fed, 'short', 'feedback')}"), "seed": args.seed,
                "generated_positions": positions}
         if model.trained_steps is not None:
             row["steps"] = model.trained_steps

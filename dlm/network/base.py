@@ -30,8 +30,9 @@ Left-to-right use (the autoregressive process and sampler, a model as an evaluat
 return_hidden=False, logits_at=None, attn_mask=None)`: causal attention (and `attn_mask`, e.g. left padding), and the logits at position l are about token l + 1, for both
 kinds (a shifted network reads each position's own hidden state there, so the last position predicts the next token).
 
-Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings (soft-masking mixes them), and the
-properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
+Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings, and `embed.weight` (V, C), the
+embedding matrix they are rows of (process feedback — soft-masking, self-conditioning — builds inputs from it), and
+the properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
 """
 
 from __future__ import annotations

@@ -28,6 +28,12 @@ scores only `corruptible(batch)` = loss_mask & ~given, most simply by starting `
 `batch = honour_given(batch)` (the batch whose loss_mask is that), as every process of dlm does. The contract
 tests check it for every registered process.
 
+Feedback (dlm/process/feedback.py): a process may decide the network's input from its previous prediction.
+`feedback(**overrides)` is the `InputFeedback` a model trained with it is sampled with (`DiffusionLM.generate`
+attaches it by default; samplers take it as `feedback=`), `loss_feedback(generator, device, always)` the one a
+training batch's loss pass gets (its two-pass loss: `second_pass_inputs`). Both are None by default (plain token
+inputs); soft-masking and self-conditioning are the two the library has, and they combine.
+
 A new process is one file (in dlm/process/, or in a plugin: dlm.plugins): subclass `Process`, decorate it with
 `@register_process`, give it a `from_config(cfg, description)` (description: a `ModelDescription`), a config
 dataclass (`config_class`, extending `ProcessConfig`; `process=NAME` on the command line is its defaults),
@@ -221,6 +227,23 @@ class Process(nn.Module):
     def network_time(self, t: torch.Tensor) -> torch.Tensor | None:
         """What the network is fed as its time input: t with time conditioning, else None."""
         return t if self.time_conditioning else None
+
+    # ------------------------------------------------------------------------------------ feedback
+    def feedback(self, **overrides):
+        """Sampling: the InputFeedback (dlm.process.feedback) a model trained with this process is sampled with —
+        it turns each step's logits into the next call's `inputs_embeds` — or None: plain token inputs (the
+        default). overrides: the feedback's sampling-time options (soft-masking's omega_s, schedule, ...)."""
+        if overrides:
+            raise ValueError(f"process '{self.name}' has no sampling feedback to give options to "
+                             f"({', '.join(sorted(overrides))})")
+        return None
+
+    def loss_feedback(self, generator, device, always: bool = False):
+        """Training: the InputFeedback this batch's loss pass is fed (after a first pass without gradients, by
+        `dlm.process.feedback.second_pass_inputs`), or None: one plain pass (the default). Called once per batch
+        right after z_t is drawn; a process that feeds a fraction of its batches draws its coin here from
+        `generator`. always: feed it without a coin (the bound used for evaluation)."""
+        return None
 
     # ------------------------------------------------------------------------------------ training hooks
     def log_values(self) -> dict[str, float]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
+from dlm.process.feedback import second_pass_inputs
 from dlm.process.schedules import SCHEDULES, NoiseSchedule, make_schedule, time_of_mask_rate
 
 
@@ -147,8 +148,9 @@ class MaskedDiffusion(SUBSProcess):
              embed_fn=None) -> LossOutput:
         """The NELBO per scored token of one batch, for t (B,) drawn antithetically unless given.
 
-        embed_fn(z, t) -> (B, L, C) or None, called after z_t is drawn, replaces the network's input embeddings
-        (soft-masking builds them from a first pass). Random draws: t, then z_t, then whatever embed_fn draws.
+        embed_fn(z, t) -> (B, L, C) or None, called after z_t is drawn, gives the network's input embeddings; by
+        default the process's feedback hook (`second_pass_inputs`: None, one plain pass, for MDLM itself; a
+        soft-masking wrapper passes its own). Random draws: t, then z_t, then whatever the hook draws.
         Given positions (batch["given"]) are neither noised nor scored (the process contract).
         """
         batch = self.honour_given(batch)
@@ -156,7 +158,10 @@ class MaskedDiffusion(SUBSProcess):
         if t is None:
             t = antithetic_times(x.shape[0], self.sampling_eps, generator, x.device, self.antithetic)
         z = self.add_noise(x, t, loss_mask, generator)
-        inputs_embeds = embed_fn(z, t) if embed_fn is not None else None
+        if embed_fn is None:
+            inputs_embeds = second_pass_inputs(self, network, batch, z, t, generator)
+        else:
+            inputs_embeds = embed_fn(z, t)
         return self.loss_at(network, batch, z, t, inputs_embeds)
 
     def loss_at(self, network, batch: dict, z: torch.Tensor, t: torch.Tensor, inputs_embeds=None) -> LossOutput:
@@ -184,9 +189,12 @@ class MaskedDiffusion(SUBSProcess):
     @torch.no_grad()
     def nelbo(self, network, batch: dict, num_t_samples: int, generator: torch.Generator, embed_fn=None) -> LossOutput:
         """Monte Carlo NELBO of each sequence with `num_t_samples` antithetic times per sequence (evaluation).
-        generator: one, or a list of one per row (each row's times and masks then depend on its own only)."""
+        generator: one, or a list of one per row (each row's times and masks then depend on its own only).
+        The process's feedback (`loss_feedback`) is fed at every time: the bound of the two-pass denoiser."""
         batch = self.honour_given(batch)
         x = batch["input_ids"]
+        if embed_fn is None:
+            embed_fn = lambda z, t: second_pass_inputs(self, network, batch, z, t, generator, always=True)  # noqa: E731
         times = evaluation_times((x.shape[0],), num_t_samples, self.sampling_eps, generator, x.device)  # (B, n)
         nll_sum = torch.zeros((), device=x.device, dtype=torch.float64)
         per_row = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)

@@ -32,6 +32,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from dlm.process.feedback import InputFeedback  # noqa: F401  (the type of samplers' feedback=; defined with the process)
 
 @dataclass
 class Canvas:
@@ -279,21 +280,6 @@ class Sampler:
         if self.config is not None and "steps" in {f.name for f in dataclasses.fields(self.config)}:
             new.config = dataclasses.replace(self.config, steps=steps)
         return new
-
-
-class InputFeedback:
-    """Turns one step's predictions into the next network call's input embeddings (soft-masking does this).
-
-    `__call__(network, z, logits, fixed, masks_left)` gets the canvas z (B, L) after this step's commits, this
-    step's raw logits (B, L, V), the fixed positions (B, L) and masks_left (B,): each row's fraction of its
-    generated positions still masked (`masked_fraction`; per row, so a row's inputs never depend on the other
-    rows of the batch), and returns input embeddings (B, L, C) for the next call, or None for plain token inputs.
-    Samplers that leave masks between steps accept `feedback=`; with it, a step that commits nothing still
-    changes the inputs, so cached samplers cannot skip a call.
-    """
-
-    def __call__(self, network, z, logits, fixed, masks_left: float):
-        raise NotImplementedError
 
 
 def masked_fraction(process, z: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Soft-masking at sampling time: the `InputFeedback` that samplers call after each step's commits.
+"""Soft-masking as a feedback (dlm/process/feedback.py): the `InputFeedback` that samplers call after each step's
+commits, and that the two-pass training loss feeds its second pass with (`train_inputs`).
 
 After a step, every position that is still [MASK] gets e~ built from this step's logits, and the next network
 call (including the final argmax call) reads those embeddings. Inference schedules scale w_s by the fraction
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm.sampler.base import InputFeedback
+from dlm.process.feedback import InputFeedback
 from dlm.softmask.mixer import SoftMaskMixer, check_omegas
 
 SCHEDULES = ("none", "linear", "stepwise")
@@ -38,6 +39,8 @@ class SoftMaskFeedback(InputFeedback):
     omega_s / omega_a / omega_b: optional sampling-time overrides of the mixer's values.
     schedule: "none" | "linear" | "stepwise" (see the module docstring).
     """
+
+    label, short = "soft-masking", "SM"
 
     def __init__(self, mixer: SoftMaskMixer, mask_id: int, schedule: str = "none", omega_s: float | None = None,
                  omega_a: float | None = None, omega_b: float | None = None):
@@ -68,6 +71,12 @@ class SoftMaskFeedback(InputFeedback):
         omega_s = (w["omega_s"] * scale)[:, None].expand_as(z)[masked]  # (N,): per masked position, row-major
         return self.mixer(logits, z, self.mask_id, network.embed.weight,
                           omega_s=omega_s, omega_a=w["omega_a"], omega_b=w["omega_b"])
+
+    def train_inputs(self, network, z, rows):
+        """Training (pass 2's inputs): every masked position of z (B, L) gets e~ from the first pass's logits rows
+        (N, V) there; differentiable in the mixer's w (overrides, when set, replace them) and the embedding."""
+        return self.mixer.at_masks(rows, z, self.mask_id, network.embed.weight, self.omega_s, self.omega_a,
+                                   self.omega_b)
 
 
 def build_feedback(trained: SoftMaskMixer | None, mask_id: int, k: int | None = None, schedule: str = "none",

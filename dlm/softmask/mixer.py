@@ -41,6 +41,11 @@ def check_omegas(omega_s: float | None = None, omega_a: float | None = None, ome
         raise ValueError(f"omega_b={omega_b} must be < 0 (lambda switches on where the entropy is below -omega_b)")
 
 
+def check_p_sm(p_sm: float) -> None:
+    if not 0.0 <= p_sm <= 1.0:
+        raise ValueError(f"p_sm={p_sm} must be in [0, 1] (the probability that a batch is trained with soft-masking)")
+
+
 def check_k(k: int, vocab_size: int | None = None) -> None:
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"soft-masking k={k} must be a positive integer (number of top candidates; 3 for text)")

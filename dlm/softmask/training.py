@@ -5,19 +5,21 @@ position gets its soft embedding e~. Pass 2: the network on those embeddings, wi
 computed on pass 2 only, so gradients reach w_s, w_a, w_b through lambda (and the embedding rows mixed in).
 Each batch gets soft-masking with probability p_sm, else a plain MDLM pass. Cost of an SM step: one forward
 plus one forward-backward, about 4/3 of a plain step.
+
+The loss is `SoftMaskedDiffusion.loss` (the process feedback hook, dlm/process/feedback.py); the functions here
+are that loss for a given process and mixer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dlm.process.mdlm import LossOutput, MaskedDiffusion, key_padding_mask
-from dlm.softmask.mixer import SoftMaskMixer
+from dlm.process.mdlm import LossOutput, MaskedDiffusion
+from dlm.process.feedback import first_pass_rows
+from dlm.softmask.mixer import SoftMaskMixer, check_p_sm
+from dlm.softmask.process import SoftMaskedDiffusion
 
-
-def check_p_sm(p_sm: float) -> None:
-    if not 0.0 <= p_sm <= 1.0:
-        raise ValueError(f"p_sm={p_sm} must be in [0, 1] (the probability that a batch is trained with soft-masking)")
+__all__ = ["check_p_sm", "softmask_inputs", "softmask_loss", "softmask_nelbo"]
 
 
 def softmask_inputs(process: MaskedDiffusion, network, mixer: SoftMaskMixer, z: torch.Tensor, t: torch.Tensor,
@@ -27,9 +29,7 @@ def softmask_inputs(process: MaskedDiffusion, network, mixer: SoftMaskMixer, z: 
     The network runs on z_t without gradients; its output layer only on the masked positions (the others keep
     E[z]). The denoiser that then reads these embeddings depends on z_t only, so its NELBO is still a bound.
     """
-    masked = z == process.mask_id  # (B, L)
-    with torch.no_grad():
-        rows = network(z, t=process.network_time(t), attn_mask=key_padding_mask(batch), logits_at=masked)  # (N, V)
+    rows = first_pass_rows(process, network, z, t, batch)  # (N, V)
     return mixer.at_masks(rows, z, process.mask_id, network.embed.weight)
 
 
@@ -44,15 +44,9 @@ def softmask_loss(process: MaskedDiffusion, network, mixer: SoftMaskMixer, batch
     """
     _check_process(process)
     check_p_sm(p_sm)
-    applied = []
-
-    def embed_fn(z, t):
-        use = p_sm == 1.0 or (p_sm > 0.0 and bool(torch.rand((), generator=generator, device=z.device) < p_sm))
-        applied.append(use)
-        return softmask_inputs(process, network, mixer, z, t, batch) if use else None
-
-    out = process.loss(network, batch, generator, t, embed_fn=embed_fn)
-    return out, applied[0]
+    wrapper = SoftMaskedDiffusion(process, mixer, p_sm)
+    out = wrapper.loss(network, batch, generator, t)
+    return out, wrapper.last_applied
 
 
 @torch.no_grad()
@@ -60,8 +54,7 @@ def softmask_nelbo(process: MaskedDiffusion, network, mixer: SoftMaskMixer, batc
                    generator: torch.Generator) -> LossOutput:
     """`MaskedDiffusion.nelbo` of the soft-masked denoiser: the same times and masks for the same generator."""
     _check_process(process)
-    return process.nelbo(network, batch, num_t_samples, generator,
-                         embed_fn=lambda z, t: softmask_inputs(process, network, mixer, z, t, batch))
+    return SoftMaskedDiffusion(process, mixer).nelbo(network, batch, num_t_samples, generator)
 
 
 def _check_process(process) -> None:

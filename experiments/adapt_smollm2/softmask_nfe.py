@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     gen = model.generate(num_samples=args.num_samples, length=args.length, sampler="ancestral",
                                          steps=steps, seed=seed, batch_size=args.num_samples,
-                                         softmask={"omega_s": args.omega_s} if sm else None)
+                                         softmask={"omega_s": args.omega_s} if sm else False)
                 row = {"nfe": gen.nfe, "seconds": time.perf_counter() - t0, "texts": gen.texts,
                        **score(gen.texts, eval_lm)}
                 results["rows"][key] = row

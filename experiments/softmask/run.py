@@ -187,7 +187,7 @@ def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
             key = f"gen/{variant}/{seed}/{sampler}/{'sm' if sm else 'plain'}/{nfe}"
             if key in have:
                 continue
-            softmask = None
+            softmask = False  # plain masks, also for a model trained with soft-masking (its default is on)
             if sm:
                 softmask = True if model.softmask is not None else {"omega_s": args.train_free_omega_s}
             name = "ancestral" if sampler == "ancestral" else args.remdm

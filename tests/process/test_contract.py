@@ -64,16 +64,21 @@ def learned_process_registered():
     PROCESSES.pop("learned_test")
 
 
+SOFTMASK = ["softmask.enabled=true", "softmask.omega_s=0.5", "softmask.omega_b=-8.0"]
+
+
 def make(name: str) -> Process:
-    """The process `name` as `dlm train process=NAME` builds it ("softmask": MDLM with soft-masking)."""
-    overrides = ["softmask.enabled=true", "softmask.omega_s=0.5", "softmask.omega_b=-8.0"] if name == "softmask" else [
+    """The process `name` as `dlm train process=NAME` builds it ("softmask": MDLM with soft-masking; "softmask_sc":
+    self-conditioned MDLM with soft-masking, both feedbacks combined)."""
+    overrides = SOFTMASK if name == "softmask" else ["process=mdlm_sc", *SOFTMASK] if name == "softmask_sc" else [
         f"process={name}"]  # a registered process's preset: its YAML file if it has one, else its config's defaults
-    cfg = build_config([f"model.context={L}", "data.vocab_size=300", *overrides])
+    cfg = build_config([f"model.context={L}", "model.d_model=32", "data.vocab_size=300", *overrides])  # tiny_network's
     cfg.model.vocab_size = V
     return build_process(cfg, MASK)
 
 
-NAMES = sorted({*PROCESSES, "learned_test"}) + ["softmask"]
+NAMES = sorted({*PROCESSES, "learned_test"}) + ["softmask", "softmask_sc"]
+LEARNABLE = ("softmask", "softmask_sc", "learned_test", "mdlm_sc")  # the ones with parameters
 
 
 def batch(B=3, seed=0):
@@ -156,7 +161,7 @@ def test_is_a_module_whose_state_round_trips_and_is_optimised(name):
     assert all(torch.equal(v, process.state_dict()[k]) for k, v in state.items())
     grouped = {id(p) for g in process.optimizer_groups() for p in g["params"]}
     assert grouped == {id(p) for p in process.parameters() if p.requires_grad}
-    assert (name in ("softmask", "learned_test")) == bool(list(process.parameters()))
+    assert (name in LEARNABLE) == bool(list(process.parameters()))
 
 
 @pytest.mark.parametrize("name", NAMES)
