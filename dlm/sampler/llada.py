@@ -21,6 +21,13 @@ spent on it), so each prompt makes exactly the calls it would make alone (`nfe_p
 NFE is the number of steps, set by its slowest prompt in each block. Rows stopped by the callback leave the
 batch for good.
 
+Step by step (`start` / `step`, dlm.sampler.state; `sample` is the base class's loop over them): each row has its
+own block and step within it (`extras`: block, block_step, gen_length), its soft-masking inputs and its cache (a
+list with one entry per row: rows refreshed together share one KVCache). Rows in the same block (the same span of
+the canvas) share each call and wait for each other at its end, which is the batch behaviour above; a row that
+joined later and sits in another block is called separately, and a longer prompt joining left-pads the running
+rows' canvases and caches with keys no query sees. A row's tokens are the ones it gets alone.
+
 Caches (`cache=`, dlm.sampler.fast_dllm): "prefix" or "dual", refreshed at every block's first step.
 `block_causal=True` samples a model whose blocks cannot see later blocks (a block-diffusion model); the
 caches are then exact for a network without time conditioning (with it, the cached keys and values keep the
@@ -155,7 +162,9 @@ class LLaDASampler(Sampler):
         most = num_blocks * min(self.steps // num_blocks, block_length) if isinstance(self.policy, CountSchedule) else N
         extras = {"block": zeros(torch.long), "block_step": zeros(torch.long), "gen_length": zeros(torch.long) + N,
                   "fed": zeros(torch.bool), "embeds": None, "cache": [None] * B, "memo": _Memo()}
-        return SamplerState.begin(network, process, canvas, generator, most, extras)
+        state = SamplerState.begin(network, process, canvas, generator, most, extras)
+        extras["left"] = self._masks_left(state)  # (B,) bool: masks left in the row's block (kept up to date)
+        return state
 
     def _geometry(self, state: SamplerState):
         """Each row's current block [start, end) (B,) long on the canvas, its number of blocks and steps per block."""
@@ -164,55 +173,72 @@ class LLaDASampler(Sampler):
         start = state.length - n + state.extras["block"] * length
         return start, start + length, n // length, self.steps // (n // length)
 
-    def _advance(self, state: SamplerState) -> None:
+    def _masks_left(self, state: SamplerState) -> torch.Tensor:
+        """(B,) bool: rows not done with masks left in their current block."""
+        start, end, _, _ = self._geometry(state)
+        idx = torch.arange(state.length, device=state.tokens.device)
+        in_block = (idx >= start[:, None]) & (idx < end[:, None])  # (B, T)
+        return (state.process.is_noise(state.tokens) & state.to_generate & in_block).any(1) & ~state.done
+
+    def _advance(self, state: SamplerState) -> torch.Tensor:
         """Rows whose block is over move to their next block (step 0, no feedback inputs yet), or are done after
         their last. A block is over for a row when no row sharing it (the same span of the canvas, not done) has
-        masks left there: rows of one block wait for each other, so they refresh a cache and step together."""
-        process, x, ex = state.process, state.tokens, state.extras
-        idx = torch.arange(state.length, device=x.device)
-        noise = process.is_noise(x) & state.to_generate
-        while True:
+        masks left there: rows of one block wait for each other, so they refresh a cache and step together.
+        Returns the rows with masks left in their block (`extras["left"]`, updated)."""
+        ex = state.extras
+        left = ex["left"] & ~state.done
+        while bool((~state.done & ~left).any()):  # only then may a block be over (a row waits, or is through)
             start, end, blocks, _ = self._geometry(state)
-            left = (noise & (idx >= start[:, None]) & (idx < end[:, None])).any(1) & ~state.done  # (B,)
             same = (start[:, None] == start[None, :]) & (end[:, None] == end[None, :])  # (B, B)
             over = ~state.done & ~(same & left[None, :]).any(1)
             if not bool(over.any()):
-                return
+                break
             last = ex["block"] + 1 >= blocks
             state.done = state.done | (over & last)
-            moving = over & ~last
-            ex["block"] = ex["block"] + moving.long()
+            ex["block"] = ex["block"] + (over & ~last).long()
             ex["block_step"] = torch.where(over, 0, ex["block_step"])
             ex["fed"] = ex["fed"] & ~over
+            left = self._masks_left(state)
+        ex["left"] = left
+        return left
+
+    def _context(self, state: SamplerState) -> Context:
+        """What every call of this batch shares (its attention mask, prompt and positions), kept while the rows do."""
+        memo, ex = state.extras["memo"], state.extras
+        key = (state.key_valid, state.positions, state.to_generate, ex["gen_length"], state.network, state.process)
+        if memo.context is not None and len(memo.context_key) == len(key) and \
+                all(a is b for a, b in zip(memo.context_key, key)):
+            return memo.context
+        T = state.length
+        idx = torch.arange(T, device=state.tokens.device)
+        key_valid = state.key_valid if state.key_valid is not None else torch.ones_like(state.to_generate)
+        gen_start = T - ex["gen_length"]
+        length = ex["gen_length"] if self.block_length is None else self.block_length
+        memo.context = Context(state.network, state.process, idx if state.positions is None else state.positions,
+                               canvas_attention_mask(key_valid, gen_start, length, self.block_causal),
+                               key_valid & (idx < gen_start[:, None]), state.to_generate, self.cfg_scale)
+        memo.context_key = key
+        return memo.context
 
     @torch.no_grad()
     def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
         """One step of every row with masks left in its block. Rows in the same block (the same span of the canvas)
         share one network call (a cache refresh and the cached steps after it are separate calls); rows in
         different blocks (a row that joined later) are called separately."""
-        network, process, x, ex = state.network, state.process, state.tokens, state.extras
-        self._advance(state)
-        B, T = x.shape
-        device = x.device
-        idx = torch.arange(T, device=device)
+        x, ex = state.tokens, state.extras
+        active = self._advance(state)  # rows stopped (or gone) may have ended a block for those waiting on them
         start, end, _, per_block = self._geometry(state)
-        in_block = (idx >= start[:, None]) & (idx < end[:, None])
-        active = (process.is_noise(x) & state.to_generate & in_block).any(1) & ~state.done  # (B,)
-        key_valid = state.key_valid if state.key_valid is not None else torch.ones_like(state.to_generate)
-        gen_start = T - ex["gen_length"]
-        length = ex["gen_length"] if self.block_length is None else self.block_length
-        ctx = Context(network, process, idx if state.positions is None else state.positions,
-                      canvas_attention_mask(key_valid, gen_start, length, self.block_causal),
-                      key_valid & (idx < gen_start[:, None]), state.to_generate, self.cfg_scale)
+        ctx = self._context(state)
         committed = torch.zeros_like(x, dtype=torch.bool)
-        chosen = torch.zeros(x.shape, device=device) if state.confidence else None
-        spans = sorted({(s, e) for s, e, a in zip(start.tolist(), end.tolist(), active.tolist()) if a})
+        chosen = torch.zeros(x.shape, device=x.device) if state.confidence else None
+        rows_at = torch.stack((start, end, active.long(), ex["block_step"])).tolist()
+        spans = sorted({(s, e) for s, e, a, _ in zip(*rows_at) if a})
         for s, e in spans:
-            group = active & (start == s) & (end == e)
-            refresh = group & (ex["block_step"] == 0) if self.cache != "none" else torch.zeros_like(group)
-            for part in (refresh, group & ~refresh):
-                if bool(part.any()):
-                    self._call(state, ctx, part.nonzero().squeeze(1), (s, e), bool(part is refresh), per_block,
+            group = [r for r, (s_, e_, a, _) in enumerate(zip(*rows_at)) if a and (s_, e_) == (s, e)]
+            refresh = [r for r in group if self.cache != "none" and rows_at[3][r] == 0]
+            for part in (refresh, [r for r in group if r not in refresh]):
+                if part:
+                    self._call(state, ctx, torch.tensor(part, device=x.device), (s, e), part is refresh, per_block,
                                committed, chosen)
         if bool((ex["block_step"] > torch.maximum(end - start, per_block)).any()):
             raise RuntimeError(f"{self.policy!r} committed nothing for a whole block; a policy must commit at least "
@@ -251,25 +277,26 @@ class LLaDASampler(Sampler):
                                       cache_update=False)
             fed = span[1] - span[0]
         state.calls += 1
-        state.nfe_per_row[rows.cpu()] += 1
-        state.tokens_computed[rows.cpu()] += fed
+        on_cpu = rows.cpu()
+        state.nfe_per_row[on_cpu] += 1
+        state.tokens_computed[on_cpu] += fed
         x_block = xs[:, start:end]  # (B_a, block_length)
         candidates = process.is_noise(x_block)
         x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
         x0, score = self._predict(x_theta, generators_of(state.generators, rows))
         confidence = torch.where(candidates, score, float("-inf"))
-        steps = ex["block_step"][rows]
-        commit = torch.zeros_like(candidates)
-        keys = torch.stack((steps, per_block[rows]), 1)  # rows at the same step of the same budget: one selection
-        for step, budget in sorted({tuple(k) for k in keys.tolist()}):
-            these = (keys[:, 0] == step) & (keys[:, 1] == budget)
-            if bool(these.all()):
-                commit = self.policy.select(confidence, candidates.sum(1), step, budget)
-            else:
-                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), step, budget)
+        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
+        if len(set(keys)) == 1:
+            commit = self.policy.select(confidence, candidates.sum(1), *keys[0])
+        else:  # rows at the same step of the same budget: one selection
+            commit = torch.zeros_like(candidates)
+            for key in sorted(set(keys)):
+                these = torch.tensor([k == key for k in keys], device=candidates.device)
+                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key)
         commit = commit & candidates
         x_block = torch.where(commit, x0, x_block)
         x[rows, start:end] = x_block
+        ex["left"] = ex["left"].index_copy(0, rows, (candidates & ~commit).any(1))
         ex["block_step"] = ex["block_step"].index_add(0, rows, torch.ones_like(rows))
         if self.feedback is not None:
             new = feedback_inputs(self.feedback, sub_ctx, x if whole else x[rows], block, raw_block)
@@ -350,6 +377,8 @@ class _Memo:
 
     length: int = 0
     entries: list | None = None
+    context: Context | None = None  # the last batch's Context, and what it was built from
+    context_key: tuple = ()
     cache: KVCache | None = None
 
 
