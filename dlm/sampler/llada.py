@@ -257,8 +257,8 @@ class LLaDASampler(Sampler):
         sub_ctx, xs = (ctx, x) if whole else (ctx.select(rows), x[rows])
         embeds = None
         if ex["embeds"] is not None and bool(ex["fed"][rows].any()):  # soft-masking inputs (rows without: tokens)
-            fed = ex["fed"][rows]
-            embeds = torch.where(fed[:, None, None], ex["embeds"][rows, start:end],
+            has = ex["fed"][rows]
+            embeds = torch.where(has[:, None, None], ex["embeds"][rows, start:end],
                                  network.embed(xs[:, start:end]).to(ex["embeds"].dtype))
         if refresh:  # the cache's refresh: the whole canvas, every layer's keys and values kept
             full = KVCache()
