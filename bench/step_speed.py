@@ -10,7 +10,9 @@ It uses only what both sides of the architecture refactor have (before it, sampl
 times, in one run and alternated, the ancestral samplers and ReMDM (remdm_cap) as they now run (`Sampler.sample`:
 the step-level API's loop, `start` then `step` until done) against `legacy_ancestral` / `legacy_remdm`, copies of
 the loops they replaced (the whole loop in local variables), per step on the tiny preset (8 x 128 canvas, 32 steps,
-float32), and prints a table.
+float32), and prints a table. The LLaDA sampler likewise against `legacy_llada` (its block loop before the
+step-level API): the second half of the canvas generated in two blocks, without a cache and with Fast-dLLM's dual
+cache.
 """
 
 import sys
@@ -113,6 +115,81 @@ def legacy_remdm(sampler, network, process, canvas, generator):
     return steps.output(z)
 
 
+@torch.no_grad()
+def legacy_llada(sampler, network, process, canvas, generator):
+    """The LLaDA sampler's loop before the step-level API (no callback, no feedback, no stops), for --step-api: the
+    batch moves block by block, a row whose block is full waiting for the others."""
+    import dlm.sampler.fast_dllm as fast_dllm
+    from dlm.network import KVCache
+    from dlm.sampler.base import StepReporter, generators_of
+    from dlm.sampler.llada_forward import Context, canvas_attention_mask, forward_block
+
+    x, to_generate = canvas.tokens.clone(), canvas.to_generate
+    B, T = x.shape
+    gen_start = T - int(to_generate[0].sum())
+    block_length = sampler.block_length or T - gen_start
+    num_blocks = (T - gen_start) // block_length
+    idx = torch.arange(T, device=x.device)
+    key_valid = canvas.key_valid if canvas.key_valid is not None else torch.ones_like(to_generate)
+    ctx = Context(network, process, idx if canvas.positions is None else canvas.positions,
+                  canvas_attention_mask(key_valid, gen_start, block_length, sampler.block_causal),
+                  key_valid & (idx < gen_start), to_generate, sampler.cfg_scale)
+    steps = StepReporter(B, None, T)
+    per_block = sampler.steps // num_blocks
+    for b in range(num_blocks):
+        start, end = gen_start + b * block_length, gen_start + (b + 1) * block_length
+        cache, step, rows, sub = None, 0, None, None
+        while True:
+            active = process.is_noise(x[:, start:end]).any(1)
+            if not active.any():
+                break
+            if cache is None and step == 0 and sampler.cache != "none":  # the refresh
+                full = KVCache()
+                raw = forward_block(ctx, x, (0, T), (start, end), None, full, None, cache_update=True)
+                fed, cache = T, fast_dllm.keep_cached(sampler.cache, full, start, end)
+                members = rows = torch.arange(B, device=x.device)
+                sub = (ctx, cache)
+            else:
+                if rows is None or rows.shape[0] != int(active.sum()):
+                    rows = active.nonzero().squeeze(1)
+                    if cache is None:
+                        sub = (ctx if rows.shape[0] == B else ctx.select(rows), None)
+                    else:
+                        pos = torch.searchsorted(members, rows)
+                        sub = (ctx, cache) if rows.shape[0] == B else (ctx.select(rows), cache.select(pos))
+                sub_ctx, sub_cache = sub
+                if sub_cache is None:
+                    raw = forward_block(sub_ctx, x[rows], (0, T), (start, end), None, None, None, cache_update=False)
+                    fed = T
+                else:
+                    span = fast_dllm.query_span(sampler.cache, start, end, T)
+                    mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, sampler.cache, start, end)
+                    raw = forward_block(sub_ctx, x[rows], span, (start, end), None, sub_cache, mask, cache_update=False)
+                    fed = span[1] - span[0]
+            steps.called(rows, fed)
+            x_block = x[rows, start:end]
+            candidates = process.is_noise(x_block)
+            x0, score = sampler._predict(process.denoise(raw), generators_of(generator, rows))
+            confidence = torch.where(candidates, score, float("-inf"))
+            commit = sampler.policy.select(confidence, candidates.sum(1), step, per_block) & candidates
+            x[rows, start:end] = torch.where(commit, x0, x_block)
+            steps.report(x, None, None)
+            step += 1
+    return steps.output(x)
+
+
+def time_alternated(repeats: int, old_fn, new_fn, per: int) -> tuple[float, float]:
+    """Median seconds per step of old_fn and new_fn, run alternately `repeats` times each (per: steps per call)."""
+    old, new = [], []
+    for _ in range(repeats):
+        for fn, out in ((old_fn, old), (new_fn, new)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            out.append((time.perf_counter() - start) / per)
+    return sorted(old)[len(old) // 2], sorted(new)[len(new) // 2]
+
+
 def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
     import platform
 
@@ -147,6 +224,21 @@ def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
                 out.append((time.perf_counter() - start) / (n_steps + 1))  # the steps and the final argmax
         o, n = sorted(old)[len(old) // 2], sorted(new)[len(new) // 2]
         print(f"| {name} | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
+    from dlm.sampler.llada import LLaDASampler
+
+    prompted = tokens.clone()  # the first half given (BOS, then token ids), the second half generated in 2 blocks
+    prompted[:, 1:L // 2] = torch.arange(1, L // 2) % 8000 + 1
+    canvas = Canvas.from_fixed(prompted, (torch.arange(L) < L // 2).expand(B, L))
+    for cache in ("none", "dual"):
+        sampler = LLaDASampler(steps=n_steps, block_length=L // 4, temperature=1.0, cache=cache)
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
+        with torch.no_grad():
+            old_out = legacy_llada(sampler, net, proc, canvas, gens())  # also the warm-up
+            new_out = sampler.sample(net, proc, canvas, gens())
+        same = torch.equal(old_out.tokens, new_out.tokens) and old_out.nfe == new_out.nfe
+        o, n = time_alternated(repeats, lambda: legacy_llada(sampler, net, proc, canvas, gens()),
+                               lambda: sampler.sample(net, proc, canvas, gens()), new_out.nfe)
+        print(f"| llada (cache={cache}) | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
 
 
 def main() -> None:

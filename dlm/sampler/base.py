@@ -16,7 +16,9 @@ and talks to the process only through its contract (dlm.process.base): `corrupti
 Callbacks. `callback(StepEvent)` is called once after every step of the sampler's update rule, after that step's
 commits. A step makes at most one network call: the events whose `nfe` grew are exactly the network calls, one
 each. A step that makes no call (a cached ancestral step reusing the last logits, the final argmax from cached
-logits, whatever it commits) raises its event with `nfe` unchanged. The final argmax of MDLM-style samplers is a
+logits, whatever it commits) raises its event with `nfe` unchanged. (Through the step-level API, a batch whose rows
+sit in different blocks — rows that joined later — makes one call per block in a step of the LLaDA sampler;
+`sample` starts every row together, so there it is one.) The final argmax of MDLM-style samplers is a
 step when something is left to fill; the blockwise sampler's cache-filling pass is a step that commits nothing.
 The callback may return True (stop every row), a (B,) bool tensor (stop those rows) or None/False (continue).
 A stopped row keeps its current tokens (noise may be left in them), takes part in no further network call and

@@ -22,6 +22,13 @@ spent on it), so each prompt makes exactly the calls it would make alone (`nfe_p
 NFE is the number of steps, set by its slowest prompt in each block. Rows stopped by the callback leave the
 batch for good.
 
+Step by step (`start` / `step`, dlm.sampler.state; `sample` is the base class's loop over them): each row has its
+own block and step within it (`extras`: block, block_step, gen_length), its soft-masking inputs and its cache (a
+list with one entry per row: rows refreshed together share one KVCache). Rows in the same block (the same span of
+the canvas) share each call and wait for each other at its end, which is the batch behaviour above; a row that
+joined later and sits in another block is called separately, and a longer prompt joining left-pads the running
+rows' canvases and caches with keys no query sees. A row's tokens are the ones it gets alone.
+
 Caches (`cache=`, dlm.sampler.fast_dllm): "prefix" or "dual", refreshed at every block's first step.
 `block_causal=True` samples a model whose blocks cannot see later blocks (a block-diffusion model); the
 caches are then exact for a network without time conditioning (with it, the cached keys and values keep the
@@ -55,13 +62,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dlm.network import KVCache
 import dlm.sampler.fast_dllm as fast_dllm
-from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepReporter, generators_of, rand_rows
+from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepEvent, generators_of, rand_rows
 from dlm.sampler.llada_forward import Context, canvas_attention_mask, feedback_inputs, forward_block
 from dlm.sampler.policies import CountSchedule, UnmaskingPolicy, make_policy
 from dlm.sampler.registry import check_steps, check_temperature, register_sampler
+from dlm.sampler.state import SamplerState
 
 REMASKING = ("low_confidence", "random", "margin", "entropy")
 
@@ -121,7 +130,7 @@ class LLaDASampler(Sampler):
         self.suppress_ids = list(suppress_ids_in_confidence)
 
     @torch.no_grad()
-    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> SampleOutput:
+    def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         """canvas (B, T): (left-padded) prompts followed by the positions to generate, one suffix of the same length
         in every row (`Canvas.left_padded` builds it from token lists)."""
         process.check_sampler(self)
@@ -142,85 +151,183 @@ class LLaDASampler(Sampler):
         if self.steps % num_blocks:
             raise ValueError(f"steps={self.steps} is not divisible by the number of blocks ({num_blocks} = gen_length "
                              f"{N} / block_length {block_length}); use a multiple of {num_blocks}")
-        x = canvas.tokens.clone()
-        idx = torch.arange(T, device=x.device)
-        key_valid = canvas.key_valid if canvas.key_valid is not None else torch.ones_like(to_generate)
-        ctx = Context(network, process, idx if canvas.positions is None else canvas.positions,
-                      canvas_attention_mask(key_valid, gen_start, block_length, self.block_causal),
-                      key_valid & (idx < gen_start), gen_start, self.cfg_scale)
-        steps = StepReporter(B, callback, T)
-        for b in range(num_blocks):
-            self._block(ctx, x, (gen_start + b * block_length, gen_start + (b + 1) * block_length),
-                        self.steps // num_blocks, to_generate, steps, generator)
-            if steps.all_stopped:
-                break
-        return steps.output(x)
+        device = canvas.tokens.device
+        zeros = lambda dtype: torch.zeros(B, dtype=dtype, device=device)  # noqa: E731
+        most = num_blocks * min(self.steps // num_blocks, block_length) if isinstance(self.policy, CountSchedule) else N
+        extras = {"block": zeros(torch.long), "block_step": zeros(torch.long), "gen_length": zeros(torch.long) + N,
+                  "fed": zeros(torch.bool), "embeds": None, "cache": [None] * B, "memo": _Memo()}
+        state = SamplerState.begin(network, process, canvas, generator, most, extras)
+        extras["left"] = self._masks_left(state)  # (B,) bool: masks left in the row's block (kept up to date)
+        return state
 
-    def _block(self, ctx, x, block, steps_per_block, generated, steps, generator) -> None:
-        """Generate one block [start, end) of x (B, T) in place."""
-        (start, end), B, T = block, x.shape[0], x.shape[1]
-        process = ctx.process
-        cache, members, block_embeds, step, rows, sub = None, None, None, 0, None, None
-        while True:
-            active = process.is_noise(x[:, start:end]).any(1) & steps.live(x.device)  # (B,): rows with masks left
-            if not active.any():
-                break
-            if cache is None and step == 0 and self.cache != "none":  # the refresh: every live row, whole canvas
-                members = steps.live(x.device).nonzero().squeeze(1)  # the rows the cache holds, in order
-                mctx, xs = (ctx, x) if members.shape[0] == B else (ctx.select(members), x[members])
-                full = KVCache()  # collects every layer's keys/values
-                raw_block = forward_block(mctx, xs, (0, T), block, None, full, None, cache_update=True)
-                fed = T
-                cache = fast_dllm.keep_cached(self.cache, full, start, end)
-                rows, sub = members, (mctx, cache)
-            else:  # only the rows still active: a finished row costs no compute and waits for the next block
-                if rows is None or rows.shape[0] != int(active.sum()):  # the first step, or a row finished
-                    rows = active.nonzero().squeeze(1)  # (B_a,)
-                    sub = self._sub_batch(ctx, cache, members, rows)
-                sub_ctx, sub_cache = sub
-                embeds = None if block_embeds is None else block_embeds[rows]
-                if sub_cache is None:  # no cache: the whole canvas
-                    raw_block = forward_block(sub_ctx, x[rows], (0, T), block, embeds, None, None, cache_update=False)
-                    fed = T
-                else:
-                    span = fast_dllm.query_span(self.cache, start, end, T)
-                    mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, self.cache, start, end)
-                    raw_block = forward_block(sub_ctx, x[rows], span, block, embeds, sub_cache, mask,
-                                              cache_update=False)
-                    fed = span[1] - span[0]
-            steps.called(rows, fed)
-            x_block = x[rows, start:end]  # (B_a, block_length)
-            candidates = process.is_noise(x_block)
-            x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
-            x0, score = self._predict(x_theta, generators_of(generator, rows))
-            confidence = torch.where(candidates, score, float("-inf"))
-            commit = self.policy.select(confidence, candidates.sum(1), step, steps_per_block) & candidates
-            x[rows, start:end] = torch.where(commit, x0, x_block)
-            if self.feedback is not None:
-                block_embeds = feedback_inputs(self.feedback, ctx, x, rows, block, raw_block, generated, block_embeds)
-            committed = torch.zeros_like(x, dtype=torch.bool)
-            committed[rows, start:end] = commit
-            chosen = None
-            if steps.callback is not None:
-                chosen = torch.zeros(x.shape, device=x.device)
-                prob = x_theta.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # (B_a, block_length)
-                chosen[rows, start:end] = torch.where(commit, prob, 0.0)
-            steps.report(x, committed, chosen)
-            step += 1
-            if step > max(end - start, steps_per_block):
-                raise RuntimeError(f"{self.policy!r} committed nothing for {step} steps; a policy must commit "
-                                   "at least one candidate per step")
+    def _geometry(self, state: SamplerState):
+        """Each row's current block [start, end) (B,) long on the canvas, its number of blocks and steps per block."""
+        n = state.extras["gen_length"]
+        length = n if self.block_length is None else torch.full_like(n, self.block_length)
+        start = state.length - n + state.extras["block"] * length
+        return start, start + length, n // length, self.steps // (n // length)
 
-    def _sub_batch(self, ctx, cache, members, rows):
-        """(context, cache) of the active rows (B_a,); the cache holds `members` (and, guided, their
-        unconditional rows after them)."""
-        if cache is None:
-            return (ctx, None) if rows.shape[0] == ctx.prompt.shape[0] else (ctx.select(rows), None)
-        if rows.shape[0] == members.shape[0]:
-            return (ctx if members.shape[0] == ctx.prompt.shape[0] else ctx.select(members)), cache
-        pos = torch.searchsorted(members, rows)  # where each row sits in the cache
-        cache_rows = torch.cat((pos, pos + members.shape[0])) if self.cfg_scale > 0 else pos
-        return ctx.select(rows), cache.select(cache_rows)
+    def _masks_left(self, state: SamplerState) -> torch.Tensor:
+        """(B,) bool: rows not done with masks left in their current block."""
+        start, end, _, _ = self._geometry(state)
+        idx = torch.arange(state.length, device=state.tokens.device)
+        in_block = (idx >= start[:, None]) & (idx < end[:, None])  # (B, T)
+        return (state.process.is_noise(state.tokens) & state.to_generate & in_block).any(1) & ~state.done
+
+    def _advance(self, state: SamplerState) -> torch.Tensor:
+        """Rows whose block is over move to their next block (step 0, no feedback inputs yet), or are done after
+        their last. A block is over for a row when no row sharing it (the same span of the canvas, not done) has
+        masks left there: rows of one block wait for each other, so they refresh a cache and step together.
+        Returns the rows with masks left in their block (`extras["left"]`, updated)."""
+        ex = state.extras
+        left = ex["left"] & ~state.done
+        while bool((~state.done & ~left).any()):  # only then may a block be over (a row waits, or is through)
+            start, end, blocks, _ = self._geometry(state)
+            same = (start[:, None] == start[None, :]) & (end[:, None] == end[None, :])  # (B, B)
+            over = ~state.done & ~(same & left[None, :]).any(1)
+            if not bool(over.any()):
+                break
+            last = ex["block"] + 1 >= blocks
+            state.done = state.done | (over & last)
+            ex["block"] = ex["block"] + (over & ~last).long()
+            ex["block_step"] = torch.where(over, 0, ex["block_step"])
+            ex["fed"] = ex["fed"] & ~over
+            left = self._masks_left(state)
+        ex["left"] = left
+        return left
+
+    def _context(self, state: SamplerState) -> Context:
+        """What every call of this batch shares (its attention mask, prompt and positions), kept while the rows do."""
+        memo, ex = state.extras["memo"], state.extras
+        key = (state.key_valid, state.positions, state.to_generate, ex["gen_length"], state.network, state.process)
+        if memo.context is not None and len(memo.context_key) == len(key) and \
+                all(a is b for a, b in zip(memo.context_key, key)):
+            return memo.context
+        T = state.length
+        idx = torch.arange(T, device=state.tokens.device)
+        key_valid = state.key_valid if state.key_valid is not None else torch.ones_like(state.to_generate)
+        gen_start = T - ex["gen_length"]
+        length = ex["gen_length"] if self.block_length is None else self.block_length
+        memo.context = Context(state.network, state.process, idx if state.positions is None else state.positions,
+                               canvas_attention_mask(key_valid, gen_start, length, self.block_causal),
+                               key_valid & (idx < gen_start[:, None]), state.to_generate, self.cfg_scale)
+        memo.context_key = key
+        return memo.context
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """One step of every row with masks left in its block. Rows in the same block (the same span of the canvas)
+        share one network call (a cache refresh and the cached steps after it are separate calls); rows in
+        different blocks (a row that joined later) are called separately."""
+        x, ex = state.tokens, state.extras
+        active = self._advance(state)  # rows stopped (or gone) may have ended a block for those waiting on them
+        start, end, _, per_block = self._geometry(state)
+        ctx = self._context(state)
+        committed = torch.zeros_like(x, dtype=torch.bool)
+        chosen = torch.zeros(x.shape, device=x.device) if state.confidence else None
+        rows_at = torch.stack((start, end, active.long(), ex["block_step"])).tolist()
+        spans = sorted({(s, e) for s, e, a, _ in zip(*rows_at) if a})
+        for s, e in spans:
+            group = [r for r, (s_, e_, a, _) in enumerate(zip(*rows_at)) if a and (s_, e_) == (s, e)]
+            refresh = [r for r in group if self.cache != "none" and rows_at[3][r] == 0]
+            for part in (refresh, [r for r in group if r not in refresh]):
+                if part:
+                    self._call(state, ctx, torch.tensor(part, device=x.device), (s, e), part is refresh, per_block,
+                               committed, chosen)
+        if bool((ex["block_step"] > torch.maximum(end - start, per_block)).any()):
+            raise RuntimeError(f"{self.policy!r} committed nothing for a whole block; a policy must commit at least "
+                               "one candidate per step")
+        state.step = state.step + active.long()
+        self._advance(state)
+        event = StepEvent(state.events, x, committed, chosen, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event
+
+    def _call(self, state, ctx, rows, block, refresh: bool, per_block, committed, chosen) -> None:
+        """One network call on the batch rows `rows` (B_a,) of one block [start, end), and their commits, in place."""
+        network, process, x, ex = state.network, state.process, state.tokens, state.extras
+        (start, end), T = block, state.length
+        whole = rows.shape[0] == state.batch
+        sub_ctx, xs = (ctx, x) if whole else (ctx.select(rows), x[rows])
+        embeds = None
+        if ex["embeds"] is not None and bool(ex["fed"][rows].any()):  # soft-masking inputs (rows without: tokens)
+            has = ex["fed"][rows]
+            embeds = torch.where(has[:, None, None], ex["embeds"][rows, start:end],
+                                 network.embed(xs[:, start:end]).to(ex["embeds"].dtype))
+        if refresh:  # the cache's refresh: the whole canvas, every layer's keys and values kept
+            full = KVCache()
+            raw_block = forward_block(sub_ctx, xs, (0, T), block, None, full, None, cache_update=True)
+            fed = T
+            cache = fast_dllm.keep_cached(self.cache, full, start, end)
+            for i, row in enumerate(rows.tolist()):
+                ex["cache"][row] = _RowCache(cache, i, rows.shape[0], T)
+        elif self.cache == "none":
+            raw_block = forward_block(sub_ctx, xs, (0, T), block, embeds, None, None, cache_update=False)
+            fed = T
+        else:
+            span = fast_dllm.query_span(self.cache, start, end, T)
+            mask = fast_dllm.step_attention_mask(sub_ctx.full_mask, self.cache, start, end)
+            raw_block = forward_block(sub_ctx, xs, span, block, embeds, self._rows_cache(state, rows), mask,
+                                      cache_update=False)
+            fed = span[1] - span[0]
+        state.calls += 1
+        on_cpu = rows.cpu()
+        state.nfe_per_row[on_cpu] += 1
+        state.tokens_computed[on_cpu] += fed
+        x_block = xs[:, start:end]  # (B_a, block_length)
+        candidates = process.is_noise(x_block)
+        x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
+        x0, score = self._predict(x_theta, generators_of(state.generators, rows))
+        confidence = torch.where(candidates, score, float("-inf"))
+        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
+        if len(set(keys)) == 1:
+            commit = self.policy.select(confidence, candidates.sum(1), *keys[0])
+        else:  # rows at the same step of the same budget: one selection
+            commit = torch.zeros_like(candidates)
+            for key in sorted(set(keys)):
+                these = torch.tensor([k == key for k in keys], device=candidates.device)
+                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key)
+        commit = commit & candidates
+        x_block = torch.where(commit, x0, x_block)
+        x[rows, start:end] = x_block
+        ex["left"] = ex["left"].index_copy(0, rows, (candidates & ~commit).any(1))
+        ex["block_step"] = ex["block_step"].index_add(0, rows, torch.ones_like(rows))
+        if self.feedback is not None:
+            new = feedback_inputs(self.feedback, sub_ctx, x if whole else x[rows], block, raw_block)
+            if new is not None:
+                if ex["embeds"] is None:
+                    ex["embeds"] = network.embed.weight.new_zeros((state.batch, T, new.shape[-1]))
+                ex["embeds"][rows, start:end] = new.to(ex["embeds"].dtype)
+            ex["fed"] = ex["fed"].index_fill(0, rows, new is not None)
+        committed[rows, start:end] = commit
+        if chosen is not None:
+            prob = x_theta.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # (B_a, block_length)
+            chosen[rows, start:end] = torch.where(commit, prob, 0.0)
+
+    def _rows_cache(self, state, rows) -> KVCache:
+        """The cache of the batch rows `rows` (B_a,) (guided: their conditional rows, then their unconditional
+        ones), kept while the rows stay the same. Rows refreshed together share one cache (picked, not copied, when
+        all of them step); a row whose canvas was left-padded since (a longer row joined) gets as many invalid keys
+        in front, so its cache lines up with the canvas again."""
+        entries = [state.extras["cache"][r] for r in rows.tolist()]
+        memo = state.extras["memo"]
+        if memo.entries is not None and memo.length == state.length and len(memo.entries) == len(entries) and \
+                all(a is b for a, b in zip(memo.entries, entries)):
+            return memo.cache
+        guided = self.cfg_scale > 0
+        first = entries[0]
+        if all(e.cache is first.cache for e in entries) and first.length == state.length:
+            pos = torch.tensor([e.index for e in entries], device=rows.device)
+            if len(entries) == first.rows and bool((pos == torch.arange(first.rows, device=rows.device)).all()):
+                cache = first.cache
+            else:
+                cache = first.cache.select(torch.cat((pos, pos + first.rows)) if guided else pos)
+        else:
+            halves = [[_left_pad_cache(e.cache.select(torch.tensor([e.index + h * e.rows], device=rows.device)),
+                                       state.length - e.length) for e in entries] for h in range(1 + guided)]
+            cache = KVCache.cat([c for half in halves for c in half])
+        memo.entries, memo.cache, memo.length = entries, cache, state.length
+        return cache
 
     def _predict(self, logits, generator):
         """Predictions (B, L) and their scores (B, L) float64 from x_theta logits (B, L, V)."""
@@ -246,6 +353,39 @@ class LLaDASampler(Sampler):
             suppressed = torch.isin(x0, torch.tensor(self.suppress_ids, device=x0.device))
             score = torch.where(suppressed, score - 2.0, score)
         return x0, score
+
+
+@dataclass
+class _RowCache:
+    """A row's Fast-dLLM cache: row `index` of `cache`, refreshed for `rows` rows together (guided: the
+    unconditional row is index + rows) on a canvas of `length` positions."""
+
+    cache: KVCache
+    index: int
+    rows: int
+    length: int
+
+
+class _Memo:
+    """The last cache built for a sub-batch of rows (shared by every state of one run)."""
+
+    length: int = 0
+    entries: list | None = None
+    context: Context | None = None  # the last batch's Context, and what it was built from
+    context_key: tuple = ()
+    cache: KVCache | None = None
+
+
+def _left_pad_cache(cache: KVCache, n: int) -> KVCache:
+    """The cache with n invalid keys (zeros) in front of each row's (its canvas was left-padded by n)."""
+    if n == 0:
+        return cache
+    pad = lambda t: F.pad(t, (0, 0, n, 0))  # noqa: E731  (..., T, C): n zero rows in front
+    valid = cache.key_valid
+    if valid is None:
+        valid = torch.ones(cache.batch, cache.length, dtype=torch.bool, device=cache.layers[0][0].device)
+    return KVCache([(pad(k), pad(v)) for k, v in cache.layers], None if cache.hidden is None else pad(cache.hidden),
+                   F.pad(valid, (n, 0), value=False))
 
 
 @register_sampler("llada", LLaDAConfig, description="LLaDA block-wise confidence decoding of a prompt's "

@@ -10,11 +10,11 @@ import torch
 from dlm.sampler.base import masked_fraction
 
 
-def canvas_attention_mask(key_valid: torch.Tensor, gen_start: int, block_length: int,
-                          block_causal: bool) -> torch.Tensor | None:
+def canvas_attention_mask(key_valid: torch.Tensor, gen_start, block_length, block_causal: bool) -> torch.Tensor | None:
     """(B, 1, T, T) bool (True = may attend), or None when every position may see every other.
 
     key_valid (B, T): False on left padding. Pad queries see themselves only, so no softmax row is empty.
+    gen_start, block_length: ints, or (B,) long, each row's own (rows of a running batch may differ).
     block_causal: a query sees the keys of its own and earlier blocks only (the prompt is block 0).
     """
     B, T = key_valid.shape
@@ -23,8 +23,10 @@ def canvas_attention_mask(key_valid: torch.Tensor, gen_start: int, block_length:
     idx = torch.arange(T, device=key_valid.device)
     allowed = key_valid[:, None, :] | torch.eye(T, dtype=torch.bool, device=key_valid.device)  # (B, T_q, T_k)
     if block_causal:
-        block = torch.where(idx < gen_start, 0, (idx - gen_start) // block_length + 1)  # (T,)
-        allowed = allowed & (block[None, :] <= block[:, None])
+        as_rows = lambda v: torch.as_tensor(v, device=idx.device).reshape(-1, 1)  # noqa: E731  (B or 1, 1)
+        gs, bl = as_rows(gen_start), as_rows(block_length)
+        block = torch.where(idx < gs, 0, torch.div(idx - gs, bl, rounding_mode="floor") + 1)  # (B or 1, T)
+        allowed = allowed & (block[:, None, :] <= block[:, :, None])
     return allowed[:, None]
 
 
@@ -37,14 +39,14 @@ class Context:
     positions: torch.Tensor  # (T,) or per-row (B, T) rotary positions
     full_mask: torch.Tensor | None  # (B, 1, T, T) bool or None
     prompt: torch.Tensor  # (B, T) bool: real prompt tokens (masked in the unconditional pass)
-    gen_start: int
+    generated: torch.Tensor  # (B, T) bool: the positions to generate (a suffix of each row)
     cfg_scale: float = 0.0
 
     def select(self, rows: torch.Tensor) -> "Context":
         """The context of a sub-batch: rows (B_a,) indices into the batch."""
         pick = lambda t: t if t is None or t.dim() < 2 or t.shape[0] == 1 else t[rows]  # noqa: E731
         return Context(self.network, self.process, pick(self.positions), pick(self.full_mask), self.prompt[rows],
-                       self.gen_start, self.cfg_scale)
+                       self.generated[rows], self.cfg_scale)
 
 
 def forward_block(ctx: Context, x, span, block, block_embeds, cache, mask, cache_update) -> torch.Tensor:
@@ -63,7 +65,8 @@ def forward_block(ctx: Context, x, span, block, block_embeds, cache, mask, cache
         mask = ctx.full_mask[:, :, qs:qe]
     t = None
     if process.time_conditioning:  # the time whose mask rate 1 - alpha_t is the fraction still masked
-        masked = process.is_noise(x[:, ctx.gen_start:]).double().mean(1)  # (B,)
+        gen = ctx.generated
+        masked = (process.is_noise(x) & gen).sum(1).double() / gen.sum(1).double()  # (B,): the mean over the suffix
         t = process.time_of_mask_rate(masked).to(torch.float32)
     if ctx.cfg_scale > 0:
         prompt = ctx.prompt[:, qs:qe]
@@ -86,18 +89,10 @@ def guided_logits(out: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
-def feedback_inputs(feedback, ctx: Context, x, rows, block, raw_block, generated, block_embeds):
-    """Soft-masking inputs (B, block_length, C) for the block's next step, or None (plain tokens): built for
-    the active `rows` from this step's logits, each row scheduled by its own fraction of masks left."""
+def feedback_inputs(feedback, ctx: Context, x, block, raw_block):
+    """Soft-masking inputs (B, block_length, C) of the block's next step from this step's logits, each row
+    scheduled by its own fraction of masks left, or None (plain tokens)."""
     network, (start, end) = ctx.network, block
-    masks_left = masked_fraction(ctx.process, x[rows], generated[rows])  # (B_a,)
-    x_block = x[rows, start:end]
-    new = feedback(network, x_block, raw_block, torch.zeros_like(x_block, dtype=torch.bool), masks_left)
-    if new is None and block_embeds is None:
-        return None
-    if new is None:
-        new = network.embed(x_block)
-    if block_embeds is None:
-        block_embeds = network.embed(x[:, start:end])  # (B, block_length, C); rows not active are never read
-    block_embeds[rows] = new.to(block_embeds.dtype)
-    return block_embeds
+    masks_left = masked_fraction(ctx.process, x, ctx.generated)  # (B,)
+    x_block = x[:, start:end]
+    return feedback(network, x_block, raw_block, torch.zeros_like(x_block, dtype=torch.bool), masks_left)

@@ -27,8 +27,9 @@ WITHOUT = [n for n in sorted(sampler_names(aliases=False)) if not has_step_api(n
 def test_which_samplers_have_the_step_api():
     assert "ancestral" in STEPPED and "ancestral_cache" in STEPPED
     # Not yet (issue 19, item 5): they keep their own `sample` loop.
-    assert {"autoregressive", "first_hitting", "remdm_cap", "remdm_conf", "remdm_loop", "remdm_rescale"} <= set(STEPPED)
-    assert set(WITHOUT) <= {"blockwise", "llada"}, WITHOUT
+    assert {"autoregressive", "first_hitting", "llada", "remdm_cap", "remdm_conf", "remdm_loop",
+            "remdm_rescale"} <= set(STEPPED)
+    assert set(WITHOUT) <= {"blockwise"}, WITHOUT
 
 
 def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: dict, width: int) -> dict:
@@ -128,3 +129,32 @@ def test_autoregressive_rows_joining_with_and_without_a_cache(models, kv_cache):
     for i in range(4):
         assert torch.equal(got[i][-lengths[i]:], alone[i].tokens[0, -lengths[i]:]), (kv_cache, i)
         assert int(alone[i].nfe_per_row[0]) == lengths[i]  # the prefill, then one call per token but the first
+
+
+LLADA = [dict(cache=c, **p) for c in ("none", "prefix", "dual") for p in ({}, {"threshold": 0.3}, {"factor": 1.0})]
+
+
+@pytest.mark.parametrize("first,joins", [((0, 1), {2: 2, 4: 3}), ((2, 3), {1: 0, 3: 1})],
+                         ids=["shorter-join", "longer-join"])
+@pytest.mark.parametrize("variant", LLADA + [dict(cfg_scale=1.5), dict(cfg_scale=1.5, cache="dual"),
+                                             dict(block_causal=True, cache="prefix")],
+                         ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "count")
+def test_llada_rows_joining_and_leaving_get_their_tokens_alone(models, variant, first, joins):
+    """The LLaDA sampler with two blocks, its caches and policies: rows join a running batch in other blocks (each
+    block of rows steps on its own), and a longer prompt joining left-pads the running rows' canvases and caches."""
+    model = models["mdlm"]
+    sampler = make_sampler("llada", steps=8, block_length=8, temperature=0.8, **variant)
+    net, process = model.network, model.process
+    prompts = [[model.tokenizer.bos_token_id] + model.encode(p) for p in PROMPTS]
+
+    def canvas(i):
+        return Canvas.left_padded([prompts[i]], GEN, process)
+
+    def gen(i):
+        return [torch.Generator().manual_seed(200 + i)]
+
+    with torch.no_grad():
+        alone = {i: sampler.sample(net, process, canvas(i), gen(i)) for i in range(4)}
+        got = run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins, GEN)
+    for i in range(4):
+        assert torch.equal(got[i], alone[i].tokens[0, -GEN:]), (variant, i)
