@@ -109,3 +109,30 @@ def test_not_part_of_the_saved_network():
     net = Transformer(ModelConfig(vocab_size=11, n_layer=1, d_model=16, n_head=2))
     assert net.gradient_checkpointing is False and net.ce_chunk == 0
     assert "gradient_checkpointing" not in ModelConfig.__dataclass_fields__
+
+
+def test_with_lora_adapters_and_chunked_ce():
+    """LoRA (trainer.lora_rank) injects adapters into the blocks' linear layers and may train the head: both
+    switches together give the gradients of the adapters, the embedding and the head of the plain step."""
+    pytest.importorskip("peft")
+    from dlm.process import MDLMConfig, make_process
+    from dlm.train.lora import add_lora
+
+    net = make("llada")
+    add_lora(net, 4, 16.0, True)
+    with torch.no_grad():  # the B matrices start at zero: make the adapters matter
+        for name, p in net.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    process = make_process(MDLMConfig(), 36)
+    x = torch.randint(0, 36, (3, 16), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": x, "loss_mask": torch.ones_like(x, dtype=torch.bool)}
+    grads = []
+    for checkpointing, chunk in ((False, 0), (True, 5)):
+        net.gradient_checkpointing, net.ce_chunk = checkpointing, chunk
+        net.zero_grad()
+        process.loss(net, batch, torch.Generator().manual_seed(1)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
+    assert any("lora_" in n for n in grads[0]) and "head.weight" in grads[0]
+    for name, g in grads[0].items():  # rtol 1e-5: the chunked head's gradient is summed chunk by chunk
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
