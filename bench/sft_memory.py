@@ -28,13 +28,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, MASK_ID = 126464, 126336  # LLaDA's vocabulary and [MASK] id
-CONFIGS = {  # name: (gradient_checkpointing, chunked_ce)
+CONFIGS = {  # name: (gradient_checkpointing, chunked_ce); plain and both first, the extremes
     "plain": (False, False),
+    "both": (True, True),
     "gradient checkpointing": (True, False),
     "chunked CE": (False, True),
-    "both": (True, True),
 }
 GIB = 1024**3
+HEADER = ("| configuration | peak RSS after forward + backward (GiB) | peak RSS after the AdamW step (GiB) | "
+          "RSS with the model built (GiB) | forward + backward (s) | loss |\n|---|---:|---:|---:|---:|---:|")
 
 
 def model_config(a):
@@ -119,7 +121,7 @@ def main() -> None:
 
     print(f"LLaDA-layout network: width {a.d_model}, {a.layers} layers, {a.heads} heads, SwiGLU {a.mlp}, vocabulary "
           f"{a.vocab:,}: {parameters(a) / 1e6:.0f}M parameters, float32; one MDLM step at {a.tokens} tokens, batch 1, "
-          f"t = 1; chunked CE: {a.chunk} positions per chunk", flush=True)
+          f"t = 1; chunked CE: {a.chunk} positions per chunk\n{HEADER}", flush=True)
     rows = []
     for name, (checkpointing, chunked) in CONFIGS.items():
         need, free = estimate_bytes(a, checkpointing, chunked), available_bytes()
@@ -139,12 +141,10 @@ def main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(f"| {name} | {r['backward_peak'] / GIB:.2f} | {r['step_peak'] / GIB:.2f} | "
                     f"{r['built'] / GIB:.2f} | {r['backward_s']:.0f} | {r['loss']:.4f} |")
-        print(f"  {name}: {r['params'] / 1e6:.1f}M parameters, {r['scored']} positions scored, estimate was "
-              f"{need / GIB:.1f} GiB", flush=True)
+        print(f"{rows[-1]}  ({r['params'] / 1e6:.1f}M parameters, {r['scored']} positions scored, estimate was "
+              f"{need / GIB:.1f} GiB)", flush=True)  # each row as it is measured: a long run's partial result
     print()
-    print("| configuration | peak RSS after forward + backward (GiB) | peak RSS after the AdamW step (GiB) | "
-          "RSS with the model built (GiB) | forward + backward (s) | loss |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(HEADER)
     print("\n".join(rows))
 
 
