@@ -84,9 +84,10 @@ class TrainerConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_embeddings: bool = True
-    # Memory of a training step (docs/training.md#memory-of-a-training-step): recompute each transformer block in the backward instead
-    # of keeping its activations; and > 0: the loss computes the logits of this many scored positions at a time,
-    # each chunk's recomputed in the backward, so the (positions x vocabulary) logits never exist at once (0: off)
+    # Memory of a training step (docs/training.md#memory-of-a-training-step): recompute each transformer block in
+    # the backward instead of keeping its activations; and > 0: the loss computes the logits of this many scored
+    # positions at a time, each chunk's again in the backward, so the (positions x vocabulary) logits never exist
+    # at once (0: off)
     gradient_checkpointing: bool = False
     chunked_ce: int = 0
 
