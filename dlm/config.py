@@ -89,6 +89,12 @@ class TrainerConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_embeddings: bool = True
+    # Memory of a training step (docs/training.md#memory-of-a-training-step): recompute each transformer block in
+    # the backward instead of keeping its activations; and > 0: the loss computes the logits of this many scored
+    # positions at a time, each chunk's again in the backward, so the (positions x vocabulary) logits never exist
+    # at once (0: off)
+    gradient_checkpointing: bool = False
+    chunked_ce: int = 0
 
 
 @dataclass
@@ -306,6 +312,8 @@ def validate(cfg: RunConfig) -> None:
     _check(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE; use at least 260")
     _check(cfg.trainer.attention_anneal_steps >= 0,
            f"trainer.attention_anneal_steps={cfg.trainer.attention_anneal_steps} must be >= 0 (0: no annealing)")
+    _check(cfg.trainer.chunked_ce >= 0, f"trainer.chunked_ce={cfg.trainer.chunked_ce} must be >= 0 (scored positions "
+           "per chunk of the loss's logits, e.g. 1024; 0: no chunking)")
     _check(cfg.trainer.lora_rank >= 0, f"trainer.lora_rank={cfg.trainer.lora_rank} must be >= 0 (0: no LoRA)")
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _check(o.decay in ("constant", "cosine"), f"unknown optim.decay '{o.decay}'; valid: constant, cosine")

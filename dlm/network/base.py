@@ -3,7 +3,7 @@
 A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its vocabulary::
 
     forward(input_ids=None, inputs_embeds=None, t=None, attn_mask=None, causal=False, positions=None,
-            kv_cache=None, cache_update=False, logits_at=None) -> logits
+            kv_cache=None, cache_update=False, return_hidden=False, logits_at=None) -> logits
 
 - `t` (B,): diffusion time, read only by time-conditioned networks.
 - `attn_mask`: bool, broadcastable to (B, nh, T, T_cache + T), True = may attend; `causal=True` adds the causal rule.
@@ -14,6 +14,10 @@ A network maps token ids (B, T) or input embeddings (B, T, C) to logits over its
   (B, T): (N, V) for its True positions in row-major order. The output layer runs only on the chosen positions
   (the masked-diffusion loss needs logits at the masked positions only; the vocabulary projection is the largest
   matrix product of a small model).
+
+- `return_hidden`: the final hidden states the output layer would read at the chosen positions ((B, T, C), (B, T',
+  C) or (N, C)) instead of logits; `head(hidden)` is then the logits (`head`: the output layer, (..., C) -> (..., V)).
+  A loss that must not hold all (N, V) logits at once calls the head on chunks of them (dlm/network/chunked_ce.py).
 
 `prediction` says which token the logits at position i are about:
 
@@ -31,8 +35,14 @@ return_hidden=False, logits_at=None, attn_mask=None)`: causal attention (and `at
 kinds (a shifted network reads each position's own hidden state there, so the last position predicts the next token).
 
 Besides `forward`: `embed_tokens(ids)` (B, T) -> (B, T, C), the input embeddings, and `embed.weight` (V, C), the
-embedding matrix they are rows of (process feedback — soft-masking, self-conditioning — builds inputs from it), and
-the properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
+embedding matrix they are rows of (process feedback — soft-masking, self-conditioning — builds inputs from it),
+`head` (the output layer, which the chunked cross-entropy calls on a chunk of hidden states at a time), and the
+properties `context` (the trained length), `vocab_size` (rows of the output layer) and `d_model` (C).
+
+Two memory switches of dlm's `Transformer`, set by the training module (trainer.gradient_checkpointing,
+trainer.chunked_ce) and off in a loaded or exported network: `gradient_checkpointing` (each block's activations are
+recomputed in the backward; only in training mode with gradients on) and `ce_chunk` (the rows of logits the losses
+of MDLM and AR compute at once; 0: all). A network without them is never checkpointed or chunked.
 """
 
 from __future__ import annotations
@@ -56,10 +66,12 @@ class Network(Protocol):
     @property
     def d_model(self) -> int: ...
 
+    head: torch.nn.Module  # the output layer: final hidden states (..., C) -> logits (..., V)
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
     def forward(self, input_ids=None, inputs_embeds=None, t=None, attn_mask=None, causal=False, positions=None,
-                kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor: ...
+                kv_cache=None, cache_update=False, return_hidden=False, logits_at=None) -> torch.Tensor: ...
 
     def next_token_logits(self, input_ids=None, inputs_embeds=None, positions=None, kv_cache=None,
                           cache_update=False, return_hidden=False, logits_at=None, attn_mask=None) -> torch.Tensor: ...

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dlm.network.config import ModelConfig
 from dlm.network.attention import attend
@@ -173,6 +174,12 @@ class Transformer(nn.Module):
         self.ln_f = make_norm(cfg, cfg.d_model, affine=not cfg.time_conditioning)
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.d_model) if cfg.time_conditioning else None
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Training-time memory switches (not part of the saved config; the training module sets them from
+        # trainer.gradient_checkpointing / trainer.chunked_ce, a loaded or exported network has them off):
+        # recompute each block in the backward instead of keeping its activations (only in training mode with
+        # gradients on, without a KV cache), and the rows of logits a loss computes at once (dlm/network/chunked_ce.py).
+        self.gradient_checkpointing = False
+        self.ce_chunk = 0
         self.apply(self._init_weights)
         if cfg.tie_weights:
             self.head.weight = self.embed.weight
@@ -294,8 +301,12 @@ class Transformer(nn.Module):
         if kv_cache is not None and kv_cache.key_valid is not None and start > 0:  # cached keys a row may not see
             cached = kv_cache.attention_mask(B, T, x.device)  # (B, 1, 1, T_cache + T)
             attn_mask = cached if attn_mask is None else attn_mask & cached
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.blocks:
-            x = block(x, cond, cos, sin, attn_mask, causal, kv_cache, cache_update)
+            if recompute:  # keep only the block's input; its activations are recomputed in the backward
+                x = checkpoint(block, x, cond, cos, sin, attn_mask, causal, None, False, use_reentrant=False)
+            else:
+                x = block(x, cond, cos, sin, attn_mask, causal, kv_cache, cache_update)
         x = self.ln_f(x)
         if self.final_adaln is not None:
             shift, scale = self.final_adaln(cond)[:, None].chunk(2, dim=-1)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass
 
 from dlm.network.base import and_masks, padding_mask
+from dlm.network.chunked_ce import chunk_size, chunked_cross_entropy
 from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
 
 
@@ -49,10 +50,17 @@ class Autoregressive(Process):
         """Next-token NLL per scored token. Nothing is corrupted; given positions (an SFT prompt) are not scored."""
         batch = self.honour_given(batch)
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
-        logits = network.next_token_logits(x[:, :-1])  # (B, L-1, V): position l predicts token l+1
         # Padding is on the right, so a causal mask never lets a real token see a pad.
         targets = x[:, 1:]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, L-1)
+        chunk = chunk_size(network)
+        if chunk:  # trainer.chunked_ce: hidden states at the scored positions (N, C), the head a chunk at a time
+            scored = loss_mask[:, 1:]  # (B, L-1)
+            hidden = network.next_token_logits(x[:, :-1], return_hidden=True, logits_at=scored)  # (N, C)
+            nll = torch.zeros(targets.shape, device=x.device).masked_scatter(
+                scored, chunked_cross_entropy(hidden, network.head, targets[scored], chunk))  # (B, L-1)
+        else:
+            logits = network.next_token_logits(x[:, :-1])  # (B, L-1, V): position l predicts token l+1
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)  # (B, L-1)
         nll = torch.where(loss_mask[:, 1:], nll, 0.0)
         num_tokens = loss_mask[:, 1:].sum()
         total = nll.sum()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dlm.network.chunked_ce import chunk_size, chunked_cross_entropy
 from dlm.process.base import LossOutput, Process, ProcessConfig, register_process
 from dlm.process.feedback import second_pass_inputs
 from dlm.process.schedules import SCHEDULES, NoiseSchedule, make_schedule, time_of_mask_rate
@@ -169,14 +170,17 @@ class MaskedDiffusion(SUBSProcess):
 
         Only masked positions are scored (carry-over makes the others contribute exactly 0), so the output layer
         and the cross-entropy run on those N positions only: (N, C) -> (N, V), about half of the (B, L, V) work
-        on average over t. `nelbo_terms` is the dense formula, used to test this one.
+        on average over t. `nelbo_terms` is the dense formula, used to test this one. With trainer.chunked_ce the
+        (N, V) logits are computed a chunk of positions at a time (dlm/network/chunked_ce.py).
         """
         x, loss_mask = batch["input_ids"], batch["loss_mask"]
         masked = (z == self.mask_id) & loss_mask  # (B, L)
-        raw = network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds, t=self.network_time(t),
-                      attn_mask=key_padding_mask(batch), logits_at=masked)  # (N, V)
-        logits = subs_logits(raw, self.mask_id)
-        ce = F.cross_entropy(logits, x[masked], reduction="none")  # (N,)
+        chunk = chunk_size(network)  # trainer.chunked_ce: the network returns hidden states, the loss runs the head
+        out = network(z if inputs_embeds is None else None, inputs_embeds=inputs_embeds, t=self.network_time(t),
+                      attn_mask=key_padding_mask(batch), logits_at=masked,
+                      **({"return_hidden": True} if chunk else {}))  # (N, V) logits, or (N, C) hidden states
+        ce = (chunked_cross_entropy(out, network.head, x[masked], chunk, self.mask_id) if chunk else
+              F.cross_entropy(subs_logits(out, self.mask_id), x[masked], reduction="none"))  # (N,)
         weights = self.schedule.loss_weight(t)[:, None].expand_as(z)[masked]  # (N,)
         terms = ce * weights  # (N,)
         total = terms.sum()

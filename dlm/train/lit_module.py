@@ -31,6 +31,8 @@ class DiffusionLightningModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint
         self.network = build_network(cfg)
+        self.network.gradient_checkpointing = cfg.trainer.gradient_checkpointing  # memory switches, training only
+        self.network.ce_chunk = cfg.trainer.chunked_ce
         self.process = build_process(cfg, mask_id_of(cfg, tokenizer))  # a submodule: learnable parts are saved
         self.ema = EMA(self.network, cfg.trainer.ema) if cfg.trainer.ema > 0 else None
         # A process's learnable parts (soft-masking's w) are weights of the model too: validation, sampling and
