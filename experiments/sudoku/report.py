@@ -152,7 +152,11 @@ def write_report(results: list[dict], scale: dict, args, docs: Path) -> tuple[Pa
         "| model | decoding | solved (%) | cells correct (%) | violations | calls per puzzle |",
         "|---|---|---|---|---|---|",
     ]
-    for (method, label), rows in groups.items():
+    families = ["random", "top-prob", "margin", "entropy", "ancestral", "remdm", "left-to-right", "blockwise"]
+    ordered = sorted(groups.items(), key=lambda kv: (list(LABELS).index(kv[0][0]), families.index(kv[1][0]["order"])
+                                                     if kv[1][0]["order"] in families else 99,
+                                                     kv[0][1].startswith("threshold"), -mean(kv[1], "nfe")))
+    for (method, label), rows in ordered:
         lines.append(f"| {LABELS[method]} | {label} | {mean_std([r['solved'] for r in rows], 100)} | "
                      f"{mean_std([r['cell_accuracy'] for r in rows], 100)} | "
                      f"{mean_std([r['violations'] for r in rows], 1, '{:.2f}')} | "

@@ -41,10 +41,10 @@ ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", 
 SCALES = {
     "full": {"size": 4, "givens": 6, "train": 20000, "val": 200, "test": 500, "steps": 1200, "batch": 64,
              "lr": 1e-3, "warmup": 100, "model": ["model.n_layer=4", "model.n_head=4", "model.d_model=128"],
-             "seeds": (0, 1), "ks": (1, 2, 4, 8), "thresholds": (0.9, 0.7, 0.5), "ema": 0.99},
+             "seeds": (0, 1), "ks": (1, 2, 4, 8), "thresholds": (0.999, 0.99, 0.9, 0.7), "ema": 0.99, "eval_n": 250},
     "quick": {"size": 4, "givens": 6, "train": 300, "val": 20, "test": 24, "steps": 6, "batch": 8,
               "lr": 1e-3, "warmup": 1, "model": ["model.n_layer=1", "model.n_head=2", "model.d_model=32"],
-              "seeds": (0,), "ks": (1, 8), "thresholds": (0.9,), "ema": 0.0},
+              "seeds": (0,), "ks": (1, 8), "thresholds": (0.9,), "ema": 0.0, "eval_n": 24},
 }
 
 
@@ -113,9 +113,10 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
     return out
 
 
-def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict) -> list[dict]:
+def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict, done: set = frozenset()) -> list[dict]:
     """Every decoding rule of `method` on the test puzzles, through the generation door (`evaluate_model`, i.e.
-    `DiffusionLM.generate`: what a user runs); the soft-masking model with its learned feedback."""
+    `DiffusionLM.generate`: what a user runs); the soft-masking model with its learned feedback. `done`: labels
+    already in the results (skipped: a re-run evaluates only the rules added since)."""
     import dlm
     from dlm.eval.tasks import evaluate_model
     from dlm.tasks import make_task
@@ -124,11 +125,13 @@ def evaluate_run(method: str, seed: int, info: dict, data: Path, scale: dict) ->
     task = make_task(task_info["name"], **task_info["options"])
     # the test split again from its generator (a pure function of split, n, seed): test.jsonl's puzzles, with
     # each one's search difficulty (`nodes`) for the hardest-quarter metric
-    examples = task.generate("test", task_info["sizes"]["test"], task_info["seed"])
+    examples = task.generate("test", task_info["sizes"]["test"], task_info["seed"])[:scale["eval_n"]]
     model = dlm.load(info["run"])
     cells = scale["size"] ** 2 + 1
     rows = []
     for dec in decoders(method, cells, scale):
+        if dec["label"] in done:
+            continue
         kw = dict(dec["generate"], softmask=True) if method == "sm" else dec["generate"]
         result = evaluate_model(model, task, examples, seed=seed, batch_size=250, **kw)
         rows.append({"method": method, "seed": seed, **{k: dec[k] for k in ("label", "order", "k", "generate")},
@@ -148,22 +151,28 @@ def main(argv: list[str] | None = None) -> int:
                    "with --quick)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--train-only", action="store_true", help="train every run, evaluate nothing")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs already trained, train nothing")
     args = p.parse_args(argv)
     scale = SCALES["quick" if args.quick else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = write_data(scale, out)
     results_path = out / "results.jsonl"
-    done = {(r["method"], r["seed"]) for r in map(json.loads, results_path.read_text().splitlines())} \
+    done = {(r["method"], r["seed"], r["label"]) for r in map(json.loads, results_path.read_text().splitlines())} \
         if results_path.is_file() else set()
     for method in args.methods:
         for seed in scale["seeds"]:
-            if (method, seed) in done:
+            labels = {label for m, s, label in done if (m, s) == (method, seed)}
+            cells = scale["size"] ** 2 + 1
+            if labels >= {d["label"] for d in decoders(method, cells, scale)}:
+                continue
+            run = out / "runs" / f"{method}_s{seed}"
+            if args.eval_only and not (run / "train_seconds.txt").is_file():
                 continue
             info = train_run(method, seed, scale, data, out)
             if args.train_only:
                 continue
-            rows = evaluate_run(method, seed, info, data, scale)
+            rows = evaluate_run(method, seed, info, data, scale, labels)
             with results_path.open("a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
     if args.train_only:
