@@ -138,7 +138,8 @@ def write_report(results: list[dict], scale: dict, args, docs: Path) -> tuple[Pa
         f"- Data: `python -m dlm.tasks.sudoku --size {scale['size']} --givens {scale['givens']} --train "
         f"{scale['train']}` (seed 0); {results[0]['n']} test puzzles, disjoint from training by solution grid.",
         f"- Every model: `{' '.join(scale['model'])}`, {scale['steps']} steps of batch {scale['batch']}, lr "
-        f"{scale['lr']}, seeds {', '.join(map(str, seeds))}. Mean training time per run: "
+        f"{scale['lr']}, seeds {', '.join(map(str, seeds))}. Mean wall time of a training run (the 2 cores were "
+        "shared with other jobs, one torch thread: these say little about speed): "
         + ", ".join(f"{LABELS[m]} {s:.0f} s" for m, s in train.items()) + ".",
         "- Solved: every row, column and box holds each digit once and every given is kept. NFE: network calls per "
         "puzzle. Values are mean ± standard deviation over seeds.",

@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs", default=None, help="where sudoku.md and sudoku.png go (default: docs/, or --out "
                    "with --quick)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset of the scale's seeds")
     p.add_argument("--train-only", action="store_true", help="train every run, evaluate nothing")
     p.add_argument("--eval-only", action="store_true", help="evaluate the runs already trained, train nothing")
     args = p.parse_args(argv)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["method"], r["seed"], r["label"]) for r in map(json.loads, results_path.read_text().splitlines())} \
         if results_path.is_file() else set()
     for method in args.methods:
-        for seed in scale["seeds"]:
+        for seed in args.seeds or scale["seeds"]:
             labels = {label for m, s, label in done if (m, s) == (method, seed)}
             cells = scale["size"] ** 2 + 1
             if labels >= {d["label"] for d in decoders(method, cells, scale)}:
