@@ -23,6 +23,16 @@ it restarts `window // 2` tokens (whole blocks) before the current block; with a
 re-encoded once with window-relative positions, so cached and uncached generation stay identical.
 NFE counts every network call, the cache-filling passes included (each raises a step event committing nothing).
 Rows stopped by the callback leave the batch (and the cache) and keep their tokens, masks included.
+
+Step by step (`start` / `step`, dlm.sampler.state; `sample` is the base class's loop over them): each row
+(`extras["rows"]`, a `_Row` each) keeps its own block grid, anchored on its own canvas (a longer row joining
+left-pads the canvas: the grid moves with the row), its block and phase there (cache fill due, inner sampler
+running), its window, its rows of the cache of finished blocks and its rows of the inner sampler's state. A step is,
+for each row, a cache fill (one call, committing nothing) or one step of its inner sampler. Rows whose block, window
+and cache end are the same share the fill call; rows that began a block together share one inner state (its calls
+and random draws, as `sample`'s batch always did) and wait for each other at the block's end, where the stop rules
+are checked; a row stopped by a rule runs on (and is padded at the end) while a row beside it in its block is still
+running, and is done once none is. Rows that joined at other times are called separately.
 """
 
 from __future__ import annotations
