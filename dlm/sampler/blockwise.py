@@ -32,7 +32,9 @@ for each row, a cache fill (one call, committing nothing) or one step of its inn
 and cache end are the same share the fill call; rows that began a block together share one inner state (its calls
 and random draws, as `sample`'s batch always did) and wait for each other at the block's end, where the stop rules
 are checked; a row stopped by a rule runs on (and is padded at the end) while a row beside it in its block is still
-running, and is done once none is. Rows that joined at other times are called separately.
+running, and is done once none is. Rows that joined at other times are called separately. An inner sampler with
+only a `sample` of its own (no step-level API, e.g. a user's one-file sampler) is run on each whole block by
+`_sample_by_blocks`, the loop `sample` was before (same tokens, calls and events); `start` then refuses it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from dlm.data.entropy import unigram_entropy
 from dlm.network import KVCache
 from dlm.network.kv_cache import updates_cache as updates
 from dlm.process.block_mask import generation_mask, prefix_mask
-from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepEvent, generators_of
+from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepEvent, StepReporter, generators_of
 from dlm.sampler.registry import SamplingConfig, make_sampler, register_sampler, sampler_spec
 from dlm.sampler.state import SamplerState
 
@@ -226,11 +228,117 @@ class BlockwiseSampler(Sampler):
             made[k] = self.inner.with_steps(k)
         return [made[per + (i < extra)] for i in range(num_blocks)]
 
+    def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> BlockwiseOutput:
+        """canvas (B, N): BOS, prompt, and [MASK] where tokens are generated; N may exceed the context. The base
+        class's loop over `start` / `step`; an inner sampler with only a `sample` of its own (no step-level API)
+        is run on each whole block instead (`_sample_by_blocks`), with the same tokens, calls and events."""
+        if type(self.inner).step is not Sampler.step:
+            return super().sample(network, process, canvas, generator, callback)
+        return self._sample_by_blocks(network, process, canvas, generator, callback)
+
+    @torch.no_grad()
+    def _sample_by_blocks(self, network, process, canvas: Canvas, generator=None, callback=None) -> BlockwiseOutput:
+        """The block loop for an inner sampler without the step-level API: its `sample` denoises each block."""
+        window = self.check_model(process, network.cfg.context)
+        bs = self.block_length
+        z, fixed = canvas.tokens.clone(), canvas.fixed
+        B, N = z.shape
+        if N > window and window < 2 * bs:
+            raise ValueError(f"generating {N} tokens slides a window of {window} tokens, which must hold at least two "
+                             f"blocks of {bs}; raise the window (the model's context) or lower the block size")
+        keep = min(window // 2 // bs * bs, window - bs)  # tokens kept when the window slides
+        starts = [s for s in range(0, N, bs) if not fixed[:, s:s + bs].all()]  # blocks with something to generate
+        inners = dict(zip(starts, self.inner_samplers(len(starts))))
+        cache = KVCache() if self.kv_cache else None
+        ws = cached_to = 0  # window start; end of what the cache holds (absolute positions)
+        alive = torch.ones(B, dtype=torch.bool)
+        lengths, reasons = [N] * B, ["length"] * B
+        steps = StepReporter(B, callback, N)
+        rows = torch.arange(B, device=z.device)  # rows not stopped by the callback, in cache order
+        key_valid, positions = canvas.key_valid, canvas.positions  # left padding, rotary positions (None: 0..N-1)
+
+        def window_positions(rows, a, b):  # (B_a, b - a) rotary positions of canvas columns [a, b) in the window
+            if positions is None:
+                return torch.arange(a - ws, b - ws, device=z.device)
+            where = positions if positions.dim() == 2 else positions.expand(B, -1)
+            return (where[rows, a:b] - where[rows, ws:ws + 1]).clamp(min=0)  # pads (masked) clamp to 0
+
+        for s in range(0, N, bs):
+            if not alive.any():
+                break
+            e = min(s + bs, N)
+            if e - ws > window:  # slide: restart the window `keep` tokens before this block
+                ws = s - keep
+                if cache is not None:
+                    cache, cached_to = KVCache(), ws
+            if s not in inners:
+                continue  # prompt block: nothing to generate; it enters the cache with the next encode
+            if cache is not None and cached_to < s:
+                n_old, n_new = cached_to - ws, s - cached_to
+                valid = None if key_valid is None else key_valid[rows, cached_to:s]
+                process.forward_logits(network, z[rows, cached_to:s], None, None, attn_mask=prefix_mask(
+                    n_old, n_new, bs, z.device), key_valid=valid, positions=window_positions(rows, cached_to, s),
+                    kv_cache=cache, cache_update=True if valid is None else valid, logits_at=slice(0, 0))
+                steps.called(rows, s - cached_to)
+                cached_to = s
+                steps.report(z, torch.zeros_like(z, dtype=torch.bool))
+                rows, cache = self._leave(steps, rows, cache, alive, reasons)
+                if rows.numel() == 0:
+                    break
+            prefix = None if cache is not None else z[rows, ws:s]
+            ctx = BlockContext(process, bs, s - ws, cache, prefix,
+                               None if key_valid is None or prefix is None else key_valid[rows, ws:s],
+                               None if positions is None or prefix is None else window_positions(rows, ws, s))
+            base_nfe, base_rows = steps.nfe, steps.nfe_per_row.clone()
+            relay = None if callback is None else _Relay(steps, z, rows, s, e, base_nfe, base_rows)
+            block = Canvas(z[rows, s:e], ~fixed[rows, s:e], None if key_valid is None else key_valid[rows, s:e],
+                           None if positions is None else window_positions(rows, s, e))
+            out = inners[s].sample(network, ctx, block, generators_of(generator, rows), relay)
+            z[rows, s:e] = out.tokens
+            steps.nfe = base_nfe + out.nfe
+            steps.nfe_per_row[rows.cpu()] = base_rows[rows.cpu()] + out.nfe_per_row
+            prefix_fed = 0 if prefix is None else prefix.shape[1]  # an uncached call feeds the prefix too
+            if out.tokens_computed is not None:
+                steps.tokens_computed[rows.cpu()] += out.tokens_computed + out.nfe_per_row * prefix_fed
+            rows, cache = self._leave(steps, rows, cache, alive, reasons)
+            self._check_stops_batch(z, fixed, s, e, alive, lengths, reasons)
+        tokens = z.clone()  # (B, N) whatever the stops, so batches of samples stack
+        for row in range(B):
+            if lengths[row] < N:  # padding after a stop
+                tokens[row, lengths[row]:] = self.fill_id
+        return steps.output(tokens, BlockwiseOutput, lengths=lengths, stop_reasons=reasons)
+
+    @staticmethod
+    def _leave(steps, rows, cache, alive, reasons):
+        """Rows the callback stopped leave the batch and the cache; they keep their tokens (masks included)."""
+        keep = steps.live()[rows.cpu()].to(rows.device)  # (B_a,)
+        if bool(keep.all()):
+            return rows, cache
+        for row in rows[~keep].tolist():
+            alive[row], reasons[row] = False, "callback"
+        if cache is not None:
+            cache = cache.select(keep.nonzero().squeeze(1))
+        return rows[keep], cache
+
+    def _check_stops_batch(self, z, fixed, s, e, alive, lengths, reasons) -> None:
+        for row in torch.nonzero(alive).flatten().tolist():
+            if self.stop_at_eos:
+                hits = torch.nonzero((z[row, s:e] == self.eos_id) & ~fixed[row, s:e]).flatten()
+                if hits.numel():
+                    alive[row], lengths[row], reasons[row] = False, s + int(hits[0]) + 1, "eos"
+                    continue
+            if self.stop_entropy is not None and e >= self.entropy_window:
+                if unigram_entropy(z[row, e - self.entropy_window:e]) < self.stop_entropy:
+                    alive[row], lengths[row], reasons[row] = False, e, "entropy"
+
     @torch.no_grad()
     def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         """canvas (B, N): BOS, prompt, and [MASK] where tokens are generated; N may exceed the context. Every row
         starts at block 0 of its own canvas, with an empty cache; its plan (the inner sampler of each block, None
         where no row of this canvas has anything to generate) is fixed here."""
+        if type(self.inner).step is Sampler.step:
+            raise NotImplementedError(f"the blockwise sampler steps its inner sampler, and {type(self.inner).__name__} "
+                                      "has no step-level API (start/step); use its `sample` (the whole loop)")
         window = self.check_model(process, network.cfg.context)
         bs = self.block_length
         B, N = canvas.shape
@@ -269,11 +377,17 @@ class BlockwiseSampler(Sampler):
         for r in active:
             if rows_[r].phase == _INNER:
                 inners.setdefault(id(rows_[r].inner[0]), []).append(r)
-        for group in inners.values():
-            self._inner_step(state, group, committed, confidence)
+        scored = [self._inner_step(state, group, committed, confidence) for group in inners.values()]
+        if not any(scored):  # a step of cache fills only (or inner steps without confidences): none, as before
+            confidence = None
         state.step = state.step + torch.tensor([r in active for r in range(state.batch)], device=z.device).long()
         self._advance(state, begin=False)
-        event = StepEvent(state.events, z, committed, confidence, state.calls, state.nfe_per_row.clone())
+        padded = [r for r, row in enumerate(rows_) if row.phase == _DONE and row.length < row.N and not row.padded]
+        tokens = z.clone() if padded else z  # the event shows the step's tokens; rows done after a stop are padded
+        for r in padded:
+            z[r, state.length - rows_[r].N + rows_[r].length:] = self.fill_id
+            rows_[r].padded = True
+        event = StepEvent(state.events, tokens, committed, confidence, state.calls, state.nfe_per_row.clone())
         state.events += 1
         return state, event
 
@@ -348,9 +462,9 @@ class BlockwiseSampler(Sampler):
             if cache is not None:
                 rows_[r].cache = (cache, i)
 
-    def _inner_step(self, state, group: list[int], committed, confidence) -> None:
+    def _inner_step(self, state, group: list[int], committed, confidence) -> bool:
         """One step of the inner state the rows `group` share (its rows gone or done sit it out); its tokens, calls
-        and commits go to the outer canvas."""
+        and commits go to the outer canvas. Returns whether its event had confidences."""
         rows_, z = state.extras["rows"], state.tokens
         holder = rows_[group[0]].inner
         inner, prefix_fed = holder
@@ -366,12 +480,14 @@ class BlockwiseSampler(Sampler):
         at = index.to(z.device)
         z[rows, s:e] = inner.tokens[at]
         committed[rows, s:e] = event.committed[at]
-        if confidence is not None and event.confidence is not None:
+        scored = confidence is not None and event.confidence is not None
+        if scored:
             confidence[rows, s:e] = event.confidence[at]
         state.calls += inner.calls - calls
         new_calls = (inner.nfe_per_row - per_row)[index]
         state.nfe_per_row[rows.cpu()] += new_calls
         state.tokens_computed[rows.cpu()] += (inner.tokens_computed - computed)[index] + new_calls * prefix_fed
+        return scored
 
     def _advance(self, state, begin: bool) -> None:
         """Move rows through their blocks up to the next thing a step does: a block whose inner sampler is through
@@ -441,12 +557,10 @@ class BlockwiseSampler(Sampler):
             return
 
     def _finish_row(self, state, r: int) -> None:
-        """Row r is done: its cache and inner rows are let go, and a stopped row is padded with fill_id."""
+        """Row r is done: its cache and inner rows are let go (a stopped row is padded with fill_id after the step)."""
         row = state.extras["rows"][r]
         state.done[r] = True
         row.phase, row.cache, row.inner = _DONE, None, None
-        if row.length < row.N:
-            state.tokens[r, state.length - row.N + row.length:] = self.fill_id
 
     def _check_stops(self, z, to_generate, row, s: int, e: int) -> None:
         """Stop rules on the row's canvas z (N,) after its block [s, e)."""
@@ -472,6 +586,29 @@ class BlockwiseSampler(Sampler):
                                lengths=[row.length for row in rows_], stop_reasons=[row.reason for row in rows_])
 
 
+class _Relay:
+    """The inner sampler's callback: its events on the block's rows become the outer canvas's events."""
+
+    def __init__(self, steps, z, rows, start, end, base_nfe, base_rows):
+        self.steps, self.z, self.rows, self.start, self.end = steps, z, rows, start, end
+        self.base_nfe, self.base_rows = base_nfe, base_rows
+
+    def __call__(self, event):
+        steps, rows, (s, e) = self.steps, self.rows, (self.start, self.end)
+        tokens = self.z.clone()
+        tokens[rows, s:e] = event.tokens
+        committed = torch.zeros_like(tokens, dtype=torch.bool)
+        committed[rows, s:e] = event.committed
+        confidence = None
+        if event.confidence is not None:
+            confidence = torch.zeros(tokens.shape, device=tokens.device)
+            confidence[rows, s:e] = event.confidence
+        steps.nfe = self.base_nfe + event.nfe
+        steps.nfe_per_row[rows.cpu()] = self.base_rows[rows.cpu()] + event.nfe_per_row
+        steps.report(tokens, committed, confidence)
+        return steps.stopped[rows.cpu()]
+
+
 _BEGIN, _FILL, _READY, _INNER, _DONE = range(5)  # a row's phase within its block
 
 
@@ -485,7 +622,7 @@ class _Row:
         self.N, self.plan = N, plan
         self.block, self.phase, self.ws, self.cached_to = 0, _BEGIN, 0, 0
         self.cache, self.inner, self.inner_index = None, None, 0
-        self.alive, self.length, self.reason = True, N, "length"
+        self.alive, self.length, self.reason, self.padded = True, N, "length", False
 
 
 @register_sampler("blockwise", BlockwiseConfig,
