@@ -12,7 +12,8 @@ the step-level API's loop, `start` then `step` until done) against `legacy_ances
 the loops they replaced (the whole loop in local variables), per step on the tiny preset (8 x 128 canvas, 32 steps,
 float32), and prints a table. The LLaDA sampler likewise against `legacy_llada` (its block loop before the
 step-level API): the second half of the canvas generated in two blocks, without a cache and with Fast-dLLM's dual
-cache.
+cache; and the blockwise sampler against `legacy_blockwise` (its block loop before the step-level API) on a bd3lm
+process (the same network), the second half in two blocks, with and without its KV cache.
 """
 
 import sys
@@ -178,6 +179,47 @@ def legacy_llada(sampler, network, process, canvas, generator):
     return steps.output(x)
 
 
+def legacy_blockwise(sampler, network, process, canvas, generator):
+    """The blockwise sampler's loop before the step-level API (no callback, no stop rules), for --step-api: each
+    block's cache fill, then its inner sampler's `sample` on the block."""
+    from dlm.network import KVCache
+    from dlm.process.block_mask import prefix_mask
+    from dlm.sampler.base import StepReporter, generators_of
+    from dlm.sampler.blockwise import BlockContext
+
+    window, bs = sampler.check_model(process, network.cfg.context), sampler.block_length
+    z, fixed = canvas.tokens.clone(), canvas.fixed
+    B, N = z.shape
+    keep = min(window // 2 // bs * bs, window - bs)
+    starts = [s for s in range(0, N, bs) if not fixed[:, s:s + bs].all()]
+    inners = dict(zip(starts, sampler.inner_samplers(len(starts))))
+    cache = KVCache() if sampler.kv_cache else None
+    ws = cached_to = 0
+    steps = StepReporter(B, None, N)
+    rows = torch.arange(B)
+    for s in range(0, N, bs):
+        e = min(s + bs, N)
+        if e - ws > window:
+            ws = s - keep
+            if cache is not None:
+                cache, cached_to = KVCache(), ws
+        if s not in inners:
+            continue
+        if cache is not None and cached_to < s:
+            process.forward_logits(network, z[:, cached_to:s], None, None, attn_mask=prefix_mask(
+                cached_to - ws, s - cached_to, bs, z.device), positions=torch.arange(cached_to - ws, s - ws),
+                kv_cache=cache, cache_update=True, logits_at=slice(0, 0))
+            steps.called(rows, s - cached_to)
+            cached_to = s
+        prefix = None if cache is not None else z[:, ws:s]
+        ctx = BlockContext(process, bs, s - ws, cache, prefix)
+        out = inners[s].sample(network, ctx, Canvas(z[:, s:e], ~fixed[:, s:e]), generators_of(generator, rows))
+        z[:, s:e] = out.tokens
+        steps.nfe += out.nfe
+        steps.nfe_per_row += out.nfe_per_row
+    return steps.output(z)
+
+
 def time_alternated(repeats: int, old_fn, new_fn, per: int) -> tuple[float, float]:
     """Median seconds per step of old_fn and new_fn, run alternately `repeats` times each (per: steps per call)."""
     old, new = [], []
@@ -239,6 +281,18 @@ def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
         o, n = time_alternated(repeats, lambda: legacy_llada(sampler, net, proc, canvas, gens()),
                                lambda: sampler.sample(net, proc, canvas, gens()), new_out.nfe)
         print(f"| llada (cache={cache}) | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
+    bd3 = build_config(["model=tiny", "process=bd3lm", f"process.block_size={L // 4}"])
+    bd3_proc = make_process(bd3.process, 8191)
+    for kv_cache in (True, False):  # the second half in 2 blocks, the inner cached ancestral sampler
+        sampler = make_sampler("blockwise", steps=n_steps, temperature=1.0, block_length=L // 4, kv_cache=kv_cache)
+        gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
+        with torch.no_grad():
+            old_out = legacy_blockwise(sampler, net, bd3_proc, canvas, gens())  # also the warm-up
+            new_out = sampler.sample(net, bd3_proc, canvas, gens())
+        same = torch.equal(old_out.tokens, new_out.tokens) and old_out.nfe == new_out.nfe
+        o, n = time_alternated(repeats, lambda: legacy_blockwise(sampler, net, bd3_proc, canvas, gens()),
+                               lambda: sampler.sample(net, bd3_proc, canvas, gens()), new_out.nfe)
+        print(f"| blockwise (bd3lm, kv_cache={kv_cache}) | {o:.4f} | {n:.4f} | {n / o:.3f} | {same} |")
 
 
 def main() -> None:

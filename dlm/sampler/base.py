@@ -261,6 +261,10 @@ class Sampler:
                 stop = stop_mask(callback(event), state.batch)
                 stopped |= stop & ~state.done.cpu()
                 state.done |= stop.to(state.done.device)
+        return self.output(state, stopped)
+
+    def output(self, state, stopped: torch.Tensor) -> SampleOutput:
+        """`sample`'s result from the state after the last step; stopped (B,) bool: rows the callback stopped."""
         return SampleOutput(state.tokens, state.calls, state.nfe_per_row.cpu(), stopped, state.tokens_computed.cpu())
 
     def start(self, network, process, canvas: Canvas, generator=None):

@@ -23,6 +23,18 @@ it restarts `window // 2` tokens (whole blocks) before the current block; with a
 re-encoded once with window-relative positions, so cached and uncached generation stay identical.
 NFE counts every network call, the cache-filling passes included (each raises a step event committing nothing).
 Rows stopped by the callback leave the batch (and the cache) and keep their tokens, masks included.
+
+Step by step (`start` / `step`, dlm.sampler.state; `sample` is the base class's loop over them): each row
+(`extras["rows"]`, a `_Row` each) keeps its own block grid, anchored on its own canvas (a longer row joining
+left-pads the canvas: the grid moves with the row), its block and phase there (cache fill due, inner sampler
+running), its window, its rows of the cache of finished blocks and its rows of the inner sampler's state. A step is,
+for each row, a cache fill (one call, committing nothing) or one step of its inner sampler. Rows whose block, window
+and cache end are the same share the fill call; rows that began a block together share one inner state (its calls
+and random draws, as `sample`'s batch always did) and wait for each other at the block's end, where the stop rules
+are checked; a row stopped by a rule runs on (and is padded at the end) while a row beside it in its block is still
+running, and is done once none is. Rows that joined at other times are called separately. An inner sampler with
+only a `sample` of its own (no step-level API, e.g. a user's one-file sampler) is run on each whole block by
+`_sample_by_blocks`, the loop `sample` was before (same tokens, calls and events); `start` then refuses it.
 """
 
 from __future__ import annotations
@@ -37,8 +49,9 @@ from dlm.data.entropy import unigram_entropy
 from dlm.network import KVCache
 from dlm.network.kv_cache import updates_cache as updates
 from dlm.process.block_mask import generation_mask, prefix_mask
-from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepReporter, generators_of
+from dlm.sampler.base import Canvas, SampleOutput, Sampler, StepEvent, StepReporter, generators_of
 from dlm.sampler.registry import SamplingConfig, make_sampler, register_sampler, sampler_spec
+from dlm.sampler.state import SamplerState
 
 
 @dataclass
@@ -215,9 +228,17 @@ class BlockwiseSampler(Sampler):
             made[k] = self.inner.with_steps(k)
         return [made[per + (i < extra)] for i in range(num_blocks)]
 
-    @torch.no_grad()
     def sample(self, network, process, canvas: Canvas, generator=None, callback=None) -> BlockwiseOutput:
-        """canvas (B, N): BOS, prompt, and [MASK] where tokens are generated; N may exceed the context."""
+        """canvas (B, N): BOS, prompt, and [MASK] where tokens are generated; N may exceed the context. The base
+        class's loop over `start` / `step`; an inner sampler with only a `sample` of its own (no step-level API)
+        is run on each whole block instead (`_sample_by_blocks`), with the same tokens, calls and events."""
+        if type(self.inner).step is not Sampler.step:
+            return super().sample(network, process, canvas, generator, callback)
+        return self._sample_by_blocks(network, process, canvas, generator, callback)
+
+    @torch.no_grad()
+    def _sample_by_blocks(self, network, process, canvas: Canvas, generator=None, callback=None) -> BlockwiseOutput:
+        """The block loop for an inner sampler without the step-level API: its `sample` denoises each block."""
         window = self.check_model(process, network.cfg.context)
         bs = self.block_length
         z, fixed = canvas.tokens.clone(), canvas.fixed
@@ -280,7 +301,7 @@ class BlockwiseSampler(Sampler):
             if out.tokens_computed is not None:
                 steps.tokens_computed[rows.cpu()] += out.tokens_computed + out.nfe_per_row * prefix_fed
             rows, cache = self._leave(steps, rows, cache, alive, reasons)
-            self._check_stops(z, fixed, s, e, alive, lengths, reasons)
+            self._check_stops_batch(z, fixed, s, e, alive, lengths, reasons)
         tokens = z.clone()  # (B, N) whatever the stops, so batches of samples stack
         for row in range(B):
             if lengths[row] < N:  # padding after a stop
@@ -299,7 +320,7 @@ class BlockwiseSampler(Sampler):
             cache = cache.select(keep.nonzero().squeeze(1))
         return rows[keep], cache
 
-    def _check_stops(self, z, fixed, s, e, alive, lengths, reasons) -> None:
+    def _check_stops_batch(self, z, fixed, s, e, alive, lengths, reasons) -> None:
         for row in torch.nonzero(alive).flatten().tolist():
             if self.stop_at_eos:
                 hits = torch.nonzero((z[row, s:e] == self.eos_id) & ~fixed[row, s:e]).flatten()
@@ -309,6 +330,260 @@ class BlockwiseSampler(Sampler):
             if self.stop_entropy is not None and e >= self.entropy_window:
                 if unigram_entropy(z[row, e - self.entropy_window:e]) < self.stop_entropy:
                     alive[row], lengths[row], reasons[row] = False, e, "entropy"
+
+    @torch.no_grad()
+    def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
+        """canvas (B, N): BOS, prompt, and [MASK] where tokens are generated; N may exceed the context. Every row
+        starts at block 0 of its own canvas, with an empty cache; its plan (the inner sampler of each block, None
+        where no row of this canvas has anything to generate) is fixed here."""
+        if type(self.inner).step is Sampler.step:
+            raise NotImplementedError(f"the blockwise sampler steps its inner sampler, and {type(self.inner).__name__} "
+                                      "has no step-level API (start/step); use its `sample` (the whole loop)")
+        window = self.check_model(process, network.cfg.context)
+        bs = self.block_length
+        B, N = canvas.shape
+        if N > window and window < 2 * bs:
+            raise ValueError(f"generating {N} tokens slides a window of {window} tokens, which must hold at least two "
+                             f"blocks of {bs}; raise the window (the model's context) or lower the block size")
+        fixed = canvas.fixed
+        starts = [s for s in range(0, N, bs) if not fixed[:, s:s + bs].all()]  # blocks with something to generate
+        inners = dict(zip(starts, self.inner_samplers(len(starts))))
+        plan = tuple(inners.get(s) for s in range(0, N, bs))
+        rows = [_Row(N, plan) for _ in range(B)]
+        state = SamplerState.begin(network, process, canvas, generator, 0, {"rows": rows})
+        state.extras["window"] = window  # shared by every row
+        self._advance(state, begin=False)
+        return state
+
+    @torch.no_grad()
+    def step(self, state: SamplerState) -> tuple[SamplerState, StepEvent]:
+        """One step of every row not done: a row whose block needs the cache filled makes that call (a step that
+        commits nothing), a row inside its block takes one step of its inner sampler. Rows sharing a block span,
+        window and cache share the calls (and rows that began a block together step it together, waiting for each
+        other at its end); others are called separately."""
+        z = state.tokens
+        self._advance(state, begin=True)
+        committed = torch.zeros_like(z, dtype=torch.bool)
+        confidence = torch.zeros(z.shape, device=z.device) if state.confidence else None
+        rows_ = state.extras["rows"]
+        active = [r for r in range(state.batch) if not bool(state.done[r]) and rows_[r].phase in (_FILL, _INNER)]
+        fills = {}
+        for r in active:
+            if rows_[r].phase == _FILL:
+                fills.setdefault(self._span(state, r), []).append(r)
+        for span, group in fills.items():
+            self._fill(state, group, span)
+        inners = {}
+        for r in active:
+            if rows_[r].phase == _INNER:
+                inners.setdefault(id(rows_[r].inner[0]), []).append(r)
+        scored = [self._inner_step(state, group, committed, confidence) for group in inners.values()]
+        if not any(scored):  # a step of cache fills only (or inner steps without confidences): none, as before
+            confidence = None
+        state.step = state.step + torch.tensor([r in active for r in range(state.batch)], device=z.device).long()
+        self._advance(state, begin=False)
+        padded = [r for r, row in enumerate(rows_) if row.phase == _DONE and row.length < row.N and not row.padded]
+        tokens = z.clone() if padded else z  # the event shows the step's tokens; rows done after a stop are padded
+        for r in padded:
+            z[r, state.length - rows_[r].N + rows_[r].length:] = self.fill_id
+            rows_[r].padded = True
+        event = StepEvent(state.events, tokens, committed, confidence, state.calls, state.nfe_per_row.clone())
+        state.events += 1
+        return state, event
+
+    def _span(self, state, r) -> tuple[int, int, int, int]:
+        """Row r's block [start, end), window start and cache end, in canvas columns of the state."""
+        row, bs = state.extras["rows"][r], self.block_length
+        o = state.length - row.N  # the row's grid origin: the columns left-padded in front of its canvas
+        s = row.block * bs
+        return o + s, o + min(s + bs, row.N), o + row.ws, o + row.cached_to
+
+    def _positions(self, state, rows: torch.Tensor, a: int, b: int, ws: int) -> torch.Tensor:
+        """(B_a, b - a) (or (b - a,)) rotary positions of columns [a, b) in the window starting at column ws."""
+        if state.positions is None:
+            return torch.arange(a - ws, b - ws, device=state.tokens.device)
+        return (state.positions[rows, a:b] - state.positions[rows, ws:ws + 1]).clamp(min=0)  # pads (masked) clamp to 0
+
+    def _group_cache(self, state, group: list[int]) -> KVCache:
+        """The KV cache of the rows `group` (all with the same window and cache end): the one they share when they
+        are all its rows, in order; else theirs picked (and stacked)."""
+        entries = [state.extras["rows"][r].cache for r in group]
+        if all(e is None or not e[0].layers for e in entries):  # nothing cached yet
+            return KVCache()
+        first = entries[0][0]
+        if all(e[0] is first for e in entries) and [e[1] for e in entries] == list(range(first.batch)):
+            return first
+        device = state.tokens.device
+        parts = {}
+        for e in entries:
+            parts.setdefault(id(e[0]), [e[0], []])[1].append(e[1])
+        if len(parts) == 1:
+            return first.select(torch.tensor([e[1] for e in entries], device=device))
+        return KVCache.cat([e[0].select(torch.tensor([e[1]], device=device)) for e in entries])
+
+    def _fill(self, state, group: list[int], span) -> None:
+        """One call feeding the clean tokens between the cache's end and the block of the rows `group` into their
+        cache (block-causally), which they then share."""
+        s, _, ws, cached_to = span
+        network, process, z = state.network, state.process, state.tokens
+        rows = torch.tensor(group, device=z.device)
+        cache = self._group_cache(state, group)
+        valid = None if state.key_valid is None else state.key_valid[rows, cached_to:s]
+        process.forward_logits(network, z[rows, cached_to:s], None, None, attn_mask=prefix_mask(
+            cached_to - ws, s - cached_to, self.block_length, z.device), key_valid=valid,
+            positions=self._positions(state, rows, cached_to, s, ws), kv_cache=cache,
+            cache_update=True if valid is None else valid, logits_at=slice(0, 0))
+        state.calls += 1
+        state.nfe_per_row[rows.cpu()] += 1
+        state.tokens_computed[rows.cpu()] += s - cached_to
+        for i, r in enumerate(group):
+            row = state.extras["rows"][r]
+            row.cache, row.cached_to, row.phase = (cache, i), row.cached_to + (s - cached_to), _READY
+
+    def _begin_inner(self, state, group: list[int]) -> None:
+        """The inner sampler's state for the block of the rows `group` (same span, window and cache)."""
+        s, e, ws, _ = self._span(state, group[0])
+        z, rows_ = state.tokens, state.extras["rows"]
+        rows = torch.tensor(group, device=z.device)
+        row = rows_[group[0]]
+        cache = None if not self.kv_cache else self._group_cache(state, group)
+        prefix = None if cache is not None else z[rows, ws:s]
+        key_valid, positions = state.key_valid, state.positions
+        ctx = BlockContext(state.process, self.block_length, s - ws, cache, prefix,
+                           None if key_valid is None or prefix is None else key_valid[rows, ws:s],
+                           None if positions is None or prefix is None else self._positions(state, rows, ws, s, ws))
+        block = Canvas(z[rows, s:e], state.to_generate[rows, s:e], None if key_valid is None else key_valid[rows, s:e],
+                       None if positions is None else self._positions(state, rows, s, e, ws))
+        inner = row.plan[row.block].start(state.network, ctx, block, generators_of(state.generators, rows))
+        inner.confidence = state.confidence
+        holder = [inner, 0 if prefix is None else prefix.shape[1]]  # the state, and the prefix each call feeds
+        for i, r in enumerate(group):
+            rows_[r].inner, rows_[r].inner_index, rows_[r].phase = holder, i, _INNER
+            if cache is not None:
+                rows_[r].cache = (cache, i)
+
+    def _inner_step(self, state, group: list[int], committed, confidence) -> bool:
+        """One step of the inner state the rows `group` share (its rows gone or done sit it out); its tokens, calls
+        and commits go to the outer canvas. Returns whether its event had confidences."""
+        rows_, z = state.extras["rows"], state.tokens
+        holder = rows_[group[0]].inner
+        inner, prefix_fed = holder
+        index = torch.tensor([rows_[r].inner_index for r in group])
+        present = torch.zeros(inner.batch, dtype=torch.bool)
+        present[index] = True
+        inner.done = inner.done | ~present.to(inner.done.device)  # rows stopped or gone leave the inner batch
+        calls, per_row, computed = inner.calls, inner.nfe_per_row.clone(), inner.tokens_computed.clone()
+        inner, event = rows_[group[0]].plan[rows_[group[0]].block].step(inner)
+        holder[0] = inner
+        s, e, _, _ = self._span(state, group[0])
+        rows = torch.tensor(group, device=z.device)
+        at = index.to(z.device)
+        z[rows, s:e] = inner.tokens[at]
+        committed[rows, s:e] = event.committed[at]
+        scored = confidence is not None and event.confidence is not None
+        if scored:
+            confidence[rows, s:e] = event.confidence[at]
+        state.calls += inner.calls - calls
+        new_calls = (inner.nfe_per_row - per_row)[index]
+        state.nfe_per_row[rows.cpu()] += new_calls
+        state.tokens_computed[rows.cpu()] += (inner.tokens_computed - computed)[index] + new_calls * prefix_fed
+        return scored
+
+    def _advance(self, state, begin: bool) -> None:
+        """Move rows through their blocks up to the next thing a step does: a block whose inner sampler is through
+        for every row that began it ends (stop rules checked), then the next blocks begin: the window slides,
+        prompt blocks are skipped, a cache fill is due (_FILL) or the inner sampler may start (_READY; it starts at
+        a step's beginning, `begin`, after the callback has seen the last step). A row is done after its last
+        block, or once it has stopped and no running row shares its block."""
+        rows_, done = state.extras["rows"], state.done
+        while True:
+            moved = False
+            holders = {}
+            for r, row in enumerate(rows_):
+                if row.phase == _INNER and not bool(done[r]):
+                    holders.setdefault(id(row.inner[0]), []).append(r)
+            for group in holders.values():
+                inner = rows_[group[0]].inner[0]
+                mine = torch.tensor([rows_[r].inner_index for r in group])
+                if bool(inner.done.cpu()[mine].all()):  # the block is over for these rows
+                    for r in group:
+                        self._end_block(state, r)
+                    moved = True
+            for r, row in enumerate(rows_):
+                if row.phase == _BEGIN and not bool(done[r]):
+                    self._begin_block(state, r)
+            if begin:
+                ready = {}
+                for r, row in enumerate(rows_):
+                    if row.phase == _READY and not bool(done[r]):
+                        ready.setdefault(self._span(state, r) + (id(row.plan[row.block]),), []).append(r)
+                for group in ready.values():
+                    self._begin_inner(state, group)
+                    moved = True
+            if not moved:
+                return
+
+    def _end_block(self, state, r: int) -> None:
+        """Row r's block is over: its stop rules are checked and it moves to the next block."""
+        row = state.extras["rows"][r]
+        row.inner, row.phase = None, _BEGIN
+        if row.alive:
+            o, s = state.length - row.N, row.block * self.block_length
+            self._check_stops(state.tokens[r, o:], state.to_generate[r, o:], row, s, min(s + self.block_length, row.N))
+        row.block += 1
+
+    def _begin_block(self, state, r: int) -> None:
+        """Row r at the start of a block: done (after its last block, or stopped with nobody running beside it),
+        or the window slides, and prompt blocks are skipped, up to a block to fill the cache for or to sample."""
+        rows_, bs, window = state.extras["rows"], self.block_length, state.extras["window"]
+        row = rows_[r]
+        keep = min(window // 2 // bs * bs, window - bs)  # tokens kept when the window slides
+        while True:
+            s = row.block * bs
+            if s >= row.N or not row.alive and not any(
+                    other.alive and not bool(state.done[q]) and self._span(state, q)[0] == self._span(state, r)[0]
+                    for q, other in enumerate(rows_)):
+                self._finish_row(state, r)
+                return
+            e = min(s + bs, row.N)
+            if e - row.ws > window:  # slide: restart the window `keep` tokens before this block
+                row.ws = s - keep
+                if self.kv_cache:
+                    row.cache, row.cached_to = None, row.ws
+            if row.plan[row.block] is None:  # prompt block: nothing to generate; it enters the cache with the next fill
+                row.block += 1
+                continue
+            row.phase = _FILL if self.kv_cache and row.cached_to < s else _READY
+            return
+
+    def _finish_row(self, state, r: int) -> None:
+        """Row r is done: its cache and inner rows are let go (a stopped row is padded with fill_id after the step)."""
+        row = state.extras["rows"][r]
+        state.done[r] = True
+        row.phase, row.cache, row.inner = _DONE, None, None
+
+    def _check_stops(self, z, to_generate, row, s: int, e: int) -> None:
+        """Stop rules on the row's canvas z (N,) after its block [s, e)."""
+        if self.stop_at_eos:
+            hits = torch.nonzero((z[s:e] == self.eos_id) & to_generate[s:e]).flatten()
+            if hits.numel():
+                row.alive, row.length, row.reason = False, s + int(hits[0]) + 1, "eos"
+                return
+        if self.stop_entropy is not None and e >= self.entropy_window:
+            if unigram_entropy(z[e - self.entropy_window:e]) < self.stop_entropy:
+                row.alive, row.length, row.reason = False, e, "entropy"
+
+    def output(self, state, stopped: torch.Tensor) -> BlockwiseOutput:
+        """`sample`'s result: tokens (B, N) padded with fill_id after each row's stop, its length and stop reason
+        ("callback" for rows the callback stopped)."""
+        tokens, rows_ = state.tokens, state.extras["rows"]
+        for r, row in enumerate(rows_):
+            if row.length < row.N:
+                tokens[r, state.length - row.N + row.length:] = self.fill_id
+            if bool(stopped[r]):
+                row.reason = "callback"
+        return BlockwiseOutput(tokens, state.calls, state.nfe_per_row.cpu(), stopped, state.tokens_computed.cpu(),
+                               lengths=[row.length for row in rows_], stop_reasons=[row.reason for row in rows_])
 
 
 class _Relay:
@@ -332,6 +607,22 @@ class _Relay:
         steps.nfe_per_row[rows.cpu()] = self.base_rows[rows.cpu()] + event.nfe_per_row
         steps.report(tokens, committed, confidence)
         return steps.stopped[rows.cpu()]
+
+
+_BEGIN, _FILL, _READY, _INNER, _DONE = range(5)  # a row's phase within its block
+
+
+class _Row:
+    """One row's place in the blockwise loop (extras["rows"], one per row; positions are the row's own canvas
+    columns, its grid anchored at its first column): canvas length N, the inner sampler of each block (`plan`),
+    its block, phase, window start, cache end, its cache (the shared KVCache and its row there), its inner state
+    ([the shared SamplerState, prefix length fed per call] and its row there), and its stop (alive, length, reason)."""
+
+    def __init__(self, N: int, plan: tuple):
+        self.N, self.plan = N, plan
+        self.block, self.phase, self.ws, self.cached_to = 0, _BEGIN, 0, 0
+        self.cache, self.inner, self.inner_index = None, None, 0
+        self.alive, self.length, self.reason, self.padded = True, N, "length", False
 
 
 @register_sampler("blockwise", BlockwiseConfig,

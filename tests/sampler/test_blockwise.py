@@ -190,3 +190,42 @@ def test_pipeline_generates_bd3_blockwise_with_and_without_cache(bd3_run, micro_
     assert semi_ar.tokens.shape == (2, 45) and not (semi_ar.tokens == mdlm.tokenizer.mask_token_id).any()
     with pytest.raises(ValueError, match="needs a block-diffusion"):
         mdlm.generate(**kw, sampler="blockwise", block_length=4, sampler_options={"kv_cache": True})
+
+
+@pytest.mark.parametrize("inner", ["ancestral_cache", "first_hitting"])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_the_stepped_loop_equals_the_whole_block_loop(tiny_network, inner, kv_cache):
+    """`sample` (the base loop over start/step) and `_sample_by_blocks` (the loop kept for inner samplers without the
+    step API, which runs the inner `sample` on each whole block) give the same tokens, calls, stops and events — a
+    prompt ending inside a block, the sliding window past the context (32), an entropy stop in one row and a
+    callback stopping another row mid-way."""
+    net = tiny_network(V)
+    bd = BlockDiffusion(SCHED, MASK, block_size=4)
+    make = {"ancestral_cache": lambda: AncestralSampler(3, cache=True), "first_hitting": FirstHittingSampler}[inner]
+    sampler = BlockwiseSampler(make(), 4, kv_cache=kv_cache, steps=3 * 12, stop_entropy=0.75, entropy_window=8,
+                               fill_id=PAD)
+    canvas, fixed = canvas_of(3, 50, prompt=[4, 5, 4, 5, 4, 5])
+    canvas[0, 1:7] = 4  # row 0 repeats itself: its first 8 tokens have entropy <= 0.74 nats, it stops there
+    from dlm.sampler.base import Canvas
+
+    runs = []
+    for run in (sampler.sample, sampler._sample_by_blocks):
+        events = []
+
+        def callback(event):
+            confidence = None if event.confidence is None else event.confidence.clone()  # None: a cache fill
+            events.append((event.step, event.tokens.clone(), event.committed.clone(), confidence, event.nfe,
+                           event.nfe_per_row.clone()))
+            return torch.tensor([False, False, event.step == 9])  # row 2 stops at the 10th event
+
+        out = run(net, bd, Canvas.from_fixed(canvas, fixed), torch.Generator().manual_seed(3), callback)
+        runs.append((out, events))
+    (a, ea), (b, eb) = runs
+    assert torch.equal(a.tokens, b.tokens) and a.nfe == b.nfe and torch.equal(a.nfe_per_row, b.nfe_per_row)
+    assert torch.equal(a.tokens_computed, b.tokens_computed) and torch.equal(a.stopped, b.stopped)
+    assert a.lengths == b.lengths and a.stop_reasons == b.stop_reasons
+    assert a.stop_reasons[0] == "entropy" and a.stop_reasons[2] == "callback" and len(ea) == len(eb) > 10
+    for x, y in zip(ea, eb):
+        assert x[0] == y[0] and x[4] == y[4] and (x[3] is None) == (y[3] is None)
+        for k, p, q in zip("tcpn", x[1:4] + x[5:], y[1:4] + y[5:]):
+            assert p is None or torch.equal(p, q), (x[0], k, p, q)

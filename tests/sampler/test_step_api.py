@@ -26,10 +26,9 @@ WITHOUT = [n for n in sorted(sampler_names(aliases=False)) if not has_step_api(n
 
 def test_which_samplers_have_the_step_api():
     assert "ancestral" in STEPPED and "ancestral_cache" in STEPPED
-    # Not yet (issue 19, item 5): they keep their own `sample` loop.
-    assert {"autoregressive", "first_hitting", "llada", "remdm_cap", "remdm_conf", "remdm_loop",
+    assert {"autoregressive", "blockwise", "first_hitting", "llada", "remdm_cap", "remdm_conf", "remdm_loop",
             "remdm_rescale"} <= set(STEPPED)
-    assert set(WITHOUT) <= {"blockwise"}, WITHOUT
+    assert WITHOUT == [], WITHOUT  # every registered sampler's `sample` is the base loop over start/step
 
 
 def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: dict, width: int) -> dict:
@@ -53,23 +52,28 @@ def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: di
     return got
 
 
-def opts(name):
+def opts(name, model=None):
     accepted = SAMPLERS[name].options
     out = {"steps": 6} if "steps" in accepted else {}
     if "temperature" in accepted:
         out["temperature"] = 1.0
+    if name == "blockwise":  # the model's own block size (every prompt's row keeps its own block grid)
+        out["block_length"] = model.process.block_size
     return out
 
 
 def golden_models(name: str) -> list[str]:
-    """The golden models a sampler is stepped on: the plain and the soft-masking MDLM, or the AR model."""
+    """The golden models a sampler is stepped on: the plain and the soft-masking MDLM, the AR model, or the
+    block-diffusion model (blockwise, with its KV cache)."""
+    if name == "blockwise":
+        return ["bd3lm"]
     return ["ar"] if getattr(SAMPLERS[name].build, "autoregressive", False) else ["mdlm", "sm"]
 
 
 @pytest.mark.parametrize("name,model_name", [(n, m) for n in STEPPED for m in golden_models(n)])
 def test_rows_joining_and_leaving_get_their_tokens_alone(models, name, model_name):
     model = models[model_name]
-    sampler = make_sampler(name, **opts(name))
+    sampler = make_sampler(name, **opts(name, model))
     if model_name == "sm":
         sampler.feedback = model.process.feedback()
     net, process = model.network, model.process
@@ -158,3 +162,37 @@ def test_llada_rows_joining_and_leaving_get_their_tokens_alone(models, variant, 
         got = run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins, GEN)
     for i in range(4):
         assert torch.equal(got[i], alone[i].tokens[0, -GEN:]), (variant, i)
+
+
+BLOCKWISE = [("bd3lm", dict(inner_sampler="ancestral")), ("bd3lm", dict(inner_sampler="first_hitting")),
+             ("bd3lm", dict(kv_cache=False)), ("mdlm", dict(kv_cache=False)),
+             ("bd3lm", dict(stop_entropy=2.0, entropy_window=8, fill_id=0))]
+
+
+@pytest.mark.parametrize("first,joins", [((0, 1), {2: 2, 4: 3}), ((2, 3), {1: 0, 3: 1})],
+                         ids=["shorter-join", "longer-join"])
+@pytest.mark.parametrize("model_name,variant", BLOCKWISE,
+                         ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
+def test_blockwise_rows_joining_and_leaving_get_their_tokens_alone(models, model_name, variant, first, joins):
+    """The blockwise sampler with its inner samplers, with and without the KV cache, and with a stop rule (rows
+    padded with fill_id when they stop): rows joining a running batch keep their own block grid (a longer prompt
+    left-pads the others), rows in the same block span share calls, and each gets the tokens and calls it gets
+    alone."""
+    model = models[model_name]
+    sampler = make_sampler("blockwise", steps=6, temperature=1.0, block_length=8, **variant)
+    net, process = model.network, model.process
+    prompts = [[model.tokenizer.bos_token_id] + model.encode(p) for p in PROMPTS]
+
+    def canvas(i):
+        return Canvas.left_padded([prompts[i]], GEN, process)
+
+    def gen(i):
+        return [torch.Generator().manual_seed(300 + i)]
+
+    with torch.no_grad():
+        alone = {i: sampler.sample(net, process, canvas(i), gen(i)) for i in range(4)}
+        got = run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins, GEN)
+    for i in range(4):
+        assert torch.equal(got[i], alone[i].tokens[0, -GEN:]), (variant, i)
+    if "stop_entropy" in variant:
+        assert any(r.stop_reasons[0] == "entropy" for r in alone.values())  # the rule did stop some row
