@@ -13,7 +13,9 @@ Every row is one pair: no packing across pairs. A batch is a dict in dlm's forma
 Padding follows LLaDA's SFT recipe (Nie et al., arXiv 2502.09992, §2.4): a row is right-padded with EOS tokens
 that are part of the response — noised, scored, attended — so the model learns where a response stops (at
 sampling, what follows the first EOS is dropped). pad_with="pad" instead pads with [PAD], not attended, not scored.
-Rows are grouped by length (`LengthBucketBatchSampler`) so that little padding is spent.
+Rows are grouped by length (`LengthBucketBatchSampler`) so that little padding is spent. `pair_split` reads one
+split of a pair source (a folder of split files, or one file split by hash); `dlm train data.format=pairs` trains
+on them (dlm/train/data_module.py).
 """
 
 from __future__ import annotations
@@ -133,7 +135,6 @@ def load_pairs(path: str | Path, tokenizer, max_length: int | None = None, drop_
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int | None = None, drop_long: bool = False,
                    pad_with: str = "eos", origin: str = "the pairs", multiple: int = 1) -> PairDataset:
     """`load_pairs` of pairs already read (`origin` names them in errors)."""
-    path = origin
     plain = [i for i, p in enumerate(pairs) if "messages" not in p]
     rows: list = [None] * len(pairs)
     if plain:  # one batched call per side (the fast tokenizer's threads), same ids as tokenize_pair
@@ -146,15 +147,15 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int | None = None, 
         if rows[i] is None:
             rows[i] = tokenize_pair(tokenizer, p)
     if not rows:
-        raise ValueError(f"{path} holds no pairs")
+        raise ValueError(f"{origin} holds no pairs")
     if max_length is not None:
         long = [i for i, (ids, _) in enumerate(rows) if len(ids) > max_length]
         if long and not drop_long:
-            raise ValueError(f"{len(long)} of {len(rows)} pairs in {path} are longer than {max_length} tokens (the "
+            raise ValueError(f"{len(long)} of {len(rows)} pairs in {origin} are longer than {max_length} tokens (the "
                              f"first is line {long[0] + 1}, {len(rows[long[0]][0])} tokens): raise the length or drop them")
         rows = [r for r in rows if len(r[0]) <= max_length]
         if not rows:
-            raise ValueError(f"every pair in {path} is longer than {max_length} tokens")
+            raise ValueError(f"every pair in {origin} is longer than {max_length} tokens")
     return PairDataset(rows, tokenizer.eos_token_id, tokenizer.pad_token_id, pad_with, multiple)
 
 

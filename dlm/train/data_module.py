@@ -122,6 +122,8 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         t = self.cfg.trainer
+        if self.val_rows is None:  # trainer.val_batches=0: no validation split is read
+            return DataLoader([], batch_size=1)
         n = min(len(self.val_rows), t.val_batches * t.batch_size)
         if isinstance(self.val_rows, PairDataset):  # the first n pairs, in batches of similar length
             rows = sorted(range(n), key=lambda i: (self.val_rows.lengths[i], i))
