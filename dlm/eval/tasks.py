@@ -96,7 +96,7 @@ def task_examples(name: str, model=None, data: str | None = None, split: str = "
     - else (or data="generate") fresh examples from the task's generator: `limit` (default 100) of `split` with
       `seed` (default: the model's task folder's seed, else 0), the task built with `options` over the task
       folder's options (if any).
-    `source` says which, in words. A folder of another task, or options given with a folder, are errors."""
+    `source` says which, in words. A folder of another task, or options or a seed given with a folder, are errors."""
     from dlm.tasks import make_task
 
     split = SPLIT_NAMES.get(split, split)
