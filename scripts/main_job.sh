@@ -27,7 +27,7 @@ echo "        order and in top-probability-margin order (one cell per network ca
 [ -f runs/sudoku4-data/task.json ] || $PY -m dlm.tasks.sudoku --size 4 --givens 6 --train 20000 --val 200 --test 500 \
     --seed 0 --out runs/sudoku4-data
 $DLM train run=sudoku4 trainer.out_dir=runs/demo-sudoku trainer.max_minutes=${SUDOKU_MINUTES:-3}
-$DLM sample runs/demo-sudoku --task sudoku --num-samples 1 --sampler llada -o remasking=margin -o temperature=0 --seed 1
+$DLM sample runs/demo-sudoku --task sudoku --num-samples 1 --sampler llada -o remasking=margin --temperature 0 --seed 1
 for order in random margin; do
     $DLM eval runs/demo-sudoku --task sudoku --sampler llada -o remasking=$order -o temperature=0
 done
