@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_rows,
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability,
                               masked_fraction, sample_tokens)
 from dlm.sampler.registry import check_temperature, check_top_p, register_sampler
 from dlm.sampler.state import SamplerState
@@ -69,19 +69,7 @@ class FirstHittingSampler(Sampler):
             rate = (1.0 - process.alpha(t[rows.cpu()])) * u ** (1.0 / n)
             t = t.clone()
             t[rows.cpu()] = process.time_of_mask_rate(rate)
-        inputs = None  # feedback embeddings where a row has them; a row without (yet) is fed its tokens
-        if embeds is not None and bool(fed[rows].any()):
-            inputs = embeds if bool(fed[rows].all()) else \
-                torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
-        time = t.float().to(z.device)
-        if rows.numel() == B:  # every row: the batch's call as it is
-            raw = process.forward_logits(network, z, time, None, inputs, key_valid=state.key_valid,
-                                         positions=state.positions)
-        else:
-            raw = forward_rows(process, network, z, time, inputs, rows, state.canvas())  # (B_a, L, V)
-        state.calls += 1
-        state.nfe_per_row[rows.cpu()] += 1
-        state.tokens_computed[rows.cpu()] += L
+        raw = state.forward(rows, t.float().to(z.device), embeds, fed)  # (B_a, L, V)
         # A uniformly random open position per row (argmax of uniform scores over the open ones).
         scores = state.rand(rows, (L,), per_position=True).masked_fill(~open_, -1.0)
         pos = scores.argmax(1)  # (B_a,)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability, forward_rows,
+from dlm.sampler.base import (Canvas, InputFeedback, Sampler, StepEvent, chosen_probability,
                               masked_fraction, sample_tokens)
 from dlm.sampler.registry import SamplingConfig, register_sampler
 from dlm.sampler.state import SamplerState
@@ -145,19 +145,8 @@ class ReMDMSampler(Sampler):
         move = active & ~final
         rows = active.nonzero().squeeze(1)  # (B_a,) the rows of this call
         conf, embeds, fed = state.extras["confidence"], state.extras["embeds"], state.extras["fed"]
-        inputs = None  # feedback embeddings where a row has them; a row without (yet) is fed its tokens
-        if embeds is not None and bool(fed[rows].any()):
-            inputs = embeds if bool(fed[rows].all()) else \
-                torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
         t = times[idx.clamp(max=self.steps).cpu()].float().to(device)  # (B,) each row's own time
-        if rows.numel() == B:  # every row: the batch's call as it is
-            raw = process.forward_logits(network, z, t, None, inputs, key_valid=state.key_valid,
-                                         positions=state.positions)
-        else:
-            raw = forward_rows(process, network, z, t, inputs, rows, state.canvas())  # (B_a, L, V)
-        state.calls += 1
-        state.nfe_per_row[rows.cpu()] += 1
-        state.tokens_computed[rows.cpu()] += L
+        raw = state.forward(rows, t, embeds, fed)  # (B_a, L, V)
         at = torch.full((B,), -1, dtype=torch.long, device=device)
         at[rows] = torch.arange(rows.numel(), device=device)  # batch row -> its row of raw
 

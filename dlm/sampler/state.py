@@ -86,6 +86,28 @@ class SamplerState:
                              None if valid is None else valid[rows])
         return rand_rows(self.generators, (self.batch, *shape), device, dtype, valid)[rows]
 
+    def forward(self, rows: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor | None = None,
+                fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits (B_a, L, V) of one network call on the batch rows `rows` (B_a,) at the rows' times t (B,),
+        counted (calls, nfe_per_row, tokens_computed). embeds (B, L, C) and fed (B,) bool: feedback inputs, used where
+        a row has them; a row without (yet) is fed its tokens."""
+        from dlm.sampler.base import forward_rows
+
+        z, network, process = self.tokens, self.network, self.process
+        inputs = None
+        if embeds is not None and bool(fed[rows].any()):
+            inputs = embeds if bool(fed[rows].all()) else \
+                torch.where(fed[:, None, None], embeds, network.embed_tokens(z).to(embeds.dtype))
+        if rows.numel() == self.batch:  # every row: the batch's call as it is
+            raw = process.forward_logits(network, z, t, None, inputs, key_valid=self.key_valid,
+                                         positions=self.positions)
+        else:
+            raw = forward_rows(process, network, z, t, inputs, rows, self.canvas())  # (B_a, L, V)
+        self.calls += 1
+        self.nfe_per_row[rows.cpu()] += 1
+        self.tokens_computed[rows.cpu()] += self.length
+        return raw
+
     def select(self, rows: torch.Tensor) -> "SamplerState":
         """The state of the batch rows `rows` (B_a,) indices, in that order (rows leaving the batch)."""
         rows = rows.to(self.tokens.device)
