@@ -236,6 +236,7 @@ def step_api(repeats: int, B: int, L: int, n_steps: int) -> None:
     import platform
 
     torch.set_num_threads(2)
+    keep_freed_memory()  # as `dlm sample` does (dlm/allocator.py): without it page faults of freed logits dominate
     cfg = build_config(["model=tiny"])
     cfg.model.vocab_size = 8192
     torch.manual_seed(0)

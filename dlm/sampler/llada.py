@@ -334,8 +334,8 @@ class LLaDASampler(Sampler):
         logits = logits.double()  # float64: Gumbel-max in float32 acts like a lowered temperature
         if self.temperature > 0:
             u = rand_rows(generator, tuple(logits.shape), logits.device, torch.float64)
-            gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-            x0 = (logits / self.temperature + gumbel).argmax(-1)
+            gumbel = u.clamp_min_(torch.finfo(torch.float64).tiny).log_().neg_().log_().neg_()  # in place: (B, L, V)
+            x0 = gumbel.add_(logits / self.temperature).argmax(-1)
         else:
             x0 = logits.argmax(-1)
         probs = logits.softmax(-1)
