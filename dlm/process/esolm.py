@@ -336,6 +336,19 @@ class EsoLM(SUBSProcess):
         return LossOutput(total / num_tokens.clamp(min=1), total, num_tokens, per_row, lm.sum(1))
 
     # ------------------------------------------------------------------------------------------ any order
+    def random_ranks(self, loss_mask: torch.Tensor, generator) -> torch.Tensor:
+        """(B, L) ranks of an order drawn as the sampler with one token per step draws it (-1 off loss_mask): each
+        scored position joins the diffusion set with probability alpha0_eval (a Binomial count), the set first in a
+        uniformly random order, then the others left to right. alpha0_eval = 1: a uniform order; 0: left to right."""
+        from dlm.process.any_order import ranks_of_keys
+
+        drafted = (uniform(loss_mask.shape, generator, loss_mask.device) < self.alpha0_eval) & loss_mask
+        keys = uniform(loss_mask.shape, generator, loss_mask.device)
+        L = loss_mask.shape[1]
+        natural = torch.arange(L, device=loss_mask.device, dtype=torch.float64) / L
+        # Drafted positions first (keys in [0, 1)), then the others by position (in [1, 2)): one sort does both.
+        return ranks_of_keys(torch.where(drafted, keys.double(), 1.0 + natural) / 2.0, loss_mask)
+
     @torch.no_grad()
     def order_nll(self, network, batch: dict, ranks: torch.Tensor) -> torch.Tensor:
         """(B,) -log p(x | order): the scored tokens revealed one at a time in the order of `ranks` (B, L) (rank of
