@@ -68,7 +68,7 @@ def test_alpha0_1_is_mdlms_bound_and_loss_for_a_position_wise_network(attention)
         a, want = eso.nelbo(net, b, 1, gens()), mdlm.nelbo(net, b, 1, gens())
         assert torch.allclose(a.nll_per_row, want.nll_per_row, rtol=1e-6) and float(a.nll_sum) > 0
     la, lw = eso.loss(net, b, torch.Generator().manual_seed(5)), mdlm.loss(net, b, torch.Generator().manual_seed(5))
-    assert float(la.loss) == pytest.approx(float(lw.loss), rel=1e-6)
+    assert float(la.loss.detach()) == pytest.approx(float(lw.loss.detach()), rel=1e-6)
     # the positions the network saw are those of the tokens it was fed: a permutation of each row's 0..L-1
     assert all(torch.equal(p.sort(1).values, torch.arange(L).expand_as(p)) for p in net.calls)
     assert any(not torch.equal(p, torch.arange(L).expand_as(p)) for p in net.calls)  # and really sorted
@@ -189,7 +189,7 @@ def test_kappa_splits_the_rows_and_low_var_changes_only_the_training_weight(tiny
     monkeypatch.undo()
     elbo = esolm(0.5).loss(net, b, torch.Generator().manual_seed(0))
     low = esolm(0.5, weight="low_var").loss(net, b, torch.Generator().manual_seed(0))
-    assert float(elbo.loss) != float(low.loss)
+    assert float(elbo.loss.detach()) != float(low.loss.detach())
     assert float(esolm(0.5).nelbo(net, b, 2, torch.Generator().manual_seed(0)).nll_sum) == float(
         esolm(0.5, weight="low_var").nelbo(net, b, 2, torch.Generator().manual_seed(0)).nll_sum)
 
@@ -221,3 +221,20 @@ def test_config_is_checked_and_built_by_name():
                        (dict(alpha0=0.5, kappa=0.0), "kappa=0"), (dict(alpha0_eval=2.0), "alpha0_eval")]:
         with pytest.raises(ValueError, match=match):
             make_process(EsoLMConfig(**bad), ModelDescription(vocab_size=V, mask_id=MASK))
+
+
+@pytest.mark.parametrize("attention", [CAUSAL, CLEAN_BIDIRECTIONAL])
+def test_left_padding_and_a_callers_attention_mask_are_honoured(tiny_network, attention):
+    """A left-padded canvas row (key_valid False on the pads, its positions from 0 at its first token) gets the
+    logits of the same row unpadded; a caller's attention mask hiding the pads does the same."""
+    from dlm.network.base import padding_mask
+
+    net, eso = tiny_network(V), esolm(0.5, attention)
+    row = torch.tensor([[0, 3, MASK, 5, MASK, MASK, 7]])
+    alone = eso.forward_logits(net, row, None, positions=torch.arange(7))
+    padded = torch.cat((torch.tensor([[2, 2, 2]]), row), 1)
+    valid = torch.tensor([[False] * 3 + [True] * 7])
+    positions = torch.tensor([[0, 0, 0, *range(7)]])
+    by_valid = eso.forward_logits(net, padded, None, key_valid=valid, positions=positions)
+    by_mask = eso.forward_logits(net, padded, None, attn_mask=padding_mask(valid), positions=positions)
+    assert torch.allclose(by_valid[:, 3:], alone, atol=1e-5) and torch.allclose(by_mask[:, 3:], alone, atol=1e-5)
