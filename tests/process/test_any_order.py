@@ -170,3 +170,18 @@ def test_mdlms_nelbo_is_the_mean_any_order_nll(nlls):
     exact = float(torch.trapezoid(integrand, t))
     assert exact == pytest.approx(float(table[0].mean()), rel=0.005)
     assert exact >= float(-(torch.logsumexp(-table[0], 0) - math.log(len(ORDERS))))  # >= -log p
+
+
+@pytest.mark.parametrize("name", ["mdlm", "esolm_clean_bi"])
+def test_steps_batched_into_one_call_give_the_one_call_per_step_values(nlls, name):
+    from dlm.process.any_order import mdlm_order_nll
+
+    net, proc = nlls[0], process(name)
+    b = {"input_ids": ALL_X[[5, 60, 199]], "loss_mask": torch.ones(3, L, dtype=torch.bool),
+         "attention_mask": torch.tensor([[True] * 4, [True] * 4, [True, True, True, False]])}
+    b["loss_mask"] = b["loss_mask"] & b["attention_mask"]
+    ranks = random_ranks(proc, b["loss_mask"], torch.Generator().manual_seed(2))
+    run = mdlm_order_nll if name == "mdlm" else proc.stepwise_order_nll
+    one_by_one = run(proc, net, b, ranks, rows_per_call=1) if name == "mdlm" else run(net, b, ranks, rows_per_call=1)
+    batched = run(proc, net, b, ranks) if name == "mdlm" else run(net, b, ranks)
+    assert torch.allclose(one_by_one, batched, rtol=1e-5)
