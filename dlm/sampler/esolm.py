@@ -79,13 +79,10 @@ class EsoLMConfig:
 
 
 def attention_rule(process) -> str:
-    """How `process`'s network was trained to attend (see the module docstring): its `esolm_attention` when it
-    says, else "bidirectional"."""
-    rule = getattr(process, "esolm_attention", None) or "bidirectional"
-    if rule not in RULES:
-        raise ValueError(f"process '{process.name}' declares attention rule {rule!r}; the Eso-LM sampler knows "
-                         f"{', '.join(RULES)}")
-    return rule
+    """How `process`'s network was trained to attend (see the module docstring): an Eso-LM process's `attention`
+    ("causal" or "clean_bidirectional"), else "bidirectional" (a plain masked diffusion process)."""
+    rule = getattr(process, "attention", None)
+    return rule if isinstance(rule, str) and rule in RULES else "bidirectional"
 
 
 def process_alpha0(process) -> float:
