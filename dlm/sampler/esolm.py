@@ -322,13 +322,16 @@ class EsoLMSampler(Sampler):
         causal = torch.ones(T, cached + T, dtype=torch.bool, device=device).tril(cached)  # (T, S)
         at = torch.zeros_like(valid)
         at[:, Pm:] = cur_valid
-        crop = 0
+        # The whole chunk is appended, then the masks' columns (its last C_max) are cropped off: a crop is a view, so
+        # the cache is copied once per call (the next call's concatenation), as in autoregressive decoding. A row
+        # whose previous set is smaller than others' gets its padding columns appended as keys nobody sees.
+        crop = T - Pm
         if Pm == 0:
-            update = False
+            update, crop = False, 0
         elif bool(prev_valid.all()):
-            update = torch.arange(T, device=device) < Pm  # (T,): the previous set's columns
-        else:  # rows with fewer: every column appended, valid where a row's previous set is; masks cropped after
-            update, crop = torch.cat((prev_valid, torch.zeros_like(cur_valid)), 1), T - Pm
+            update = True
+        else:
+            update = torch.cat((prev_valid, torch.zeros_like(cur_valid)), 1)  # (B_a, T): valid per row
         logits = state.process.forward_logits(
             state.network, state.tokens[rows].gather(1, cols), None, positions=self._positions(state, rows).gather(1, cols),
             key_valid=valid, attn_mask=causal, kv_cache=cache, cache_update=update, logits_at=at)  # (N, V)
