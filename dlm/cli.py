@@ -347,6 +347,8 @@ def cmd_eval(args) -> int:
 
     args.softmask_kw, args.sampler_kw = softmask_option(args), sampler_options(args)  # -o: per model (report.py)
     args.feedback_kw = feedback_option(args)
+    if args.iw_orders < 0:
+        raise ValueError(f"--iw-orders={args.iw_orders} must be 0 (off) or a positive number of orders per sequence")
     if args.task:
         return _eval_task(args)
     if args.task_data or args.task_option or args.limit is not None or args.task_seed is not None:
@@ -364,7 +366,8 @@ def _eval_task(args) -> int:
     from dlm.eval.tasks import evaluate_models_on_task, print_task_table
 
     given = [flag for flag, on in (("--gen-ppl", args.gen_ppl), ("--mauve", args.mauve),
-                                   ("--max-rows", args.max_rows is not None), ("--source", args.source != "embedded"))
+                                   ("--max-rows", args.max_rows is not None), ("--source", args.source != "embedded"),
+                                   ("--iw-orders", args.iw_orders > 0))
              if on]
     if given:
         raise ValueError(f"{', '.join(given)} measure text models; with --task the metrics are the task's own "
@@ -513,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train | val | test (with --task: train | validation | test)")
     p.add_argument("--num-t-samples", type=int, default=4, help="Monte Carlo times per sequence for the NELBO")
     p.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows")
+    p.add_argument("--iw-orders", type=int, default=0, metavar="K",
+                   help="also the any-order likelihood of an MDLM or Eso-LM model from K orders per sequence: 'iw "
+                        "ppl' (importance-weighted, tends to the exact perplexity as K grows) and 'ao ppl' (mean "
+                        "single-order NLL); one network pass per token and order for MDLM (docs/esolm.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gen-ppl", action="store_true", help="also sample and score generative perplexity + entropy")

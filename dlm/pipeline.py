@@ -463,15 +463,38 @@ class DiffusionLM:
             out = process.nelbo(self.network, batch, num_t_samples, generator)
         return float(out.nll_sum), int(out.num_tokens)
 
+    @torch.no_grad()
+    def any_order_nll(self, batch: dict, num_orders: int, seed: int = 0, precision: str = "auto"
+                      ) -> tuple[float, float, int]:
+        """(importance-weighted NLL with `num_orders` orders, mean single-order NLL L_AO, scored tokens) of a batch,
+        in summed nats (dlm.process.any_order): the any-order likelihood of an MDLM or Eso-LM model, which tends to
+        the model's exact -log p(x) as num_orders grows (and is above it in expectation). Each row's orders come
+        from its own generator (seeded as in `nelbo`), so a text's estimate depends neither on its batch nor on its
+        place."""
+        from dlm.process.any_order import check_any_order, importance_weighted_nll
+
+        process = self.process.plain
+        check_any_order(process)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        am = batch.get("attention_mask")
+        generator = [torch.Generator(device=self.device).manual_seed(
+            row_seed(seed, ids if am is None else ids[am[r].bool()])) for r, ids in enumerate(batch["input_ids"])]
+        with self.autocast(precision):
+            iw, ao = importance_weighted_nll(process, self.network, batch, num_orders, generator)
+        return float(iw.sum()), float(ao.sum()), int(process.honour_given(batch)["loss_mask"].sum())
+
     def perplexity(self, source: str = "embedded", split: str = "test", texts: list[str] | None = None,
                    num_t_samples: int = 8, seed: int = 0, batch_size: int = 16, max_rows: int | None = None,
-                   precision: str = "auto", progress: bool | str = False, softmask: bool | None = None) -> dict:
+                   precision: str = "auto", progress: bool | str = False, softmask: bool | None = None,
+                   iw_orders: int = 0) -> dict:
         """Validation perplexity: exp of the per-token `nelbo` of the process, which is an upper bound (diffusion
         models), exact (autoregressive ones) or an estimate, as `process.likelihood` says and the result's
         "likelihood" reports ("bound": whether it is an upper bound), on a split of `source` or on given `texts`, packed like training
         (given texts: every token, the last row padded, so even one short sentence can be scored).
         softmask: as in `nelbo` (default: the soft-masked bound for a model trained with SM); progress: per batch,
-        as in `generate`."""
+        as in `generate`. iw_orders > 0 (an MDLM or Eso-LM model): also the any-order likelihood estimated with that
+        many orders per sequence (`any_order_nll`): "iw_ppl" (importance-weighted: tends to the exact perplexity
+        from above as iw_orders grows) and "ao_ppl" (the mean single-order NLL, a bound)."""
         from dlm.data.packing import build_token_dataset
         from dlm.data.batch import make_batch
 
@@ -496,20 +519,33 @@ class DiffusionLM:
         ids, am = data["input_ids"], data.get("attention_mask")
         if max_rows is not None:
             ids, am = ids[:max_rows], None if am is None else am[:max_rows]
-        total, count = 0.0, 0
+        if iw_orders < 0:
+            raise ValueError(f"iw_orders={iw_orders} must be 0 (off) or a positive number of orders")
+        if iw_orders:
+            from dlm.process.any_order import check_any_order
+
+            check_any_order(self.process.plain)  # before any work
+        total, count, iw_total, ao_total = 0.0, 0, 0.0, 0.0
         starts = range(0, ids.shape[0], batch_size)
         for start in track(starts, "perplexity", progress):
             batch = make_batch(ids[start:start + batch_size].long(), None if am is None else am[start:start + batch_size])
             s, n = self.nelbo(batch, num_t_samples, seed, precision, softmask)
             total, count = total + s, count + n
+            if iw_orders:
+                iw, ao, _ = self.any_order_nll(batch, iw_orders, seed, precision)
+                iw_total, ao_total = iw_total + iw, ao_total + ao
         if count == 0:
             raise ValueError("no token to score: the text is empty")
         nll = total / count
-        return {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": count, "num_rows": int(ids.shape[0]),
-                "likelihood": self.process.likelihood, "bound": self.process.likelihood == "bound",
-                "num_t_samples": 0 if self.process.likelihood == "exact" else num_t_samples,
-                "seed": seed, "split": "texts" if given_texts else split,
-                "softmask": bool(self.softmask is not None if softmask is None else softmask)}
+        out = {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": count, "num_rows": int(ids.shape[0]),
+               "likelihood": self.process.likelihood, "bound": self.process.likelihood == "bound",
+               "num_t_samples": 0 if self.process.likelihood == "exact" else num_t_samples,
+               "seed": seed, "split": "texts" if given_texts else split,
+               "softmask": bool(self.softmask is not None if softmask is None else softmask)}
+        if iw_orders:
+            out.update(iw_ppl=math.exp(iw_total / count), iw_nll_per_token=iw_total / count,
+                       ao_ppl=math.exp(ao_total / count), ao_nll_per_token=ao_total / count, iw_orders=iw_orders)
+        return out
 
 
 def row_seed(seed: int, tokens: torch.Tensor) -> int:

@@ -54,7 +54,8 @@ def evaluate_models(args) -> list[dict]:
             row["steps"] = model.trained_steps
         t0 = time.perf_counter()
         ppl = model.perplexity(source=args.source, split=args.split, num_t_samples=args.num_t_samples,
-                               seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=progress)
+                               seed=args.seed, batch_size=args.batch_size, max_rows=args.max_rows, progress=progress,
+                               iw_orders=0 if model.is_autoregressive else getattr(args, "iw_orders", 0) or 0)
         row.update({f"val_{k}": v for k, v in ppl.items()}, val_seconds=time.perf_counter() - t0)
         if eval_lm is not None:
             softmask, feedback = getattr(args, "softmask_kw", None), getattr(args, "feedback_kw", None)
@@ -89,7 +90,8 @@ def evaluate_models(args) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "model", "{}"), ("process", "process", "{}"), ("params", "params", "{:,}"),
             ("steps", "steps", "{:,}"),
-            ("val_ppl", "val ppl", "{:.2f}"), ("val_likelihood", "ppl is", "{}"), ("val_num_tokens", "tokens", "{:,}"),
+            ("val_ppl", "val ppl", "{:.2f}"), ("val_likelihood", "ppl is", "{}"), ("val_iw_ppl", "iw ppl", "{:.2f}"),
+            ("val_ao_ppl", "ao ppl", "{:.2f}"), ("val_num_tokens", "tokens", "{:,}"),
             ("gen_ppl", "gen ppl", "{:.1f}"), ("entropy", "entropy", "{:.2f}"), ("mauve", "MAUVE", "{:.3f}"),
             ("nfe", "NFE", "{}"),
             ("tokens_per_s", "tok/s", "{:.0f}")]
@@ -105,6 +107,11 @@ def print_table(rows: list[dict]) -> None:
              "an upper bound) or estimate (neither)"]
     if mc is not None:
         notes[0] += f"; bounds and estimates use {mc['val_num_t_samples']} time samples per sequence (seed {mc['val_seed']})"
+    iw = next((r for r in rows if "val_iw_orders" in r), None)
+    if iw is not None:
+        notes.append(f"iw ppl: the any-order likelihood estimated with {iw['val_iw_orders']} orders per sequence "
+                     "(importance-weighted: above the exact perplexity in expectation, tending to it as the orders "
+                     "grow); ao ppl: the mean single-order NLL (L_AO, a bound)")
     if "eval_model" in r0:
         notes.append(f"generative perplexity by {r0['eval_model']} on {r0['num_samples']} samples; entropy = mean "
                      "unigram entropy of each sample's token ids (low = repetitive)")

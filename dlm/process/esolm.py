@@ -181,12 +181,14 @@ class EsoLM(SUBSProcess):
 
     def diffusion_logits(self, network, z: torch.Tensor, sigma: torch.Tensor, num_clean: torch.Tensor,
                          valid: torch.Tensor, positions: torch.Tensor, t: torch.Tensor | None = None,
-                         logits_at: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
-                         ) -> torch.Tensor:
-        """Raw logits on the sorted sequence z[sigma] (B, L) with positions[sigma] and the variant's rule: (B, L, V)
-        in sorted order, or (N, V) at `logits_at` (B, L) bool, a mask over SORTED places."""
+                         logits_at: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                         extra_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw logits on the sorted sequence z[sigma] (B, L) with positions[sigma] and the variant's rule (and
+        `extra_mask`, in sorted order, if any): (B, L, V) in sorted order, or (N, V) at `logits_at` (B, L) bool, a
+        mask over SORTED places."""
         zs, ps, vs = z.gather(1, sigma), positions.gather(1, sigma), valid.gather(1, sigma)
-        mask = with_valid_keys(diffusion_mask(num_clean, z.shape[1], self.attention), vs)
+        rule = diffusion_mask(num_clean, z.shape[1], self.attention)
+        mask = with_valid_keys(rule if extra_mask is None else rule & extra_mask, vs)
         embeds = None
         if inputs_embeds is not None:
             embeds = inputs_embeds.gather(1, sigma[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
@@ -207,12 +209,14 @@ class EsoLM(SUBSProcess):
 
     def forward_logits(self, network, z, t, batch=None, inputs_embeds=None, *, positions=None, key_valid=None,
                        attn_mask=None, kv_cache=None, cache_update=False, logits_at=None) -> torch.Tensor:
-        """Raw logits (B, L, V) in the canvas's own (natural) layout. A whole-canvas call (no KV cache, no attention
-        mask): the canvas is sorted (valid clean tokens first, then masks, both in natural order; left padding
-        last), run with the variant's rule and positions gathered by the order, and the logits put back at their
-        positions. A call with a KV cache or an attention mask is the caller's own layout (the Eso-LM sampler:
-        sorted chunks, with their positions and mask): passed to the network as given."""
-        if kv_cache is not None or attn_mask is not None:
+        """Raw logits (B, L, V) in the canvas's own layout (or at `logits_at` of it). Without a KV cache the call is
+        a whole canvas: it is sorted (valid clean tokens first, then masks, each in the canvas's order; left padding
+        and other invalid keys last), run with the variant's rule AND the caller's `attn_mask` (gathered by the same
+        order) and the positions gathered by it, and the logits are put back at their places. A canvas that is
+        already sorted (an Eso-LM sampler's own layout) is left in its order. With a KV cache the call is the
+        caller's own layout (an Eso-LM sampler's sorted chunks, with their positions and mask): passed to the
+        network as given."""
+        if kv_cache is not None:
             return super().forward_logits(network, z, t, batch, inputs_embeds, positions=positions,
                                           key_valid=key_valid, attn_mask=attn_mask, kv_cache=kv_cache,
                                           cache_update=cache_update, logits_at=logits_at)
@@ -224,10 +228,16 @@ class EsoLM(SUBSProcess):
         if positions is None:
             positions = torch.arange(L, device=z.device)
         positions = positions.expand(B, L) if positions.dim() == 1 else positions
-        masked = z == self.mask_id
-        sigma, num_clean = sort_order(valid & ~masked, masked & valid, valid, torch.zeros(B, L, device=z.device))
+        masked = (z == self.mask_id) & valid
+        sigma, num_clean = sort_order(valid & ~masked, masked, valid, torch.zeros(B, L, device=z.device))
+        extra = None
+        if attn_mask is not None:  # (..., L, L) in the canvas's layout -> (B, h, L, L) in the sorted one
+            m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+            m = m.expand(B, m.shape[1], L, L)
+            m = m.gather(2, sigma[:, None, :, None].expand(-1, m.shape[1], -1, L))
+            extra = m.gather(3, sigma[:, None, None, :].expand(-1, m.shape[1], L, -1))
         sorted_logits = self.diffusion_logits(network, z, sigma, num_clean, valid, positions, t,
-                                              inputs_embeds=inputs_embeds)  # (B, L, V)
+                                              inputs_embeds=inputs_embeds, extra_mask=extra)  # (B, L, V)
         logits = torch.empty_like(sorted_logits).scatter_(1, sigma[..., None].expand_as(sorted_logits), sorted_logits)
         return select_positions(logits, logits_at)
 
@@ -336,6 +346,19 @@ class EsoLM(SUBSProcess):
         return LossOutput(total / num_tokens.clamp(min=1), total, num_tokens, per_row, lm.sum(1))
 
     # ------------------------------------------------------------------------------------------ any order
+    def random_ranks(self, loss_mask: torch.Tensor, generator) -> torch.Tensor:
+        """(B, L) ranks of an order drawn as the sampler with one token per step draws it (-1 off loss_mask): each
+        scored position joins the diffusion set with probability alpha0_eval (a Binomial count), the set first in a
+        uniformly random order, then the others left to right. alpha0_eval = 1: a uniform order; 0: left to right."""
+        from dlm.process.any_order import ranks_of_keys
+
+        drafted = (uniform(loss_mask.shape, generator, loss_mask.device) < self.alpha0_eval) & loss_mask
+        keys = uniform(loss_mask.shape, generator, loss_mask.device)
+        L = loss_mask.shape[1]
+        natural = torch.arange(L, device=loss_mask.device, dtype=torch.float64) / L
+        # Drafted positions first (keys in [0, 1)), then the others by position (in [1, 2)): one sort does both.
+        return ranks_of_keys(torch.where(drafted, keys.double(), 1.0 + natural) / 2.0, loss_mask)
+
     @torch.no_grad()
     def order_nll(self, network, batch: dict, ranks: torch.Tensor) -> torch.Tensor:
         """(B,) -log p(x | order): the scored tokens revealed one at a time in the order of `ranks` (B, L) (rank of
