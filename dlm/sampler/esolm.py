@@ -176,9 +176,9 @@ class CacheRows:
             if full is not None and not c.layers:
                 b = int(p.held.sum())
                 c = KVCache([(k.new_zeros((b, k.shape[1], 0, k.shape[3])), v.new_zeros((b, v.shape[1], 0, v.shape[3])))
-                             for k, v in full.layers])
+                             for k, v in full.layers], capacity=c.capacity)
             caches.append(c)
-        cache = KVCache.cat(caches) if full is not None else KVCache()
+        cache = KVCache.cat(caches) if full is not None else KVCache(capacity=max(p.cache.capacity for p in parts))
         return CacheRows(cache, torch.cat([p.held for p in parts]))
 
 
@@ -220,7 +220,7 @@ class EsoLMSampler(Sampler):
         cached = self.kv_cache and rule == "causal" and not process.time_conditioning
         held = torch.ones(B, dtype=torch.bool, device=z.device)
         state.extras = {"when": when, "frac": frac, "t_at": t_at,
-                        "cache": CacheRows(KVCache(), held) if cached else None,
+                        "cache": CacheRows(KVCache(capacity=L + 8), held) if cached else None,
                         "embeds": None, "fed": torch.zeros(B, dtype=torch.bool, device=z.device)}
         return state
 
@@ -322,9 +322,9 @@ class EsoLMSampler(Sampler):
         causal = torch.ones(T, cached + T, dtype=torch.bool, device=device).tril(cached)  # (T, S)
         at = torch.zeros_like(valid)
         at[:, Pm:] = cur_valid
-        # The whole chunk is appended, then the masks' columns (its last C_max) are cropped off: a crop is a view, so
-        # the cache is copied once per call (the next call's concatenation), as in autoregressive decoding. A row
-        # whose previous set is smaller than others' gets its padding columns appended as keys nobody sees.
+        # The whole chunk is appended (in place: the cache reserves the canvas's length), then the masks' columns (its
+        # last C_max) are cropped off, to be overwritten by the next append: no copy of the cache per call. A row whose
+        # previous set is smaller than others' gets its padding columns appended as keys nobody sees.
         crop = T - Pm
         if Pm == 0:
             update, crop = False, 0
