@@ -9,7 +9,9 @@ from pathlib import Path
 
 from dlm.precision import describe_cpu
 
-LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking"}
+LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking",
+          "esolm_b1": "Eso-LM (B) α0=1", "esolm_b05": "Eso-LM (B) α0=0.5", "esolm_b025": "Eso-LM (B) α0=0.25",
+          "esolm_a1": "Eso-LM (A) α0=1"}
 
 
 def grouped(results: list[dict]) -> dict[tuple[str, str], list[dict]]:

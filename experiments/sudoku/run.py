@@ -10,6 +10,9 @@ never noised, never scored; the solution and its EOS are the response) for the s
 the same batches (equal training compute, except soft-masking's second pass, reported beside it), with 2 seeds:
   mdlm   masked diffusion (MDLM)                 ar     autoregressive, the same network, left to right
   bd3lm  block diffusion, one block per board row  sm   MDLM + soft-masking training
+  esolm_b1, esolm_b05, esolm_b025   Eso-LM with causal attention on the sorted sequence (the paper's (B)) at
+         alpha0 = 1, 0.5, 0.25;  esolm_a1   Eso-LM with clean tokens bidirectional (the paper's (A)) at alpha0 = 1
+         (decoded by the same LLaDA-style and threshold rules until an Eso-LM sampler is registered)
 Each model then solves the same test puzzles with each decoding rule below; every rule reports puzzles solved,
 cells correct, rule violations and network calls per puzzle (NFE):
   - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
@@ -35,7 +38,11 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("mdlm", "ar", "bd3lm", "sm")
+METHODS = ("mdlm", "ar", "bd3lm", "sm", "esolm_b1", "esolm_b05", "esolm_b025", "esolm_a1")
+# Eso-LM (process=esolm, docs/esolm.md): "b" = attention "causal" (the paper's Eso-LM (B)), "a" = attention
+# "clean_bidirectional" (Eso-LM (A)); the digits are alpha0 (1, 0.5, 0.25).
+ESOLM = {"esolm_b1": ("causal", "1.0"), "esolm_b05": ("causal", "0.5"), "esolm_b025": ("causal", "0.25"),
+         "esolm_a1": ("clean_bidirectional", "1.0")}
 ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", "entropy": "entropy"}
 
 SCALES = {
@@ -60,6 +67,9 @@ def write_data(scale: dict, out: Path) -> Path:
 
 
 def method_overrides(method: str, size: int) -> list[str]:
+    if method in ESOLM:
+        attention, alpha0 = ESOLM[method]
+        return ["process=esolm", f"process.attention={attention}", f"process.alpha0={alpha0}"]
     return {"mdlm": ["process=mdlm"], "ar": ["process=ar"], "sm": ["process=mdlm", "softmask.enabled=true"],
             "bd3lm": ["process=bd3lm", f"process.block_size={size}"]}[method]
 

@@ -74,6 +74,7 @@ def test_alpha0_1_is_mdlms_bound_and_loss_for_a_position_wise_network(attention)
     assert any(not torch.equal(p, torch.arange(L).expand_as(p)) for p in net.calls)  # and really sorted
 
 
+@torch.no_grad()
 def brute_autoregressive_nll(net, x, lm):
     """-log p(x) of the AR model Eso-LM is at alpha0 = 0, one call per token: token l is predicted by a [MASK] at
     position l that attends to x^{<l} (causal) and itself."""
@@ -139,16 +140,17 @@ def test_the_sequential_term_is_the_any_order_nll_of_its_own_order(tiny_network)
     sigma, n = sort_order(~lm, masked, torch.ones_like(lm), keys)
     got = eso._masked_nll(net, x, masked, sigma, n, torch.ones_like(lm), torch.arange(L).expand_as(x))
     # one call per mask: the clean tokens in sigma's order, then x at the masks before it, then the mask itself
-    for r in range(2):
-        want = 0.0
-        order = sigma[r].tolist()
-        for i, pos in enumerate(order):
-            if not masked[r, pos]:
-                continue
-            inp = torch.cat((x[r, order[:i]], torch.tensor([MASK])))[None]
-            logits = net(inp, causal=True, positions=torch.tensor(order[:i + 1]))[0, -1]
-            want += float(F.cross_entropy(subs_logits(logits, MASK)[None], x[r, pos:pos + 1]))
-        assert float(got[r]) == pytest.approx(want, rel=1e-4)
+    with torch.no_grad():
+        for r in range(2):
+            want = 0.0
+            order = sigma[r].tolist()
+            for i, pos in enumerate(order):
+                if not masked[r, pos]:
+                    continue
+                inp = torch.cat((x[r, order[:i]], torch.tensor([MASK])))[None]
+                logits = net(inp, causal=True, positions=torch.tensor(order[:i + 1]))[0, -1]
+                want += float(F.cross_entropy(subs_logits(logits, MASK)[None], x[r, pos:pos + 1]))
+            assert float(got[r]) == pytest.approx(want, rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ parts
