@@ -75,20 +75,29 @@ def order_nll(process, network, batch: dict, ranks: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def mdlm_order_nll(process, network, batch: dict, ranks: torch.Tensor) -> torch.Tensor:
+def mdlm_order_nll(process, network, batch: dict, ranks: torch.Tensor, rows_per_call: int = 256) -> torch.Tensor:
     """MDLM's any-order NLL: at step k the positions of rank >= k are [MASK] and x_theta is read at rank k (one
-    bidirectional pass per step; the time, for a time-conditioned network, is that of the masked share)."""
+    bidirectional pass per step; the time, for a time-conditioned network, is that of the masked share). Several
+    steps go through one network call (about `rows_per_call` rows: the batch repeated once per step)."""
     batch = process.honour_given(batch)
     x, lm = batch["input_ids"], batch["loss_mask"]
-    total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
+    B = x.shape[0]
+    am = batch.get("attention_mask")
+    total = torch.zeros(B, device=x.device, dtype=torch.float64)
     counts = lm.sum(1)
-    for k in range(int(counts.max()) if lm.any() else 0):
-        target = lm & (ranks == k)
-        z = torch.where(lm & (ranks >= k), process.mask_id, x)
-        t = process.time_of_mask_rate((counts - k).clamp(min=0) / counts.clamp(min=1)).float().to(x.device)
-        logits = process.forward_logits(network, z, t, batch, logits_at=target)  # (N, V)
-        ce = F.cross_entropy(subs_logits(logits, process.mask_id), x[target], reduction="none")
-        total.index_add_(0, target.nonzero()[:, 0], ce.double())
+    steps = int(counts.max()) if lm.any() else 0
+    per_call = max(1, rows_per_call // B)
+    for first in range(0, steps, per_call):
+        k = torch.arange(first, min(steps, first + per_call), device=x.device).repeat_interleave(B)[:, None]  # (S*B, 1)
+        S = k.shape[0] // B
+        xs, lms, rs, cs = x.repeat(S, 1), lm.repeat(S, 1), ranks.repeat(S, 1), counts.repeat(S)
+        target = lms & (rs == k)  # (S*B, L): at most one position per row
+        z = torch.where(lms & (rs >= k), process.mask_id, xs)
+        t = process.time_of_mask_rate((cs - k[:, 0]).clamp(min=0) / cs.clamp(min=1)).float().to(x.device)
+        call_batch = None if am is None else {"attention_mask": am.repeat(S, 1)}
+        logits = process.forward_logits(network, z, t, call_batch, logits_at=target)  # (N, V)
+        ce = F.cross_entropy(subs_logits(logits, process.mask_id), xs[target], reduction="none")
+        total.index_add_(0, target.nonzero()[:, 0] % B, ce.double())
     return total
 
 

@@ -374,26 +374,33 @@ class EsoLM(SUBSProcess):
         return self.stepwise_order_nll(network, batch, ranks)
 
     @torch.no_grad()
-    def stepwise_order_nll(self, network, batch: dict, ranks: torch.Tensor) -> torch.Tensor:
+    def stepwise_order_nll(self, network, batch: dict, ranks: torch.Tensor, rows_per_call: int = 256) -> torch.Tensor:
         """(B,) the same any-order NLL from one diffusion pass per revealed token: at step k the tokens of rank < k
-        are clean, the others masks (sorted by rank, so the target is the first mask)."""
+        are clean, the others masks (sorted by rank, so the target is the first mask). Several steps go through one
+        network call (about `rows_per_call` rows: the batch repeated once per step)."""
         batch = self.honour_given(batch)
         x, lm, context, valid, positions = self._layout(batch)
+        B = x.shape[0]
         keys = ranks.double().clamp(min=0) / (ranks.max().clamp(min=0).double() + 1)
-        total = torch.zeros(x.shape[0], device=x.device)
-        for k in range(int(lm.sum(1).max())):
-            masked = lm & (ranks >= k)
-            target = lm & (ranks == k)
-            if not target.any():
-                continue
-            z = torch.where(masked, self.mask_id, x)
-            sigma, num_clean = sort_order(context, masked, valid, keys, keys)
-            frac = masked.sum(1) / lm.sum(1).clamp(min=1)
-            t = self.schedule_time(frac) if self.time_conditioning else None
+        total = torch.zeros(B, device=x.device, dtype=torch.float64)
+        counts = lm.sum(1)
+        steps = int(counts.max()) if lm.any() else 0
+        per_call = max(1, rows_per_call // B)
+        for first in range(0, steps, per_call):
+            k = torch.arange(first, min(steps, first + per_call), device=x.device).repeat_interleave(B)[:, None]
+            S = k.shape[0] // B
+            rep = lambda v: v.repeat(S, *([1] * (v.dim() - 1)))  # noqa: E731  (S*B, ...): step-major
+            xs, lms, rs, ks = rep(x), rep(lm), rep(ranks), rep(keys)
+            masked, target = lms & (rs >= k), lms & (rs == k)
+            z = torch.where(masked, self.mask_id, xs)
+            sigma, num_clean = sort_order(rep(context), masked, rep(valid), ks, ks)
+            t = None
+            if self.time_conditioning:
+                t = self.schedule_time(masked.sum(1) / rep(counts).clamp(min=1))
             at = target.gather(1, sigma)
-            logits = self.diffusion_logits(network, z, sigma, num_clean, valid, positions, t, logits_at=at)
-            ce = F.cross_entropy(subs_logits(logits, self.mask_id), x.gather(1, sigma)[at], reduction="none")
-            total.index_add_(0, at.nonzero()[:, 0], ce.float())
+            logits = self.diffusion_logits(network, z, sigma, num_clean, rep(valid), rep(positions), t, logits_at=at)
+            ce = F.cross_entropy(subs_logits(logits, self.mask_id), xs.gather(1, sigma)[at], reduction="none")
+            total.index_add_(0, at.nonzero()[:, 0] % B, ce.double())
         return total
 
     def schedule_time(self, mask_rate: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,16 @@ def sequential_mask(num_clean: torch.Tensor, seq_len: int, attention: str) -> to
     return sequential_allowed(i[:, None], i[None, :], seq_len, n, attention).expand(n.shape[0], -1, -1)[:, None]
 
 
+def chunk_mask(num_cached: int, num_new: int, num_clean, attention: str, device=None) -> torch.Tensor:
+    """(B or 1, 1, num_new, num_cached + num_new) bool mask of a call that feeds sorted places num_cached ..
+    num_cached + num_new - 1 over a KV cache holding places 0 .. num_cached - 1 (a sampler's chunk): the rows of
+    `diffusion_mask` for those places. num_clean: an int or a (B,) tensor (clean places of the sorted sequence)."""
+    n = torch.as_tensor(num_clean, device=device).reshape(-1, 1, 1)
+    q = torch.arange(num_cached, num_cached + num_new, device=device)
+    k = torch.arange(num_cached + num_new, device=device)
+    return diffusion_allowed(q[:, None], k[None, :], n, attention).expand(n.shape[0], -1, -1)[:, None]
+
+
 def with_valid_keys(mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """mask (B, 1, T, T) with the keys of invalid places (padding, valid (B, T) False) hidden from every query but
     itself (a padded query's softmax row is never empty)."""

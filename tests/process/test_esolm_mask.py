@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from dlm.process.esolm_mask import (CAUSAL, CLEAN_BIDIRECTIONAL, diffusion_allowed, diffusion_mask, sequential_allowed,
-                                    sequential_mask, with_valid_keys)
+from dlm.process.esolm_mask import (CAUSAL, CLEAN_BIDIRECTIONAL, chunk_mask, diffusion_allowed, diffusion_mask,
+                                    sequential_allowed, sequential_mask, with_valid_keys)
 
 
 def brute_diffusion(q: int, k: int, n: int, attention: str) -> bool:
@@ -99,3 +99,15 @@ def test_causal_rule_ignores_the_clean_count_and_scalars_work():
         assert bool(diffusion_allowed(torch.tensor(q), torch.tensor(k), n, CAUSAL)) == (k <= q)
         assert bool(sequential_allowed(torch.tensor(q), torch.tensor(k), 4, n, CAUSAL)) == brute_sequential(
             q, k, 4, n, CAUSAL)
+
+
+@pytest.mark.parametrize("attention", [CAUSAL, CLEAN_BIDIRECTIONAL])
+def test_a_chunks_mask_is_the_rows_of_the_whole_mask(attention):
+    """A sampler's call on places c .. c+n-1 over a cache of places 0 .. c-1 sees what those rows of the whole
+    sorted sequence's mask see."""
+    L = 7
+    for clean, cached, new in itertools.product(range(L + 1), range(L), range(1, L)):
+        if cached + new > L:
+            continue
+        whole = diffusion_mask(torch.tensor([clean]), L, attention)[0, 0]
+        assert torch.equal(chunk_mask(cached, new, clean, attention)[0, 0], whole[cached:cached + new, :cached + new])
