@@ -255,3 +255,34 @@ def test_cache_rows_follow_select_and_cat():
     assert not bool(cache.cache.key_valid[1].any())  # the joining row sees none of the running row's keys
     back = both.select(torch.tensor([0]))
     assert torch.equal(back.extras["cache"].cache.layers[0][0], a.extras["cache"].cache.layers[0][0])
+
+
+def test_generate_with_an_esolm_model_batched_prompts_and_a_template():
+    """Through the generation door (`DiffusionLM.generate`): an Eso-LM model's prompts of other lengths give each
+    request its tokens alone (batch invariance: per-row generators and the cache's per-row rows), cached and
+    uncached alike, and a template's given tokens stay."""
+    from dlm.build import build_process
+    from dlm.config import build_config
+    from dlm.pipeline import DiffusionLM
+    from tests.golden import cases as G
+
+    tok = G.tokenizer()
+    cfg = build_config(["model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.context=32",
+                        "data.vocab_size=300", "process=esolm", "process.alpha0=0.5"])
+    cfg.model.vocab_size = len(tok)
+    model = DiffusionLM(G.network(len(tok), 0), build_process(cfg, tok.mask_token_id), tok, cfg)
+    prompts, seeds = ["And God said", "To be, or not", "And"], [7, 8, 9]
+
+    def gen(ps, ss, **kw):
+        return model.generate(ps, gen_length=12, sampler="esolm", seed=ss, precision="32", steps=4, temperature=1.0,
+                              **kw).tokens[:, -12:]
+
+    alone = [gen([p], s)[0] for p, s in zip(prompts, seeds)]
+    for kv_cache in (True, False):
+        batch = gen(prompts, seeds, kv_cache=kv_cache)
+        for row in range(3):
+            assert torch.equal(batch[row], alone[row]), (kv_cache, row)
+    out = model.generate(template="In the [MASK*4] God [MASK*3] the earth.", sampler="esolm", seed=0, steps=3,
+                         schedule="subcontext", parallelism=2, precision="32")
+    text = out.texts[0]
+    assert "God" in text and "earth" in text and model.tokenizer.mask_token not in text
