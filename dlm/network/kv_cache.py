@@ -35,11 +35,16 @@ class KVCache:
     capacity: int = 0
     storage: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, n_kv, t, hd) to `layer` in place (capacity > 0) and return its keys and values (views of
         the storage, (B, n_kv, T_cache + t, hd)). The storage is (re)allocated, the cached part copied into it, when
-        it is missing, too small, or no longer the one the layer's views are of (after `select` / `cat`)."""
+        it is missing, too small, or no longer the one the layer's views are of (after `select` / `cat`).
+        keep=False: a call that reads the cache without extending it; k, v are written after the cached part as
+        scratch (the next append overwrites them) and the layer keeps its length, so no call copies the cache."""
         old = self.layers[layer] if layer < len(self.layers) else None
+        if old is None and not keep:
+            return k, v
         n, t = (0 if old is None else old[0].shape[2]), k.shape[2]
         buf = self.storage[layer] if layer < len(self.storage) else None
         owned = buf is not None and (old is None or (old[0].data_ptr() == buf[0].data_ptr()
@@ -56,7 +61,9 @@ class KVCache:
             self.storage[layer] = buf
         else:
             self.storage.append(buf)
-        if old is not None:
+        if not keep:
+            self.layers[layer] = (buf[0][:, :, :n], buf[1][:, :, :n])  # the same keys, in this storage
+        elif old is not None:
             self.layers[layer] = kept
         else:
             self.layers.append(kept)

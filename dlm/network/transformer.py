@@ -80,8 +80,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         update = cache is not None and updates_cache(cache_update)
         cols = appended_columns(cache_update, T) if update else None
-        if update and cache.capacity and cols is None:  # appended in place: (B, n_kv, T_cache + T, hd) views
-            k_all, v_all = cache.write(layer, k, v)
+        if cache is not None and cache.capacity and cols is None:  # in place: (B, n_kv, T_cache + T, hd) views
+            k_all, v_all = cache.write(layer, k, v, keep=update)  # (read-only calls: written as scratch past the end)
             update = False
         elif cache is not None and layer < len(cache.layers):
             k_past, v_past = cache.layers[layer]

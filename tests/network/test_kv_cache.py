@@ -133,3 +133,25 @@ def test_a_cache_with_capacity_appends_in_place_and_gives_the_same_logits(net):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert one.length == 12 and one.storage[0][0].shape[2] == 24
         assert KVCache.cat([one, reserved]).capacity == 4
+
+
+def test_a_read_only_call_on_a_cache_with_capacity_leaves_it_as_it_was(net):
+    """A call that attends to the cache without extending it (a block's inner steps) writes its keys as scratch past
+    the cached part: same logits as a concatenating cache, same length, and the next append overwrites them."""
+    torch.manual_seed(4)
+    x, q, r = torch.randint(0, V, (2, 6)), torch.randint(0, V, (2, 3)), torch.randint(0, V, (2, 2))
+    with torch.no_grad():
+        plain, reserved = KVCache(), KVCache(capacity=16)
+        for cache in (plain, reserved):
+            net(x, causal=True, kv_cache=cache, cache_update=True)
+        storage = reserved.storage[0][0]
+        for _ in range(2):  # twice: the scratch of the first call does not leak into the second
+            want = net(q, positions=torch.arange(6, 9), kv_cache=plain)
+            got = net(q, positions=torch.arange(6, 9), kv_cache=reserved)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert reserved.length == 6 and reserved.storage[0][0].data_ptr() == storage.data_ptr()
+        want = net(r, causal=True, kv_cache=plain, cache_update=True)
+        got = net(r, causal=True, kv_cache=reserved, cache_update=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(reserved.layers, plain.layers):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
