@@ -56,7 +56,7 @@ RULES = ("causal", "clean_bidirectional", "bidirectional")
 
 
 @dataclass
-class EsoLMConfig:
+class EsoLMSamplerConfig:
     steps: int = 64  # T of the binomial schedule's diffusion phase (the other schedules do not read it)
     schedule: str = "binomial"  # binomial | first_hitting | fixed | subcontext
     parallelism: int = 4  # positions per diffusion step of the fixed and subcontext schedules
@@ -188,7 +188,7 @@ def _first(mask: torch.Tensor, key: torch.Tensor, n: int) -> torch.Tensor:
     return key.masked_fill(~mask, math.inf).topk(n, dim=1, largest=False, sorted=True).indices
 
 
-@register_sampler("esolm", EsoLMConfig,
+@register_sampler("esolm", EsoLMSamplerConfig,
                   description="Eso-LM: diffusion sets, then left to right, one KV cache exact in both phases")
 class EsoLMSampler(Sampler):
     name = "esolm"
