@@ -23,11 +23,51 @@ class KVCache:
     whose later entries sit after the queries (Fast-dLLM's dual cache: [prefix ; suffix]) holds the prefix's only.
     Rows can be picked (`select`) and caches of several requests stacked (`cat`), which is how a row joins or
     leaves a running batch.
+    capacity > 0: appends are written in place into storage reserved for that many positions (grown to twice what it must hold when full), and
+    `layers` are views of its filled part, so a decoding step costs O(new keys), not a copy of the whole cache; `crop`
+    keeps the storage, and the next append overwrites the cropped positions (a view of them taken before is then
+    changed). 0 (the default): every append concatenates into new tensors, and a cached tensor never changes.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     hidden: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
+    capacity: int = 0
+    storage: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, keep: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, n_kv, t, hd) to `layer` in place (capacity > 0) and return its keys and values (views of
+        the storage, (B, n_kv, T_cache + t, hd)). The storage is (re)allocated, the cached part copied into it, when
+        it is missing, too small, or no longer the one the layer's views are of (after `select` / `cat`).
+        keep=False: a call that reads the cache without extending it; k, v are written after the cached part as
+        scratch (the next append overwrites them) and the layer keeps its length, so no call copies the cache."""
+        old = self.layers[layer] if layer < len(self.layers) else None
+        if old is None and not keep:
+            return k, v
+        n, t = (0 if old is None else old[0].shape[2]), k.shape[2]
+        buf = self.storage[layer] if layer < len(self.storage) else None
+        owned = buf is not None and (old is None or (old[0].data_ptr() == buf[0].data_ptr()
+                                                     and old[0].stride() == buf[0].stride()
+                                                     and old[0].shape[:2] == buf[0].shape[:2]))
+        if not owned or buf[0].shape[2] < n + t or buf[0].shape[:2] != k.shape[:2]:
+            size = max(self.capacity, 2 * (n + t))
+            buf = tuple(x.new_empty((*x.shape[:2], size, x.shape[3])) for x in (k, v))
+            if old is not None:
+                buf[0][:, :, :n], buf[1][:, :, :n] = old
+        buf[0][:, :, n:n + t], buf[1][:, :, n:n + t] = k, v
+        kept = (buf[0][:, :, :n + t], buf[1][:, :, :n + t])
+        if layer < len(self.storage):
+            self.storage[layer] = buf
+        else:
+            self.storage.append(buf)
+        if not keep:
+            self.layers[layer] = (buf[0][:, :, :n], buf[1][:, :, :n])  # the same keys, in this storage
+        elif old is not None:
+            self.layers[layer] = kept
+        else:
+            self.layers.append(kept)
+        return kept
 
     @property
     def length(self) -> int:
@@ -46,7 +86,8 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache holding only the batch rows `rows` (B_a,) (a sampler that drops finished sequences)."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers], pick(self.hidden), pick(self.key_valid))
+        return KVCache([(k[rows], v[rows]) for k, v in self.layers], pick(self.hidden), pick(self.key_valid),
+                       self.capacity)
 
     @staticmethod
     def cat(caches: list["KVCache"]) -> "KVCache":
@@ -80,7 +121,7 @@ class KVCache:
             hidden = torch.cat([c.hidden for c in caches])
         elif all(c.hidden is not None and c.hidden.shape[1] == c.length for c in caches):  # (B, T, C) each
             hidden = torch.cat([torch.nn.functional.pad(c.hidden, (0, 0, T - c.length, 0)) for c in caches])
-        return KVCache(layers, hidden, valid)
+        return KVCache(layers, hidden, valid, max(c.capacity for c in caches))
 
     def attention_mask(self, batch: int, queries: int, device) -> torch.Tensor | None:
         """(B, 1, 1, T_cache + T) bool: which keys the queries of this call may see (cached: `key_valid`; the call's

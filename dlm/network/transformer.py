@@ -78,13 +78,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None and layer < len(cache.layers):
+        update = cache is not None and updates_cache(cache_update)
+        cols = appended_columns(cache_update, T) if update else None
+        if cache is not None and cache.capacity and cols is None:  # in place: (B, n_kv, T_cache + T, hd) views
+            k_all, v_all = cache.write(layer, k, v, keep=update)  # (read-only calls: written as scratch past the end)
+            update = False
+        elif cache is not None and layer < len(cache.layers):
             k_past, v_past = cache.layers[layer]
             k_all, v_all = torch.cat((k_past, k), dim=2), torch.cat((v_past, v), dim=2)  # (B, n_kv, T_cache + T, hd)
         else:
             k_all, v_all = k, v
-        if cache is not None and updates_cache(cache_update):
-            cols = appended_columns(cache_update, T)
+        if update:
             kept = (k_all, v_all) if cols is None else (torch.cat((k_all[:, :, :-T], k[:, :, cols]), 2),
                                                         torch.cat((v_all[:, :, :-T], v[:, :, cols]), 2))
             if layer < len(cache.layers):

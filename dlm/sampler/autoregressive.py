@@ -88,7 +88,7 @@ class AutoregressiveSampler(Sampler):
             return state
         valid, where = canvas.key_valid, canvas.positions  # left padding (never attended to), rotary positions
         cols = lambda x: None if x is None else x[:n_prompt] if x.dim() == 1 else x[:, :n_prompt]  # noqa: E731
-        cache = KVCache() if self.kv_cache else None
+        cache = KVCache(capacity=L) if self.kv_cache else None  # appended in place: no copy per token
         update = (cols(valid) if valid is not None else True) if cache is not None else False
         logits = process.forward_logits(network, state.tokens[:, :n_prompt], None, key_valid=cols(valid),
                                         positions=cols(where), kv_cache=cache, cache_update=update,

@@ -408,8 +408,8 @@ class BlockwiseSampler(Sampler):
         """The KV cache of the rows `group` (all with the same window and cache end): the one they share when they
         are all its rows, in order; else theirs picked (and stacked)."""
         entries = [state.extras["rows"][r].cache for r in group]
-        if all(e is None or not e[0].layers for e in entries):  # nothing cached yet
-            return KVCache()
+        if all(e is None or not e[0].layers for e in entries):  # nothing cached yet: storage for the canvas
+            return KVCache(capacity=state.length)
         first = entries[0][0]
         if all(e[0] is first for e in entries) and [e[1] for e in entries] == list(range(first.batch)):
             return first

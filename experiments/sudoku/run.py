@@ -19,7 +19,8 @@ cells correct, rule violations and network calls per puzzle (NFE):
     schedule), in random order, by top probability, by top-1 minus top-2 margin, by lowest entropy;
   - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
-  - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside.
+  - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside;
+  - Eso-LM: also its own sampler (`esolm`): k cells per call over the diffusion share, then left to right.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
 """
 
@@ -114,6 +115,11 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
         out.append({"label": f"threshold {tau}", "order": "top-prob", "k": None,
                     "generate": {"sampler": "llada", "remasking": "low_confidence", "threshold": tau,
                                  "steps": cells, "temperature": 0.0}})
+    if method in ESOLM:  # Eso-LM's own sampler: diffusion sets (k cells per call), then left to right, greedy
+        for k in scale["ks"]:
+            schedule = {"schedule": "first_hitting"} if k == 1 else {"schedule": "fixed", "parallelism": k}
+            out.append({"label": f"esolm sampler, k={k}", "order": "esolm", "k": k,
+                        "generate": {"sampler": "esolm", **schedule, "temperature": 0.0}})
     if method == "mdlm":
         for k in scale["ks"][:2]:
             out.append({"label": f"ancestral, {math.ceil(cells / k)} steps", "order": "ancestral", "k": k,

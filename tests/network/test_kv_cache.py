@@ -98,3 +98,60 @@ def test_cat_keeps_a_shifted_networks_hidden_states(tiny_network):
         want_a = net.next_token_logits(q[:1], kv_cache=ca, cache_update=True)
         want_b = net.next_token_logits(q[1:], kv_cache=cb, cache_update=True)
         torch.testing.assert_close(got, torch.cat((want_a, want_b)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_with_capacity_appends_in_place_and_gives_the_same_logits(net):
+    """capacity > 0: decoding one token at a time writes into reserved storage (its layers are views of it, no new
+    tensor per step once reserved; grown to twice its need when full), and every step's logits equal those of a cache that
+    concatenates; `crop` keeps the storage and the next append overwrites the cropped keys; `select` / `cat` give
+    plain tensors again, which the next append copies into new storage."""
+    torch.manual_seed(3)
+    x = torch.randint(0, V, (2, 12))
+    with torch.no_grad():
+        plain, reserved = KVCache(), KVCache(capacity=4)
+        for i in range(12):
+            want = net(x[:, i:i + 1], causal=True, kv_cache=plain, cache_update=True)
+            got = net(x[:, i:i + 1], causal=True, kv_cache=reserved, cache_update=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        storage = reserved.storage[0][0]
+        assert reserved.length == 12 and storage.shape[2] == 22  # 4, then twice what it must hold: 10, 22
+        assert reserved.layers[0][0].data_ptr() == storage.data_ptr()
+        for a, b in zip(reserved.layers, plain.layers):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        # crop, then append other tokens: the same as a concatenating cache treated alike
+        plain.crop(9)
+        reserved.crop(9)
+        y = torch.randint(0, V, (2, 2))
+        want = net(y, causal=True, kv_cache=plain, cache_update=True)
+        got = net(y, causal=True, kv_cache=reserved, cache_update=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert reserved.length == 11 and reserved.storage[0][0].data_ptr() == storage.data_ptr()
+        one = reserved.select(torch.tensor([1]))
+        assert one.capacity == 4 and not one.storage
+        want = net(y[1:, :1], causal=True, kv_cache=plain.select(torch.tensor([1])), cache_update=True)
+        got = net(y[1:, :1], causal=True, kv_cache=one, cache_update=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert one.length == 12 and one.storage[0][0].shape[2] == 24
+        assert KVCache.cat([one, reserved]).capacity == 4
+
+
+def test_a_read_only_call_on_a_cache_with_capacity_leaves_it_as_it_was(net):
+    """A call that attends to the cache without extending it (a block's inner steps) writes its keys as scratch past
+    the cached part: same logits as a concatenating cache, same length, and the next append overwrites them."""
+    torch.manual_seed(4)
+    x, q, r = torch.randint(0, V, (2, 6)), torch.randint(0, V, (2, 3)), torch.randint(0, V, (2, 2))
+    with torch.no_grad():
+        plain, reserved = KVCache(), KVCache(capacity=16)
+        for cache in (plain, reserved):
+            net(x, causal=True, kv_cache=cache, cache_update=True)
+        storage = reserved.storage[0][0]
+        for _ in range(2):  # twice: the scratch of the first call does not leak into the second
+            want = net(q, positions=torch.arange(6, 9), kv_cache=plain)
+            got = net(q, positions=torch.arange(6, 9), kv_cache=reserved)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert reserved.length == 6 and reserved.storage[0][0].data_ptr() == storage.data_ptr()
+        want = net(r, causal=True, kv_cache=plain, cache_update=True)
+        got = net(r, causal=True, kv_cache=reserved, cache_update=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(reserved.layers, plain.layers):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
