@@ -138,7 +138,7 @@ class EsoLM(SUBSProcess):
     name = "esolm"
     corruption = "absorbing"
     likelihood = "bound"
-    default_sampler = "first_hitting"
+    default_sampler = "esolm"  # its own sampler: the exact KV cache of the causal rule (dlm/sampler/esolm.py)
     config_class = EsoLMConfig
 
     def __init__(self, mask_id: int, alpha0: float = 0.5, alpha0_eval: float | None = None,
