@@ -64,7 +64,7 @@ class Sizes:
 
 FULL = Sizes(model=["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.context=64",
                     "data.vocab_size=4096"],
-             steps=1000, lr=1e-3, batch=32, seeds=(0, 1), nfe=(8, 32, 128), num_samples=16, ppl_rows=64, ppl_t=2)
+             steps=600, lr=1e-3, batch=32, seeds=(0, 1), nfe=(8, 32, 128), num_samples=16, ppl_rows=64, ppl_t=8)
 QUICK = Sizes(model=["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32",
                      "data.vocab_size=300"],
               steps=4, lr=1e-3, batch=4, seeds=(0,), nfe=(4,), num_samples=4, ppl_rows=4, ppl_t=1)
@@ -133,8 +133,9 @@ def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
                     "iw_ppl": p.get("iw_ppl"), "ao_ppl": p.get("ao_ppl"), "train_seconds": seconds})
         if method == "ar":  # left to right: one call per token
             settings = [("autoregressive", length, {})]
-        else:
-            settings = [(s, n, {"steps": n}) for s in METHODS[method][1] for n in sizes.nfe]
+        else:  # BD3-LM spends at least one step per block of 4
+            budgets = sorted({max(n, length // 4) if method == "bd3lm" else n for n in sizes.nfe})
+            settings = [(s, n, {"steps": n}) for s in METHODS[method][1] for n in budgets]
         for sampler, budget, options in settings:
             key = f"gen/{method}/{seed}/{sampler}/{budget}"
             if key in have:

@@ -46,10 +46,11 @@ def corpus_tables(corpus: list[dict]) -> list[str]:
             if iw else ""
         lines.append(f"| {m} | {mean_sd([r['val_ppl'] for r in rs], '{:.2f}')} | {extra}"
                      f"{mean_sd([r['train_seconds'] for r in rs], '{:.0f}')} |")
+    adaptive = any(r.get("sampler") == "renoise" for r in corpus)
     lines += ["", "## Corpus: samples against NFE", "",
-              "Generative perplexity under SmolLM2-135M (lower is better, human text is the reference) and unigram "
-              "entropy (too low = repetitive), mean over seeds. `renoise (adaptive)`: budget = the largest NFE; "
-              "NFE = the calls it chose (mean per row).", "",
+              "Generative perplexity under SmolLM2-135M (lower is better) and unigram entropy (too low = "
+              "repetitive), mean over seeds" + (". `renoise (adaptive)`: budget = the largest NFE; NFE = the calls "
+                                                "it chose (mean per row)" if adaptive else "") + ".", "",
               "| method | sampler | NFE | gen. perplexity | entropy |", "|---|---|---|---|---|"]
     gen = defaultdict(list)
     for r in corpus:
