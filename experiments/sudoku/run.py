@@ -10,6 +10,8 @@ never noised, never scored; the solution and its EOS are the response) for the s
 the same batches (equal training compute, except soft-masking's second pass, reported beside it), with 2 seeds:
   mdlm   masked diffusion (MDLM)                 ar     autoregressive, the same network, left to right
   bd3lm  block diffusion, one block per board row  sm   MDLM + soft-masking training
+  sedd_absorb   SEDD, absorbing graph, log-linear noise (docs/sedd.md)
+  sedd_uniform  SEDD, uniform graph, geometric noise, time-conditioned network
 Each model then solves the same test puzzles with each decoding rule below; every rule reports puzzles solved,
 cells correct, rule violations and network calls per puzzle (NFE):
   - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
@@ -17,6 +19,7 @@ cells correct, rule violations and network calls per puzzle (NFE):
   - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
   - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside.
+  - SEDD: the score samplers (Tweedie and Euler) at 17 and 9 steps; SEDD-absorbing also MDLM's ancestral sampler.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
 """
 
@@ -35,7 +38,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("mdlm", "ar", "bd3lm", "sm")
+METHODS = ("mdlm", "ar", "bd3lm", "sm", "sedd_absorb", "sedd_uniform")
 ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", "entropy": "entropy"}
 
 SCALES = {
@@ -61,7 +64,10 @@ def write_data(scale: dict, out: Path) -> Path:
 
 def method_overrides(method: str, size: int) -> list[str]:
     return {"mdlm": ["process=mdlm"], "ar": ["process=ar"], "sm": ["process=mdlm", "softmask.enabled=true"],
-            "bd3lm": ["process=bd3lm", f"process.block_size={size}"]}[method]
+            "bd3lm": ["process=bd3lm", f"process.block_size={size}"],
+            "sedd_absorb": ["process=sedd", "process.graph=absorbing", "process.noise=loglinear"],
+            "sedd_uniform": ["process=sedd", "process.graph=uniform", "process.noise=geometric",
+                             "model.time_conditioning=true"]}[method]
 
 
 def train_run(method: str, seed: int, scale: dict, data: Path, out: Path) -> dict:
@@ -95,6 +101,16 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
                  "generate": {"sampler": "ancestral_cache", "steps": steps}}
                 for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)]
     out = []
+    if method.startswith("sedd"):  # the score samplers (docs/sedd.md); absorbing also MDLM's ancestral sampler
+        for k in scale["ks"][:2]:
+            steps = math.ceil(cells / k)
+            for name in ("tweedie", "euler"):
+                out.append({"label": f"{name}, {steps} steps", "order": "score", "k": k,
+                            "generate": {"sampler": name, "steps": steps}})
+            if method == "sedd_absorb":
+                out.append({"label": f"ancestral, {steps} steps", "order": "ancestral", "k": k,
+                            "generate": {"sampler": "ancestral", "steps": steps}})
+        return out
     for order, remasking in ORDERS.items():
         for k in scale["ks"]:
             out.append({"label": f"{order}, k={k}", "order": order, "k": k,
