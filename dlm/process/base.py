@@ -167,7 +167,8 @@ class Process(nn.Module):
     def prior(self, canvas: torch.Tensor, to_generate: torch.Tensor, generator: torch.Generator | None = None
               ) -> torch.Tensor:
         """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor).
-        generator: one, or a list of one per row."""
+        generator: one, or a list of one per row. to_generate may also be (L,), the same positions in every row."""
+        to_generate = to_generate.expand_as(canvas)
         if self.corruption == "absorbing":
             return torch.where(to_generate, self.mask_id, canvas)
         if self.corruption == "uniform":

@@ -256,6 +256,10 @@ def test_sedd_uniform_trains_resumes_exactly_evaluates_and_samples(micro_args, t
                  "--length", "12"]) == 0
     out = capsys.readouterr().out
     assert "euler" in out and "NFE 5" in out, out  # 4 steps + the final denoising step
+    # any length: past the context (32) semi-autoregressively, the new windows filled from the uniform prior
+    assert main(["sample", str(a / "model"), "--sampler", "tweedie", "-o", "steps=3", "--num-samples", "2",
+                 "--length", "48"]) == 0
+    assert "NFE 8" in capsys.readouterr().out  # two windows of 3 steps + the final denoising step each
 
 
 def test_sedd_absorbing_through_the_python_api(micro_args, tmp_path):
