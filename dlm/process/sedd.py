@@ -86,6 +86,9 @@ class SEDD(Process):
             raise ValueError("process.eps must be > 0 for log-linear noise (sigma(1) = -log eps)")
         if not 0.0 < p.sigma_min < p.sigma_max:
             raise ValueError(f"need 0 < process.sigma_min < process.sigma_max, got {p.sigma_min} and {p.sigma_max}")
+        if cfg.trainer.chunked_ce:
+            raise ValueError("trainer.chunked_ce applies to cross-entropy losses (mdlm, ar); process=sedd computes its "
+                             "score entropy on the scored positions' logits at once: set trainer.chunked_ce=0")
 
     def extra_repr(self) -> str:
         return f"graph={self.graph}, noise={self.noise}, mask_id={self.mask_id}"

@@ -228,7 +228,8 @@ def test_config_errors_name_the_field():
     from dlm.config import ConfigError, build_config
 
     for bad, match in [("process.graph=nope", "process.graph"), ("process.noise=cosine", "process.noise"),
-                       ("process.sigma_min=30", "sigma_min"), ("process.sampling_eps=1.5", "sampling_eps")]:
+                       ("process.sigma_min=30", "sigma_min"), ("process.sampling_eps=1.5", "sampling_eps"),
+                       ("trainer.chunked_ce=64", "trainer.chunked_ce")]:
         with pytest.raises((ValueError, ConfigError), match=match):
             build_config(["process=sedd", bad])
 

@@ -250,3 +250,15 @@ def test_a_process_without_scores_is_refused_with_the_reason(tiny_network):
         make_sampler("euler", steps=2).sample(net, NoScores(mask_id=MASK), canvas)
     with pytest.raises(ValueError, match="needs an autoregressive model|autoregressive model samples"):
         make_sampler("euler", steps=2).sample(net, Autoregressive(), canvas)
+
+
+def test_an_mdlm_checkpoint_samples_with_the_score_samplers(micro_run, capsys):
+    """`dlm sample MDLM_RUN --sampler tweedie / euler`: an MDLM trained by dlm, its scores from RADD."""
+    from dlm.cli import main
+
+    for name in ("tweedie", "euler"):
+        capsys.readouterr()
+        assert main(["sample", str(micro_run / "model"), "--sampler", name, "-o", "steps=6", "--num-samples", "2",
+                     "--length", "16"]) == 0
+        out = capsys.readouterr().out
+        assert f"{name}, 6 steps" in out and "[MASK]" not in out, out
