@@ -9,7 +9,9 @@ generate, from the log-scores of one network call at t:
            (on an MDLM with RADD scores: exactly MDLM's ancestral step).
 Then a final denoising step at t = eps, Tweedie with Δσ = σ̄(eps) with the [MASK] column dropped (absorbing), so
 no mask is left. Given positions never change (they are not drawn); draws are float64 inverse CDF, one uniform per
-position from each row's generator (`state.rand`). An absorbing row with no mask left is done early.
+position from each row's generator (`state.rand`). An absorbing row with no mask left is done early. cache=true
+(a model without time conditioning): a row whose canvas did not change since its last call reuses its logits and
+takes no call, with the same tokens for a seed (the random draws do not depend on it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class ScoreConfig:
     steps: int = 128
     eps: float = 1e-5  # the time grid's end (SEDD samples from 1 to 1e-5)
     denoise: bool = True  # the final denoising step (absorbing: without it masks may be left)
+    cache: bool = False  # reuse the last logits of a row whose canvas did not change (no time conditioning)
     feedback: InputFeedback | None = None  # soft-masking, self-conditioning: the next call's inputs
 
     def __post_init__(self):
@@ -50,11 +53,16 @@ class ScoreSampler(Sampler):
     @torch.no_grad()
     def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         process.check_sampler(self)
+        if self.cache and process.time_conditioning:
+            raise ValueError(f"sampler '{self.name}' with cache=true needs a model without time conditioning (its "
+                             "logits must depend on the canvas only); use cache=false")
         no = torch.zeros(canvas.tokens.shape[0], dtype=torch.bool, device=canvas.tokens.device)
         state = SamplerState.begin(network, process, canvas, generator, self.steps + int(self.denoise),
-                                   {"embeds": None, "fed": no})
-        if process.corruption == "absorbing":  # nothing to denoise: done
-            state.done = ~(process.is_noise(state.tokens) & state.to_generate).any(1)
+                                   {"embeds": None, "fed": no, "raw": None, "fresh": no.clone()})
+        todo = state.to_generate  # nothing to generate (absorbing: no mask left to fill): done
+        if process.corruption == "absorbing":
+            todo = todo & process.is_noise(state.tokens)
+        state.done = ~todo.any(1)
         return state
 
     @torch.no_grad()
@@ -71,8 +79,16 @@ class ScoreSampler(Sampler):
         t_next = times[(idx + 1).clamp(max=self.steps)]
         t_all = torch.zeros(B, dtype=torch.float64)
         t_all[rows.cpu()] = t_now
-        embeds, fed = state.extras["embeds"], state.extras["fed"]
-        raw = state.forward(rows, t_all.float().to(device), embeds, fed)  # (B_a, L, V)
+        embeds, fed, cached, fresh = (state.extras[k] for k in ("embeds", "fed", "raw", "fresh"))
+        if self.cache and self.feedback is None:  # a row whose canvas is unchanged since its last call reuses it
+            need = rows[~fresh[rows]]
+            if need.numel():
+                new_raw = state.forward(need, t_all.float().to(device), embeds, fed)  # (B_n, L, V)
+                cached = new_raw.new_zeros((B, L, new_raw.shape[-1])) if cached is None else cached
+                cached[need] = new_raw.to(cached.dtype)
+            raw = cached[rows]
+        else:
+            raw = state.forward(rows, t_all.float().to(device), embeds, fed)  # (B_a, L, V)
         zr = z[rows]
         log_s = process.log_score(raw, zr, t_now.float().to(device))  # (B_a, L, V)
         absorbing = process.corruption == "absorbing"
@@ -108,6 +124,10 @@ class ScoreSampler(Sampler):
         committed = torch.zeros(B, L, dtype=torch.bool, device=device)
         committed[rows] = new != zr
         z[rows] = new
+        if self.cache and self.feedback is None:
+            fresh = fresh.clone()
+            fresh[rows] = ~committed[rows].any(1)  # a changed canvas needs a new call
+            state.extras = {**state.extras, "raw": cached, "fresh": fresh}
         if confidence is not None:
             confidence = confidence * committed
         if self.feedback is not None:  # the next call's inputs from this call's prediction (as first_hitting)
@@ -124,7 +144,7 @@ class ScoreSampler(Sampler):
                 embeds[rows] = given.to(embeds.dtype)
                 fed = fed.clone()
                 fed[rows] = True
-            state.extras = {"embeds": embeds, "fed": fed}
+            state.extras = {**state.extras, "embeds": embeds, "fed": fed}
         state.step[rows] += 1
         state.done = state.done | (state.step >= state.num_steps)
         if absorbing:

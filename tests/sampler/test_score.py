@@ -16,6 +16,7 @@ from dlm.process.sedd import SEDD
 from dlm.sampler import Canvas
 from dlm.sampler.registry import make_sampler
 from tests.process.test_sedd import rate_matrix
+from tests.sampler.test_padding import models, one_thread  # noqa: F401 (fixtures)
 
 V, MASK = 6, 5
 
@@ -262,3 +263,46 @@ def test_an_mdlm_checkpoint_samples_with_the_score_samplers(micro_run, capsys):
                      "--length", "16"]) == 0
         out = capsys.readouterr().out
         assert f"{name}, 6 steps" in out and "[MASK]" not in out, out
+
+
+@pytest.mark.parametrize("name", ["euler", "tweedie"])
+def test_the_cache_gives_the_same_tokens_with_fewer_calls(name, tiny_network):
+    """cache=true (no time conditioning): a row whose canvas did not change reuses its logits; the draws do not
+    depend on it, so the tokens are those of cache=false, with fewer network calls (64 steps for 12 masks)."""
+    from tests.toy_canvas import MASK as TMASK, V as TV, canvas_and_fixed
+
+    net = tiny_network(TV, seed=3)
+    mdlm = MaskedDiffusion(LogLinearSchedule(1e-3), TMASK)
+    canvas = Canvas.from_fixed(*canvas_and_fixed(3))
+    plain = make_sampler(name, steps=64).sample(net, mdlm, canvas, [torch.Generator().manual_seed(r) for r in range(3)])
+    cached = make_sampler(name, steps=64, cache=True).sample(net, mdlm, canvas,
+                                                             [torch.Generator().manual_seed(r) for r in range(3)])
+    assert torch.equal(plain.tokens, cached.tokens)
+    assert cached.nfe < plain.nfe and bool((cached.nfe_per_row <= 13).all())  # at most one call per change + 1
+    with pytest.raises(ValueError, match="cache=true needs a model without time conditioning"):
+        make_sampler(name, steps=4, cache=True).sample(tiny_network(TV, time_conditioning=True),
+                                                        MaskedDiffusion(LogLinearSchedule(1e-3), TMASK, time_conditioning=True),
+                                                        canvas)
+
+
+def test_cached_rows_joining_and_leaving_get_their_tokens_alone(models):
+    """The step-level API with cache=true: rows join a running batch (their cached logits padded and stacked)
+    and leave it, each getting exactly its tokens alone (tests/sampler/test_step_api.py's check)."""
+    from tests.sampler.test_step_api import GEN, PROMPTS, run_joining_and_leaving
+
+    model = models["mdlm"]
+    sampler = make_sampler("tweedie", steps=24, cache=True)
+    net, process = model.network, model.process
+    prompts = [[model.tokenizer.bos_token_id] + model.encode(p) for p in PROMPTS]
+
+    def canvas(i):
+        return Canvas.left_padded([prompts[i]], GEN, process)
+
+    def gen(i):
+        return [torch.Generator().manual_seed(300 + i)]
+
+    with torch.no_grad():
+        alone = [sampler.sample(net, process, canvas(i), gen(i)).tokens[0, -GEN:] for i in range(4)]
+        got = run_joining_and_leaving(sampler, net, process, canvas, gen, (0, 1), {2: 2, 4: 3}, GEN)
+    for i in range(4):
+        assert torch.equal(got[i], alone[i]), i
