@@ -233,8 +233,8 @@ class Process(nn.Module):
 
     def noise_rate(self, t: torch.Tensor) -> torch.Tensor:
         """σ'(t) = dσ̄/dt (float64)."""
-        raise ValueError(f"process '{self.name}' has no noise rate (noise_rate), so the score samplers cannot "
-                         "sample it")
+        raise ValueError(f"process '{self.name}' has no score parameterisation (noise_rate, log_score), so the "
+                         "score samplers (euler, tweedie) cannot sample it; use its own samplers")
 
     # ------------------------------------------------------------------------------------ time
     def alpha(self, t: torch.Tensor) -> torch.Tensor:

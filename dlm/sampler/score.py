@@ -53,6 +53,7 @@ class ScoreSampler(Sampler):
     @torch.no_grad()
     def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
         process.check_sampler(self)
+        process.noise_rate(torch.ones(1, dtype=torch.float64))  # a process without scores is refused here, uncalled
         if self.cache and process.time_conditioning:
             raise ValueError(f"sampler '{self.name}' with cache=true needs a model without time conditioning (its "
                              "logits must depend on the canvas only); use cache=false")

@@ -246,9 +246,13 @@ def test_a_process_without_scores_is_refused_with_the_reason(tiny_network):
         name = "no_scores_test"
 
     net = tiny_network(V)
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
     canvas = Canvas.from_fixed(torch.full((1, 4), MASK), torch.zeros(1, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="no score parameterisation"):
+    with pytest.raises(ValueError, match="process 'no_scores_test' has no score parameterisation"):
         make_sampler("euler", steps=2).sample(net, NoScores(mask_id=MASK), canvas)
+    assert not calls  # refused before any network call
+    hook.remove()
     with pytest.raises(ValueError, match="needs an autoregressive model|autoregressive model samples"):
         make_sampler("euler", steps=2).sample(net, Autoregressive(), canvas)
 
