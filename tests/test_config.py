@@ -100,7 +100,7 @@ def test_unknown_preset_lists_the_valid_presets():
     ("trainer.ema=1.0", "trainer.ema"),
     ("optim.lr=0", "optim.lr"),
     ("model.dropout=1.0", "model.dropout"),
-    ("process.name=sedd", "process.name"),
+    ("process.name=no_such_process", "process.name"),  # (was "sedd", registered since)
     ("process.schedule=sqrt", "process.schedule"),
     ("process.eps=1.0", "process.eps"),
     ("data.vocab_size=100", "data.vocab_size"),

@@ -14,6 +14,10 @@ What a sampler may ask of a process (and nothing else; no sampler imports a proc
     denoise(logits)      raw logits (..., V) -> logits of x_theta, the denoising distribution over clean tokens
                          (SUBS for MDLM / BD3-LM: [MASK] can never be predicted); float32
     alpha(t), time_of_mask_rate(rate), network_time(t)    the noise schedule's helpers
+    log_score(logits, z, t), total_noise(t), noise_rate(t)  the score parameterisation (SEDD's ratios
+                         p_t(z with one position set to y) / p_t(z), as log-scores) and the total noise σ̄(t) and
+                         its rate σ'(t): what the score samplers (dlm/sampler/score.py) ask. SEDD gives its own;
+                         SUBS (MDLM, BD3-LM) derives them (RADD); other processes have none
     autoregressive, block_size, default_sampler, exact_caches       capabilities
     supports(sampler) / check_sampler(sampler)   whether a sampler can sample this process, with the reason
 
@@ -163,7 +167,8 @@ class Process(nn.Module):
     def prior(self, canvas: torch.Tensor, to_generate: torch.Tensor, generator: torch.Generator | None = None
               ) -> torch.Tensor:
         """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor).
-        generator: one, or a list of one per row."""
+        generator: one, or a list of one per row. to_generate may also be (L,), the same positions in every row."""
+        to_generate = to_generate.expand_as(canvas)
         if self.corruption == "absorbing":
             return torch.where(to_generate, self.mask_id, canvas)
         if self.corruption == "uniform":
@@ -214,6 +219,22 @@ class Process(nn.Module):
     def denoise(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits (..., V) of x_theta, the denoising distribution over clean tokens, from raw network logits; float32."""
         return logits.float()
+
+    def log_score(self, logits: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Log-scores (B, L, V) float32 from raw network logits (B, L, V) on z_t (B, L) at times t (B,): log of
+        s(z)_{l,y} ≈ p_t(z with position l set to y) / p_t(z), 0 at the current token (dlm/process/score_graphs.py).
+        The score samplers' door to a process; one without a score parameterisation says so."""
+        raise ValueError(f"process '{self.name}' has no score parameterisation (log_score), so the score samplers "
+                         "(euler, tweedie) cannot sample it; use its own samplers")
+
+    def total_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """σ̄(t) = -log alpha_t: the total noise at time t (float64)."""
+        return -torch.log(self.alpha(torch.as_tensor(t, dtype=torch.float64)))
+
+    def noise_rate(self, t: torch.Tensor) -> torch.Tensor:
+        """σ'(t) = dσ̄/dt (float64)."""
+        raise ValueError(f"process '{self.name}' has no score parameterisation (noise_rate, log_score), so the "
+                         "score samplers (euler, tweedie) cannot sample it; use its own samplers")
 
     # ------------------------------------------------------------------------------------ time
     def alpha(self, t: torch.Tensor) -> torch.Tensor:

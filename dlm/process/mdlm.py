@@ -113,6 +113,22 @@ class SUBSProcess(Process):
     def time_of_mask_rate(self, rate):
         return time_of_mask_rate(self.schedule, rate)
 
+    def log_score(self, logits: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """RADD (Ou et al. 2024): the absorbing score of x_theta, s_v = e^{-σ̄}/(1 - e^{-σ̄}) x_theta(v) =
+        alpha_t/(1 - alpha_t) x_theta(v) at a masked position; log s = 0 at the current token (B, L, V) float32.
+        t (B,): each row's time. The score samplers then sample an MDLM (dlm/sampler/score.py)."""
+        a = self.alpha(torch.as_tensor(t, dtype=torch.float64, device=logits.device))
+        log_r = (torch.log(a) - torch.log1p(-a)).float()
+        while log_r.dim() < logits.dim():
+            log_r = log_r.unsqueeze(-1)
+        out = subs_logits(logits, self.mask_id).log_softmax(-1) + log_r
+        return out.scatter(-1, z.unsqueeze(-1), 0.0)
+
+    def noise_rate(self, t: torch.Tensor) -> torch.Tensor:
+        """σ'(t) = -alpha'_t / alpha_t (float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return -self.schedule.dalpha(t) / self.schedule.alpha(t)
+
 
 @register_process
 class MaskedDiffusion(SUBSProcess):

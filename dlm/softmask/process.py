@@ -96,6 +96,15 @@ class SoftMaskedDiffusion(Process):
     def time_of_mask_rate(self, rate):
         return self.base.time_of_mask_rate(rate)
 
+    def log_score(self, logits, z, t):
+        return self.base.log_score(logits, z, t)
+
+    def total_noise(self, t):
+        return self.base.total_noise(t)
+
+    def noise_rate(self, t):
+        return self.base.noise_rate(t)
+
     def __getattr__(self, name: str):
         """Everything else a sampler may read (schedule, sampling_eps, exact_caches, ...) is the base's."""
         try:

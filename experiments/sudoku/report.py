@@ -11,7 +11,7 @@ from dlm.precision import describe_cpu
 
 LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking",
           "esolm_b1": "Eso-LM (B) α0=1", "esolm_b05": "Eso-LM (B) α0=0.5", "esolm_b025": "Eso-LM (B) α0=0.25",
-          "esolm_a1": "Eso-LM (A) α0=1"}
+          "esolm_a1": "Eso-LM (A) α0=1", "sedd_absorb": "SEDD-absorbing", "sedd_uniform": "SEDD-uniform"}
 
 
 def grouped(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -106,7 +106,9 @@ def plot(groups: dict, path: Path) -> Path:
                         alpha=1.0 if method == "mdlm" else 0.6)
     others = [(("mdlm", "threshold"), "tab:red", "*", "MDLM, threshold"), (("ar", ""), "black", "D", "AR"),
               (("bd3lm", ""), "tab:orange", "P", "BD3-LM"), (("mdlm", "ancestral"), "tab:brown", "x", "MDLM, ancestral"),
-              (("mdlm", "ReMDM"), "tab:pink", "h", "MDLM, ReMDM")]
+              (("mdlm", "ReMDM"), "tab:pink", "h", "MDLM, ReMDM"),
+              (("sedd_absorb", "tweedie"), "tab:olive", "<", "SEDD-absorbing, tweedie"),
+              (("sedd_uniform", "tweedie"), "tab:cyan", ">", "SEDD-uniform, tweedie")]
     for (method, prefix), color, marker, name in others:
         pts = [(mean(rows, "nfe"), 100 * mean(rows, "solved")) for (m, label), rows in groups.items()
                if m == method and label.startswith(prefix)]
@@ -155,7 +157,7 @@ def write_report(results: list[dict], scale: dict, args, docs: Path) -> tuple[Pa
         "| model | decoding | solved (%) | cells correct (%) | violations | calls per puzzle |",
         "|---|---|---|---|---|---|",
     ]
-    families = ["random", "top-prob", "margin", "entropy", "ancestral", "remdm", "left-to-right", "blockwise"]
+    families = ["random", "top-prob", "margin", "entropy", "ancestral", "remdm", "left-to-right", "blockwise", "score"]
     ordered = sorted(groups.items(), key=lambda kv: (list(LABELS).index(kv[0][0]), families.index(kv[1][0]["order"])
                                                      if kv[1][0]["order"] in families else 99,
                                                      kv[0][1].startswith("threshold"), -mean(kv[1], "nfe")))

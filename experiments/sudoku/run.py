@@ -12,7 +12,9 @@ the same batches (equal training compute, except soft-masking's second pass, rep
   bd3lm  block diffusion, one block per board row  sm   MDLM + soft-masking training
   esolm_b1, esolm_b05, esolm_b025   Eso-LM with causal attention on the sorted sequence (the paper's (B)) at
          alpha0 = 1, 0.5, 0.25;  esolm_a1   Eso-LM with clean tokens bidirectional (the paper's (A)) at alpha0 = 1
-         (decoded by the same LLaDA-style and threshold rules until an Eso-LM sampler is registered)
+         (decoded by the same LLaDA-style and threshold rules, and by the esolm sampler)
+  sedd_absorb   SEDD, absorbing graph, log-linear noise (docs/sedd.md)
+  sedd_uniform  SEDD, uniform graph, geometric noise, time-conditioned network
 Each model then solves the same test puzzles with each decoding rule below; every rule reports puzzles solved,
 cells correct, rule violations and network calls per puzzle (NFE):
   - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
@@ -20,7 +22,8 @@ cells correct, rule violations and network calls per puzzle (NFE):
   - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
   - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside;
-  - Eso-LM: also its own sampler (`esolm`): k cells per call over the diffusion share, then left to right.
+  - Eso-LM: also its own sampler (`esolm`): k cells per call over the diffusion share, then left to right;
+  - SEDD: the score samplers (Tweedie and Euler) at 17 and 9 steps; SEDD-absorbing also MDLM's ancestral sampler.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
 """
 
@@ -39,7 +42,8 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("mdlm", "ar", "bd3lm", "sm", "esolm_b1", "esolm_b05", "esolm_b025", "esolm_a1")
+METHODS = ("mdlm", "ar", "bd3lm", "sm", "esolm_b1", "esolm_b05", "esolm_b025", "esolm_a1", "sedd_absorb",
+           "sedd_uniform")
 # Eso-LM (process=esolm, docs/esolm.md): "b" = attention "causal" (the paper's Eso-LM (B)), "a" = attention
 # "clean_bidirectional" (Eso-LM (A)); the digits are alpha0 (1, 0.5, 0.25).
 ESOLM = {"esolm_b1": ("causal", "1.0"), "esolm_b05": ("causal", "0.5"), "esolm_b025": ("causal", "0.25"),
@@ -72,7 +76,10 @@ def method_overrides(method: str, size: int) -> list[str]:
         attention, alpha0 = ESOLM[method]
         return ["process=esolm", f"process.attention={attention}", f"process.alpha0={alpha0}"]
     return {"mdlm": ["process=mdlm"], "ar": ["process=ar"], "sm": ["process=mdlm", "softmask.enabled=true"],
-            "bd3lm": ["process=bd3lm", f"process.block_size={size}"]}[method]
+            "bd3lm": ["process=bd3lm", f"process.block_size={size}"],
+            "sedd_absorb": ["process=sedd", "process.graph=absorbing", "process.noise=loglinear"],
+            "sedd_uniform": ["process=sedd", "process.graph=uniform", "process.noise=geometric",
+                             "model.time_conditioning=true"]}[method]
 
 
 def train_run(method: str, seed: int, scale: dict, data: Path, out: Path) -> dict:
@@ -106,6 +113,16 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
                  "generate": {"sampler": "ancestral_cache", "steps": steps}}
                 for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)]
     out = []
+    if method.startswith("sedd"):  # the score samplers (docs/sedd.md); absorbing also MDLM's ancestral sampler
+        for k in scale["ks"][:2]:
+            steps = math.ceil(cells / k)
+            for name in ("tweedie", "euler"):
+                out.append({"label": f"{name}, {steps} steps", "order": "score", "k": k,
+                            "generate": {"sampler": name, "steps": steps}})
+            if method == "sedd_absorb":
+                out.append({"label": f"ancestral, {steps} steps", "order": "ancestral", "k": k,
+                            "generate": {"sampler": "ancestral", "steps": steps}})
+        return out
     for order, remasking in ORDERS.items():
         for k in scale["ks"]:
             out.append({"label": f"{order}, k={k}", "order": order, "k": k,
