@@ -125,6 +125,22 @@ def blockwise_options(process, tokenizer, sampler: str, options: dict, block_len
     return options
 
 
+def inner_options_apart(options: dict) -> dict:
+    """Blockwise options with the inner sampler's own options (those the blockwise sampler does not take, e.g.
+    renoise's max_denoising_steps) moved into `inner_options`, which the blockwise sampler passes on."""
+    from dlm.sampler.registry import sampler_spec
+
+    inner = options.get("inner_sampler")
+    if inner is None:
+        return options
+    own, theirs = set(sampler_spec("blockwise").options), set(sampler_spec(inner).options)
+    moved = {k: v for k, v in options.items() if k not in own and k in theirs}
+    if not moved:
+        return options
+    kept = {k: v for k, v in options.items() if k not in moved}
+    return {**kept, "inner_options": {**(kept.get("inner_options") or {}), **moved}}
+
+
 def decode_rows(tokenizer, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> list[str]:
     """Texts of (N, L) ids (only the positions in `keep` (N, L) bool when given); EOS (a document boundary)
     becomes a blank line, other special tokens vanish."""
