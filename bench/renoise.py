@@ -84,22 +84,23 @@ def part_cost(args) -> None:
             ("renoise (uniform)", make_sampler("renoise", max_denoising_steps=S, confidence_threshold=None), uniform)]
     print(f"\nPart 1: cost per network call at equal NFE | {B} canvases x {L} positions, {S} steps, "
           f"network 2 x 128, V {V}")
+    print(f"(best of {args.repeats} runs each, interleaved, after a warm-up: a shared machine's load moves)")
     print(f"{'sampler':26s} {'NFE':>5s} {'seconds':>8s} {'ms/call':>8s} {'vs ancestral':>13s}")
-    base = None
-    for label, sampler, process in runs:
-        canvas = Canvas.from_fixed(torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.bool), process,
-                                   torch.Generator().manual_seed(0))
-        gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
-        with torch.no_grad():
-            sampler.sample(net, process, canvas, gens())  # warm-up
-            best, nfe = float("inf"), 0
-            for _ in range(args.repeats):
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
+    canvases = [Canvas.from_fixed(torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L, dtype=torch.bool), process,
+                                  torch.Generator().manual_seed(0)) for _, _, process in runs]
+    best, nfe = [float("inf")] * len(runs), [0] * len(runs)
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for i, ((label, sampler, process), canvas) in enumerate(zip(runs, canvases)):
                 start = time.perf_counter()
                 out = sampler.sample(net, process, canvas, gens())
-                best, nfe = min(best, time.perf_counter() - start), out.nfe
-        per = best / nfe
-        base = base or per
-        print(f"{label:26s} {nfe:5d} {best:8.3f} {1000 * per:8.2f} {per / base:12.2f}x")
+                if repeat:
+                    best[i], nfe[i] = min(best[i], time.perf_counter() - start), out.nfe
+    base = best[0] / nfe[0]
+    for (label, _, _), seconds, calls in zip(runs, best, nfe):
+        per = seconds / calls
+        print(f"{label:26s} {calls:5d} {seconds:8.3f} {1000 * per:8.2f} {per / base:12.2f}x")
 
 
 def part_stopping(args) -> None:

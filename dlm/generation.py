@@ -53,6 +53,12 @@ class Generation:
         return self.generated_tokens / max(self.row_calls, 1)
 
     @property
+    def tokens_per_forward(self) -> torch.Tensor:
+        """(N,) float: each row's generated tokens per network call it took part in (DiffusionGemma's
+        `tokens_per_forward`; its mean over rows weighs rows equally, `tokens_per_nfe` weighs them by calls)."""
+        return self.generated.sum(1).double() / self.nfe_per_row.clamp(min=1).double()
+
+    @property
     def tokens_per_second(self) -> float:
         """Generated tokens per second of wall time."""
         return self.generated_tokens / max(self.seconds, 1e-9)

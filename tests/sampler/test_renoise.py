@@ -225,6 +225,7 @@ def test_a_block_causal_model_passes_renoise_its_options_through_the_blockwise_w
                          confidence_threshold=None, seed=0)
     blocks = 3  # the 16 generated tokens after the 12-token prompt straddle blocks 1..3 of 8
     assert gen.nfe == blocks * 2 + blocks  # two steps per block, one cache fill before each
+    assert torch.allclose(gen.tokens_per_forward, torch.tensor([16 / gen.nfe], dtype=torch.float64))
     assert model.sampler_options("renoise", ["max_denoising_steps=5", "kv_cache=false"]) == \
         {"max_denoising_steps": 5, "kv_cache": False}
     with pytest.raises(ValueError, match="sampler 'renoise' has no option 'eta'"):
