@@ -35,8 +35,8 @@ sampler is given: for a block-causal process the blockwise wrapper runs it on ea
 (DiffusionGemma's `canvas_length`, 256) with the finished blocks in its KV cache, each block with the full
 max_denoising_steps; for any other process one canvas of the generation length.
 
-Differences from transformers (docs/renoise.md): candidates are drawn by inverse CDF in float64 from each row's own
-generator (transformers: torch.multinomial from the global generator), renoise tokens come from `process.prior`
+Differences from transformers (docs/renoise.md): candidates are drawn by inverse CDF (float32 probabilities, their
+cumulative sum in float64) from each row's own generator (transformers: torch.multinomial from the global generator), renoise tokens come from `process.prior`
 (transformers: torch.randint over the vocabulary, the same distribution for a uniform process), entropies are in
 float32 over the generated positions only (a prompt inside the canvas is neither ranked nor renoised), and a row
 that stops leaves the batch's calls (transformers keeps computing it and discards the result).
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepEvent, generators_of, sample_tokens
+from dlm.sampler.base import Canvas, InputFeedback, SampleOutput, Sampler, StepEvent, generators_of
 from dlm.sampler.registry import register_sampler
 from dlm.sampler.state import SamplerState
 
@@ -94,12 +94,26 @@ def temperature_at(steps_left, max_denoising_steps: int, t_min: float, t_max: fl
     return t_min + (t_max - t_min) * (steps_left / max_denoising_steps)
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(...,) entropy in nats of softmax(logits (..., V)), in the logits' dtype: -sum p log p with log p the
-    normalised logits (clamped to the dtype's lowest finite value, so a -inf logit contributes 0), p their softmax
-    (the same operations as torch.distributions.Categorical.entropy, which transformers uses)."""
+def entropy_and_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy (...,), probabilities (..., V)) of softmax(logits (..., V)), in the logits' dtype: -sum p log p with
+    log p the normalised logits (clamped to the dtype's lowest finite value, so a -inf logit contributes 0), p their
+    softmax (the same operations as torch.distributions.Categorical.entropy, which transformers uses)."""
     log_p = logits - logits.logsumexp(-1, keepdim=True)
-    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * log_p.softmax(-1)).sum(-1)
+    p = log_p.softmax(-1)
+    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1), p
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(...,) entropy in nats of softmax(logits (..., V)) (see entropy_and_probs)."""
+    return entropy_and_probs(logits)[0]
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs (N, V) by inverse CDF: the cumulative sum in float64 (so no token's share is lost
+    to rounding, however large V), u (N,) float64 uniforms; a zero-probability token is never drawn."""
+    cdf = probs.double().cumsum(-1)  # (N, V)
+    target = (u.clamp_min(1e-12) * cdf[:, -1]).unsqueeze(-1)  # (N, 1), > 0
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 def entropy_bound_accept(h: torch.Tensor, candidates: torch.Tensor, bound: float) -> torch.Tensor:
@@ -179,19 +193,22 @@ class RenoiseSampler(Sampler):
         view = _with_tokens(state, ex["canvas"])  # the network reads the noisy canvas
         raw = view.forward(rows, self._time(process, ex["rate"]), ex["embeds"], ex["fed"])  # (B_a, L, V)
         state.calls = view.calls
-        logits = process.denoise(raw) / temperature[:, None, None]  # (B_a, L, V) float32, processed
-        h = entropy(logits)  # (B_a, L)
-        u = state.rand(rows, (L,), torch.float64, per_position=True)  # (B_a, L)
-        draw = sample_tokens(logits.flatten(0, 1), u.flatten()).view_as(canvas)  # candidates x_D
-        argmax = logits.argmax(-1)
-        carried = gen & ~process.is_noise(canvas) if absorbing else torch.zeros_like(gen)  # SUBS carry-over
-        h = h.masked_fill(carried, 0.0)
-        draw, argmax = torch.where(carried, canvas, draw), torch.where(carried, canvas, argmax)
+        # the positions the model decides: every generated one (absorbing: those still [MASK]; a clean one carries
+        # its token over with entropy 0, SUBS); logits, entropies and draws only there
+        carried = gen & ~process.is_noise(canvas) if absorbing else torch.zeros_like(gen)
+        decide = gen & ~carried  # (B_a, L)
+        at = torch.arange(rows.numel(), device=device)[:, None].expand_as(decide)[decide]  # (N,) row of each
+        logits = process.denoise(raw[decide]) / temperature[at][:, None]  # (N, V) float32, processed
+        h_at, probs = entropy_and_probs(logits)  # (N,), (N, V)
+        h = torch.zeros(decide.shape, dtype=h_at.dtype, device=device).masked_scatter(decide, h_at)  # (B_a, L)
+        argmax = canvas.masked_scatter(decide, logits.argmax(-1))  # the argmax canvas (given, carried: as they are)
         accepted = entropy_bound_accept(h, gen, self.entropy_bound)  # (B_a, L)
+        u = state.rand(rows, (L,), torch.float64, per_position=True)  # (B_a, L): one uniform per position
+        take = accepted & decide  # candidates x_D are drawn where they are kept
+        drawn = canvas.masked_scatter(take, draw(probs[take[decide]], u[take]))
         renoise = gen & ~accepted
         fresh = process.prior(canvas, renoise, generators_of(state.generators, rows.cpu()))
-        new_canvas = torch.where(accepted, draw, fresh)  # given positions: fresh == canvas there
-        argmax = torch.where(gen, argmax, canvas)
+        new_canvas = torch.where(accepted, drawn, fresh)  # given positions: fresh == canvas there
         # stopping, per row
         step_no = state.step[rows] + 1
         stop = step_no >= N
@@ -208,7 +225,8 @@ class RenoiseSampler(Sampler):
         # feedback: the processed logits (temperature-scaled, as DiffusionGemma feeds them) become the next inputs
         if self.feedback is not None:
             left = renoise.sum(1).double() / gen.sum(1).clamp(min=1)
-            given = self.feedback(network, new_canvas, logits, ~gen, left.float())
+            processed = process.denoise(raw) / temperature[:, None, None]  # (B_a, L, V)
+            given = self.feedback(network, new_canvas, processed, ~gen, left.float())
             if given is None:
                 ex["fed"] = ex["fed"].index_fill(0, rows, False)
             else:
@@ -226,8 +244,9 @@ class RenoiseSampler(Sampler):
         confidence = None
         if state.confidence:
             confidence = torch.zeros(B, L, device=device)
-            prob = logits.softmax(-1).gather(-1, draw[..., None]).squeeze(-1)
-            confidence[rows] = torch.where(accepted & ~carried, prob, 0.0)
+            prob = torch.zeros(take.shape, device=device)
+            prob[take] = probs[take[decide]].gather(-1, drawn[take][:, None]).squeeze(-1)
+            confidence[rows] = prob
         event = StepEvent(state.events, state.tokens, committed, confidence, state.calls, state.nfe_per_row.clone())
         state.events += 1
         return state, event

@@ -230,3 +230,15 @@ def test_a_block_causal_model_passes_renoise_its_options_through_the_blockwise_w
         {"max_denoising_steps": 5, "kv_cache": False}
     with pytest.raises(ValueError, match="sampler 'renoise' has no option 'eta'"):
         model.sampler_options("renoise", ["eta=0.1"])
+
+
+def test_candidates_are_drawn_by_the_inverse_cdf():
+    """A grid of n uniforms lands on each token in proportion to its probability (to 1/n), never on a zero one."""
+    from dlm.sampler.renoise import draw
+
+    probs = torch.tensor([[0.5, 0.3, 0.0, 0.2]])
+    n = 1000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = draw(probs.expand(n, -1), u)
+    counts = torch.bincount(tokens, minlength=4).double() / n
+    assert torch.allclose(counts, probs[0].double(), atol=1.5 / n) and int(counts[2] * n) == 0

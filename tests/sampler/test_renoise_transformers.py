@@ -15,7 +15,6 @@ gd = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusi
 from dlm.process import ModelDescription  # noqa: E402
 from dlm.process.base import Process  # noqa: E402
 from dlm.sampler import Canvas  # noqa: E402
-import dlm.sampler.renoise as rn  # noqa: E402
 from dlm.sampler.renoise import (RenoiseSampler, entropy, entropy_bound_accept, stable_and_confident,  # noqa: E402
                                  temperature_at)
 
@@ -85,31 +84,16 @@ class UniformToy(Process):
 
 
 def run_both(net, process, canvas, seed, bound, k, threshold):
-    """dlm's sampler step by step (its draws recorded), then transformers' `_denoising_step` from the same canvas,
-    fed those draws. Returns per-step records of both."""
+    """dlm's sampler step by step, then transformers' `_denoising_step` from the same canvas, fed dlm's draws.
+    Returns per-step records of both."""
     sampler = RenoiseSampler(max_denoising_steps=N, entropy_bound=bound, stability_threshold=k,
                              confidence_threshold=threshold, feedback=Recorder())
-    draws, fresh = [], []
-    real_sample, real_prior = rn.sample_tokens, process.prior
-
-    def sample_tokens(*a, **kw):
-        out = real_sample(*a, **kw)
-        draws.append(out.clone())
-        return out
-
-    def prior(canvas, where, generator=None):
-        out = real_prior(canvas, where, generator)
-        fresh.append(out.clone())
-        return out
-
     ours = []
-    with mock.patch.object(rn, "sample_tokens", sample_tokens), mock.patch.object(process, "prior", prior):
-        state = sampler.start(net, process, canvas, [torch.Generator().manual_seed(seed)])
-        while not bool(state.done.all()):
-            state, event = sampler.step(state)
-            ours.append(dict(canvas=state.extras["canvas"].clone(), argmax=state.tokens.clone(),
-                             accepted=event.committed.clone(), done=state.done.clone(),
-                             fed=sampler.feedback.seen[-1]))
+    state = sampler.start(net, process, canvas, [torch.Generator().manual_seed(seed)])
+    while not bool(state.done.all()):
+        state, event = sampler.step(state)
+        ours.append(dict(canvas=state.extras["canvas"].clone(), argmax=state.tokens.clone(),
+                         accepted=event.committed.clone(), done=state.done.clone(), fed=sampler.feedback.seen[-1]))
     B, L = canvas.shape
     V = process.vocab_size
     model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(vocab_size=V)),
@@ -126,8 +110,11 @@ def run_both(net, process, canvas, seed, bound, k, threshold):
     finished = torch.zeros(B, dtype=torch.bool)
     theirs = []
     for i, cur_step in enumerate(range(N, 0, -1)):
-        with mock.patch.object(torch, "multinomial", lambda probs, num_samples: draws[i].reshape(-1, 1)), \
-                mock.patch.object(torch, "randint", lambda *a, **kw: fresh[i]):
+        # dlm's draws: its next canvas holds its candidate where it accepted and its fresh prior draw elsewhere, so
+        # it stands for both transformers' candidate canvas and its random canvas (the masks are compared apart)
+        drawn = ours[i]["canvas"] if i < len(ours) else current
+        with mock.patch.object(torch, "multinomial", lambda probs, num_samples: drawn.reshape(-1, 1)), \
+                mock.patch.object(torch, "randint", lambda *a, **kw: drawn):
             current, argmax, sc, finished = gd.DiffusionGemmaGenerationMixin._denoising_step(
                 model, decoder_forward, current, argmax, None, None, sc, None, None, finished, cur_step, eb,
                 processors, stopping)
