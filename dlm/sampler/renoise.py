@@ -100,7 +100,7 @@ def entropy_and_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     softmax (the same operations as torch.distributions.Categorical.entropy, which transformers uses)."""
     log_p = logits - logits.logsumexp(-1, keepdim=True)
     p = log_p.softmax(-1)
-    return -(log_p.clamp(min=torch.finfo(log_p.dtype).min) * p).sum(-1), p
+    return -(log_p.clamp_(min=torch.finfo(log_p.dtype).min).mul_(p)).sum(-1), p  # in place: log_p is ours
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,10 @@ class RenoiseSampler(Sampler):
         carried = gen & ~process.is_noise(canvas) if absorbing else torch.zeros_like(gen)
         decide = gen & ~carried  # (B_a, L)
         at = torch.arange(rows.numel(), device=device)[:, None].expand_as(decide)[decide]  # (N,) row of each
-        logits = process.denoise(raw[decide]) / temperature[at][:, None]  # (N, V) float32, processed
+        if bool(decide.all()):  # every position (uniform noise, no prompt): no gather
+            logits = process.denoise(raw.flatten(0, 1)) / temperature.repeat_interleave(L)[:, None]
+        else:
+            logits = process.denoise(raw[decide]) / temperature[at][:, None]  # (N, V) float32, processed
         h_at, probs = entropy_and_probs(logits)  # (N,), (N, V)
         h = torch.zeros(decide.shape, dtype=h_at.dtype, device=device).masked_scatter(decide, h_at)  # (B_a, L)
         argmax = canvas.masked_scatter(decide, logits.argmax(-1))  # the argmax canvas (given, carried: as they are)
