@@ -66,7 +66,7 @@ def uniform_process(vocab: int):
         name, corruption = "uniform_bench", "uniform"
 
     process = Uniform(mask_id=None)
-    process.description = ModelDescription(vocab_size=vocab, d_model=128)
+    process.description = ModelDescription(vocab_size=vocab, d_model=0)
     return process
 
 
@@ -80,13 +80,13 @@ def part_cost(args) -> None:
 
     V, B, L, S = 300, args.batch, args.length, args.steps
     torch.manual_seed(0)
-    net = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=128, context=L, vocab_size=V)).eval()
+    net = Transformer(ModelConfig(n_layer=2, n_head=4, d_model=args.d_model, context=L, vocab_size=V)).eval()
     mdlm, uniform = MaskedDiffusion(LogLinearSchedule(1e-3), V - 1), uniform_process(V)
     runs = [("ancestral (MDLM)", make_sampler("ancestral", steps=S), mdlm),
             ("renoise (MDLM, remask)", make_sampler("renoise", max_denoising_steps=S, confidence_threshold=None), mdlm),
             ("renoise (uniform)", make_sampler("renoise", max_denoising_steps=S, confidence_threshold=None), uniform)]
     print(f"\nPart 1: cost per network call at equal NFE | {B} canvases x {L} positions, {S} steps, "
-          f"network 2 x 128, V {V}")
+          f"network 2 x {args.d_model}, V {V}")
     print(f"(CPU seconds of this process, best of {args.repeats} runs each, interleaved, after a warm-up)")
     print(f"{'sampler':26s} {'NFE':>5s} {'CPU s':>8s} {'ms/call':>8s} {'vs ancestral':>13s}")
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(B)]  # noqa: E731
@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--d-model", type=int, default=128, help="part 1's network width")
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--train-examples", type=int, default=5000)
     parser.add_argument("--puzzles", type=int, default=200)
