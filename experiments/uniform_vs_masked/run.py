@@ -62,9 +62,9 @@ class Sizes:
     ppl_t: int
 
 
-FULL = Sizes(model=["model.n_layer=4", "model.n_head=4", "model.d_model=128", "model.context=64",
-                    "data.vocab_size=4096"],
-             steps=600, lr=1e-3, batch=32, seeds=(0, 1), nfe=(8, 32, 128), num_samples=16, ppl_rows=64, ppl_t=8)
+FULL = Sizes(model=["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.context=64",
+                    "data.vocab_size=2048"],
+             steps=500, lr=1e-3, batch=32, seeds=(0, 1), nfe=(8, 32, 128), num_samples=16, ppl_rows=64, ppl_t=8)
 QUICK = Sizes(model=["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32",
                      "data.vocab_size=300"],
               steps=4, lr=1e-3, batch=4, seeds=(0,), nfe=(4,), num_samples=4, ppl_rows=4, ppl_t=1)
