@@ -9,7 +9,8 @@ from pathlib import Path
 
 from dlm.precision import describe_cpu
 
-LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking"}
+LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking", "udlm": "UDLM (uniform)",
+          "udlm_sc": "UDLM + self-conditioning", "gidd": "GIDD (p_u 0.2)"}
 
 
 def grouped(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
