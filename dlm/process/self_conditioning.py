@@ -16,6 +16,9 @@ feeds it at every time: a two-pass denoiser that depends on z_t only, so still a
 attached by `DiffusionLM.generate` by default): each network call is fed the prediction of the previous call
 (the first call gets none). W is a process parameter: saved, EMA'd, exported and optimised like the network's.
 Soft-masking (`softmask.enabled=true`) on top of it combines both feedbacks (dlm/process/feedback.py).
+
+`process.form=geglu` uses DiffusionGemma's form instead of W (the one udlm and gidd use, dlm/process/uniform.py):
+e = rescaled_sum(E[z], GeGLU(RMSNorm(p @ E))), the block's down projection zero at the start (plain MDLM exactly).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from dlm.process.schedules import make_schedule
 class SelfConditioningConfig(MDLMConfig):
     name: str = "mdlm_sc"
     p_sc: float = 0.5  # probability that a training batch is self-conditioned (two passes)
+    form: str = "linear"  # "linear": W (p @ E); "geglu": DiffusionGemma's RMSNorm -> GeGLU block, rescaled sum
 
 
 class SelfConditioningFeedback(InputFeedback):
@@ -148,6 +152,11 @@ def check_p_sc(p_sc: float) -> None:
         raise ValueError(f"process.p_sc={p_sc} must be in [0, 1] (the probability that a batch is self-conditioned)")
 
 
+def check_form(form: str) -> None:
+    if form not in ("linear", "geglu"):
+        raise ValueError(f"process.form={form!r} must be 'linear' (W (p @ E)) or 'geglu' (DiffusionGemma's block)")
+
+
 @register_process
 class SelfConditionedDiffusion(MaskedDiffusion):
     """MDLM with self-conditioning: the projection W (`projection`, zero at the start) and the p_sc coin."""
@@ -156,37 +165,45 @@ class SelfConditionedDiffusion(MaskedDiffusion):
     config_class = SelfConditioningConfig
 
     def __init__(self, schedule, mask_id: int, d_model: int, p_sc: float = 0.5, sampling_eps: float = 1e-3,
-                 antithetic: bool = True, time_conditioning: bool = False):
+                 antithetic: bool = True, time_conditioning: bool = False, form: str = "linear"):
         super().__init__(schedule, mask_id, sampling_eps, antithetic, time_conditioning)
         check_p_sc(p_sc)
+        check_form(form)
         if d_model <= 0:
             raise ValueError("process 'mdlm_sc' sizes its projection by the model's width, which it was not told: "
                              "build it with dlm.process.make_process(cfg, ModelDescription(d_model=..., ...))")
-        self.p_sc = p_sc
-        self.projection = nn.Linear(d_model, d_model, bias=False)
-        nn.init.zeros_(self.projection.weight)
+        self.p_sc, self.form = p_sc, form
+        if form == "geglu":
+            self.projection = GeGLUSelfConditioning(d_model)
+        else:
+            self.projection = nn.Linear(d_model, d_model, bias=False)
+            nn.init.zeros_(self.projection.weight)
         self.last_applied = False  # whether the last training batch was self-conditioned (logged)
 
     @classmethod
     def from_config(cls, cfg, description):
         return cls(make_schedule(cfg.schedule, cfg.eps), description.mask_id, description.d_model, cfg.p_sc,
-                   cfg.sampling_eps, cfg.antithetic, description.time_conditioning)
+                   cfg.sampling_eps, cfg.antithetic, description.time_conditioning, cfg.form)
 
     @classmethod
     def check_config(cls, cfg) -> None:
         check_schedule_fields(cfg.process)
         check_p_sc(cfg.process.p_sc)
+        check_form(cfg.process.form)
+
+    def sc_feedback(self) -> SelfConditioningFeedback:
+        return SelfConditioningFeedback(self.projection, self.mask_id, rescale=self.form == "geglu")
 
     def loss_feedback(self, generator, device, always: bool = False) -> SelfConditioningFeedback | None:
         use = always or coin(generator, device, self.p_sc)
         if not always:
             self.last_applied = use
-        return SelfConditioningFeedback(self.projection, self.mask_id) if use else None
+        return self.sc_feedback() if use else None
 
     def feedback(self, **overrides) -> SelfConditioningFeedback:
         if overrides:
             raise ValueError(f"self-conditioning takes no sampling options (got {', '.join(sorted(overrides))})")
-        return SelfConditioningFeedback(self.projection, self.mask_id)
+        return self.sc_feedback()
 
     def log_values(self) -> dict[str, float]:
         return {"self_conditioning/applied": float(self.last_applied)}
