@@ -182,7 +182,7 @@ def model(process_name="mdlm_sc", scale=0.0, softmask=False):
     return DiffusionLM(network(len(tok), 0), process, tok, cfg)
 
 
-SAMPLERS = ["ancestral", "first_hitting", "remdm_cap", "remdm_loop", "llada"]
+SAMPLERS = ["ancestral", "first_hitting", "remdm_cap", "remdm_loop", "llada", "uniform_ancestral"]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
