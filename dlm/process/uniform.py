@@ -14,7 +14,8 @@ clean, V the network's classes, m the [MASK] id. Both processes interpolate (GID
         for it would only dilute the noise (and the prior), and a tokenizer with a [MASK] (dlm's) stays usable.
   gidd: alpha_t = (1 - t)/C_t, m_t = t/C_t, u_t = c_t/C_t, c_t = B (t(1-t))^(gamma/2), C_t = 1 + c_t,
         B = 2^gamma p_u / (1 - p_u): the uniform share u_t peaks at t = 1/2 (gamma <= 2), where it is exactly p_u;
-        all [MASK] at t = 1 (the prior), clean at t = 0.
+        all [MASK] at t = 1 (the prior), clean at t = 0 (GIDD's mask + uniform mixing schedule as we read the
+        paper; the tests check these properties, not the paper's numbers).
 
 **Forward rates.** q_t is the marginal of a Markov chain whose transition s -> t is
 q_{t|s}(z_t | z_s) = alpha_{t|s} delta + (beta_t pi_t - alpha_{t|s} beta_s pi_s)(z_t), alpha_{t|s} = alpha_t/alpha_s
@@ -29,9 +30,11 @@ q_{t|s}(z_t | z_s) = alpha_{t|s} delta + (beta_t pi_t - alpha_{t|s} beta_s pi_s)
 is the forward posterior with x_theta in place of x, p_theta(z_s | z_t) = q(z_s | z_t, x_theta) (UDLM's and
 GIDD's), which `reverse_probs` computes for the sampler:
 
-    q(z_s = y | z_t = z, x) ∝ (alpha_{t|s} [y = z] + g(z)) q_s(y | x),   g(z) = beta_t pi_t(z) - alpha_{t|s} beta_s pi_s(z),
+    q(z_s = y | z_t = z, x) ∝ (alpha_{t|s} [y = z] + g(z)) q_s(y | x),
+    g(z) = beta_t pi_t(z) - alpha_{t|s} beta_s pi_s(z),
 
-bilinear in (x, q_s) and normalised by q_t(z | x), so it holds for a probability vector x_theta too.
+whose numerator and normaliser (q_t(z | x)) are both linear in x, so the probability vector x_theta may stand in
+for the one-hot x.
 
 **The continuous-time ELBO.** Write a = q_t(. | x) and b = q_t(. | x_theta) = alpha_t x_theta + beta_t pi_t. As the
 step s -> t shrinks, q(z_s = y | z_t = z, x) = dt rho_t(z) a_y / a_z + o(dt) for y != z, and the same with b for
@@ -42,7 +45,7 @@ sum_y a_y = sum_y b_y = 1, the T-step discrete ELBO tends, per position, to
     NELBO = KL(q_1(. | x) || prior) + int_0^1 E_{z ~ q_t(. | x)} [ (rho_t(z) / a_z) (KL(a || b) + IS(a_z, b_z)) ] dt,
 
 IS(a, b) = a/b - log(a/b) - 1 the Itakura-Saito divergence (GIDD's "KL plus IS" form; for the uniform graph it is
-term for term UDLM's, Schiff et al. 2024, arXiv 2412.10193, eq. 16, with x-bar = N a, x-bar_theta = N b:
+term for term UDLM's continuous-time loss, Schiff et al. 2024, arXiv 2412.10193, with x-bar = N a, x-bar_theta = N b:
 alpha'_t/(N alpha_t) [N/x-bar_z - N/x-bar_theta,z - sum_j x-bar_j/x-bar_z log(x-bar_theta,z x-bar_j /
 (x-bar_theta,j x-bar_z))]). For the absorbing interpolation (u = 0, m = beta) it is MDLM's -alpha'/(1-alpha) log
 x_theta(x). With a_y, b_y in closed form (x != m, x_theta(m) = 0, d_y = log(u_t/N) - log b_y):
