@@ -89,9 +89,10 @@ class CombinedFeedback(InputFeedback):
         return out
 
     def train_inputs(self, network, z, rows, where=None):
-        out = self.parts[0].train_inputs(network, z, rows, where)
+        extra = () if where is None else (where,)  # a feedback written before `where` takes three arguments
+        out = self.parts[0].train_inputs(network, z, rows, *extra)
         for part in self.parts[1:]:
-            out = out + part.train_offset(network, z, rows, where).to(out.dtype)
+            out = out + part.train_offset(network, z, rows, *extra).to(out.dtype)
         return out
 
 
@@ -136,4 +137,6 @@ def second_pass_inputs(process, network, batch: dict, z: torch.Tensor, t: torch.
     if feedback is None:
         return None
     rows = first_pass_rows(process, network, z, t, batch)
+    if process.corruption == "absorbing":  # the rows are at the [MASK] positions: every feedback's own default
+        return feedback.train_inputs(network, z, rows)
     return feedback.train_inputs(network, z, rows, process.feedback_positions(z, batch))
