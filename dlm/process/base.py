@@ -5,7 +5,8 @@ noise schedule — are saved, EMA'd and exported with the network, with no speci
 
 What a sampler may ask of a process (and nothing else; no sampler imports a process module's internals):
 
-    corruption           "absorbing" (tokens become `mask_id`), "uniform" (tokens become uniform random tokens)
+    corruption           "absorbing" (tokens become `mask_id`), "uniform" (tokens become uniform random tokens),
+                         "mixed" (tokens become [MASK] or uniform random tokens, GIDD; the prior is all [MASK])
                          or "none" (an autoregressive model: nothing is corrupted)
     prior(canvas, to_generate, generator)   the canvas with the positions to generate filled from the prior
     is_noise(canvas)     (B, L) bool: positions that still hold noise (absorbing: == mask_id)
@@ -18,6 +19,8 @@ What a sampler may ask of a process (and nothing else; no sampler imports a proc
                          p_t(z with one position set to y) / p_t(z), as log-scores) and the total noise σ̄(t) and
                          its rate σ'(t): what the score samplers (dlm/sampler/score.py) ask. SEDD gives its own;
                          SUBS (MDLM, BD3-LM) derives them (RADD); other processes have none
+    reverse_probs(probs, z, t, s)   p(z_s | z_t = z) of the ancestral step t -> s given x_theta's probabilities
+                         (the closed-form posterior q(z_s | z_t, x_theta); absorbing: MDLM's; uniform/mixed: theirs)
     autoregressive, block_size, default_sampler, exact_caches       capabilities
     supports(sampler) / check_sampler(sampler)   whether a sampler can sample this process, with the reason
 
@@ -57,7 +60,7 @@ from torch import nn
 from dlm.network.base import and_masks, padding_mask
 from dlm.plugins import Registry
 
-CORRUPTIONS = ("absorbing", "uniform", "none")
+CORRUPTIONS = ("absorbing", "uniform", "mixed", "none")
 
 
 def corruptible(batch: dict) -> torch.Tensor:
@@ -169,7 +172,7 @@ class Process(nn.Module):
         """canvas (B, L) with every position in to_generate (B, L) bool drawn from the prior (a new tensor).
         generator: one, or a list of one per row. to_generate may also be (L,), the same positions in every row."""
         to_generate = to_generate.expand_as(canvas)
-        if self.corruption == "absorbing":
+        if self.corruption in ("absorbing", "mixed"):  # mixed (GIDD): all noise is [MASK] at t = 1
             return torch.where(to_generate, self.mask_id, canvas)
         if self.corruption == "uniform":
             vocab = self.vocab_size
@@ -188,6 +191,28 @@ class Process(nn.Module):
         if self.corruption != "absorbing":
             raise ValueError(f"a '{self.corruption}' process cannot tell noise from tokens by looking at the canvas")
         return canvas == self.mask_id
+
+    def feedback_positions(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(B, L) bool: the positions of a training batch's z_t that a feedback (self-conditioning, soft-masking)
+        acts on: the noise positions for an absorbing process; a process whose noise cannot be told by looking
+        (uniform, mixed) returns every corruptible position (`batch`'s loss_mask, given positions taken out)."""
+        if self.corruption == "absorbing":
+            return self.is_noise(z)
+        return corruptible(batch)
+
+    def reverse_probs(self, probs: torch.Tensor, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The ancestral step t -> s < t: p(z_s | z_t = z) = q(z_s | z_t, x_theta), (n, V) float64, from x_theta's
+        probabilities probs (n, V) at positions whose token is z (n,), times t and s (n,) (s = 0: the last step).
+        Absorbing (MDLM): a [MASK] stays with (1 - alpha_s) / (1 - alpha_t), else becomes v with
+        (alpha_s - alpha_t) / (1 - alpha_t) x_theta[v]; a token stays. Other corruptions override it."""
+        if self.corruption != "absorbing":
+            raise ValueError(f"process '{self.name}' has no ancestral posterior for its '{self.corruption}' corruption")
+        probs = probs.double()
+        a_t, a_s = self.alpha(t.double()).double(), self.alpha(s.double()).double()
+        move = ((a_s - a_t) / (1.0 - a_t))[:, None] * probs
+        move[:, self.mask_id] = ((1.0 - a_s) / (1.0 - a_t))
+        stay = torch.zeros_like(probs).scatter_(-1, z[:, None], 1.0)
+        return torch.where((z == self.mask_id)[:, None], move, stay)
 
     @property
     def vocab_size(self) -> int:

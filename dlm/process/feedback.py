@@ -8,9 +8,11 @@ network's embedding matrix `network.embed.weight` (V, C), which the network cont
   sampling   `feedback(network, z, logits, fixed, masks_left)`: after each step, from that step's raw logits
              (B, L, V), the inputs of the next call on the canvas z (B, L), or None (plain token ids). Samplers take
              it as `feedback=`.
-  training   `feedback.train_inputs(network, z, rows)`: the second pass's inputs on z_t (B, L) from a first pass's
-             raw logits `rows` (N, V) at the noise positions of z_t (row-major), differentiable in the feedback's
-             own parameters (the first pass runs without gradients: its prediction is an input, not a target).
+  training   `feedback.train_inputs(network, z, rows, where)`: the second pass's inputs on z_t (B, L) from a first
+             pass's raw logits `rows` (N, V) at the positions `where` (B, L) (row-major): the process's
+             `feedback_positions(z, batch)`, the noise positions of z_t for an absorbing process, every corruptible
+             position for a uniform or mixed one; differentiable in the feedback's own parameters (the first pass
+             runs without gradients: its prediction is an input, not a target).
 
 A process names its feedback in both places: `process.feedback(**overrides)` is what a model trained with it is
 sampled with (`DiffusionLM.generate` attaches it unless told otherwise; None: plain inputs) and
@@ -51,13 +53,16 @@ class InputFeedback:
         embeds = self(network, z, logits, fixed, masks_left)
         return None if embeds is None else embeds - network.embed_tokens(z).to(embeds.dtype)
 
-    def train_inputs(self, network, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Training: the second pass's inputs (B, L, C) on z (B, L) from the first pass's logits rows (N, V)."""
+    def train_inputs(self, network, z: torch.Tensor, rows: torch.Tensor, where: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Training: the second pass's inputs (B, L, C) on z (B, L) from the first pass's logits rows (N, V) at the
+        positions `where` (B, L) bool (row-major; None: the [MASK] positions of z, an absorbing process's)."""
         raise NotImplementedError(f"{type(self).__name__} is a sampling-only feedback: it cannot be trained with")
 
-    def train_offset(self, network, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def train_offset(self, network, z: torch.Tensor, rows: torch.Tensor, where: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """`train_inputs` minus E[z] (B, L, C)."""
-        embeds = self.train_inputs(network, z, rows)
+        embeds = self.train_inputs(network, z, rows, where)
         return embeds - network.embed_tokens(z).to(embeds.dtype)
 
 
@@ -83,10 +88,11 @@ class CombinedFeedback(InputFeedback):
             out = out + delta.to(out.dtype)
         return out
 
-    def train_inputs(self, network, z, rows):
-        out = self.parts[0].train_inputs(network, z, rows)
+    def train_inputs(self, network, z, rows, where=None):
+        extra = () if where is None else (where,)  # a feedback written before `where` takes three arguments
+        out = self.parts[0].train_inputs(network, z, rows, *extra)
         for part in self.parts[1:]:
-            out = out + part.train_offset(network, z, rows).to(out.dtype)
+            out = out + part.train_offset(network, z, rows, *extra).to(out.dtype)
         return out
 
 
@@ -114,9 +120,11 @@ def coin(generator, device, p: float) -> bool:
 
 
 def first_pass_rows(process, network, z: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The first pass: raw logits (N, V) at the noise positions of z (B, L), row-major, without gradients."""
+    """The first pass: raw logits (N, V) at the positions the feedback acts on,
+    `process.feedback_positions(z, batch)` (the noise positions of z (B, L) for an absorbing process; every
+    corruptible one for a process whose noise cannot be told by looking), row-major, without gradients."""
     with torch.no_grad():
-        return process.forward_logits(network, z, t, batch, logits_at=process.is_noise(z))
+        return process.forward_logits(network, z, t, batch, logits_at=process.feedback_positions(z, batch))
 
 
 def second_pass_inputs(process, network, batch: dict, z: torch.Tensor, t: torch.Tensor, generator,
@@ -128,4 +136,7 @@ def second_pass_inputs(process, network, batch: dict, z: torch.Tensor, t: torch.
     feedback = process.loss_feedback(generator, z.device, always)
     if feedback is None:
         return None
-    return feedback.train_inputs(network, z, first_pass_rows(process, network, z, t, batch))
+    rows = first_pass_rows(process, network, z, t, batch)
+    if process.corruption == "absorbing":  # the rows are at the [MASK] positions: every feedback's own default
+        return feedback.train_inputs(network, z, rows)
+    return feedback.train_inputs(network, z, rows, process.feedback_positions(z, batch))

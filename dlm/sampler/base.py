@@ -10,7 +10,7 @@ request's seed: a row's tokens are then the same alone, in any batch and beside 
 shared generator (or None). Every random draw goes through `rand_rows`.
 
 and talks to the process only through its contract (dlm.process.base): `corruption`, `prior`, `is_noise`,
-`forward_logits`, `denoise`, `alpha`, `time_of_mask_rate`, `network_time`, `time_conditioning`, `sampling_eps`,
+`forward_logits`, `denoise`, `reverse_probs`, `alpha`, `time_of_mask_rate`, `network_time`, `time_conditioning`, `sampling_eps`,
 `block_size`, `exact_caches`, `autoregressive`, `mask_id`, `check_sampler`.
 
 Callbacks. `callback(StepEvent)` is called once after every step of the sampler's update rule, after that step's

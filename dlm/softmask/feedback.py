@@ -72,9 +72,10 @@ class SoftMaskFeedback(InputFeedback):
         return self.mixer(logits, z, self.mask_id, network.embed.weight,
                           omega_s=omega_s, omega_a=w["omega_a"], omega_b=w["omega_b"])
 
-    def train_inputs(self, network, z, rows):
+    def train_inputs(self, network, z, rows, where=None):
         """Training (pass 2's inputs): every masked position of z (B, L) gets e~ from the first pass's logits rows
-        (N, V) there; differentiable in the mixer's w (overrides, when set, replace them) and the embedding."""
+        (N, V) there (`where`, when given, is those masked positions); differentiable in the mixer's w (overrides,
+        when set, replace them) and the embedding."""
         return self.mixer.at_masks(rows, z, self.mask_id, network.embed.weight, self.omega_s, self.omega_a,
                                    self.omega_b)
 

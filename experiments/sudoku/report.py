@@ -11,7 +11,8 @@ from dlm.precision import describe_cpu
 
 LABELS = {"mdlm": "MDLM", "ar": "AR", "bd3lm": "BD3-LM", "sm": "MDLM + soft-masking",
           "esolm_b1": "Eso-LM (B) α0=1", "esolm_b05": "Eso-LM (B) α0=0.5", "esolm_b025": "Eso-LM (B) α0=0.25",
-          "esolm_a1": "Eso-LM (A) α0=1", "sedd_absorb": "SEDD-absorbing", "sedd_uniform": "SEDD-uniform"}
+          "esolm_a1": "Eso-LM (A) α0=1", "sedd_absorb": "SEDD-absorbing", "sedd_uniform": "SEDD-uniform",
+          "udlm": "UDLM (uniform)", "udlm_sc": "UDLM + self-conditioning", "gidd": "GIDD (p_u 0.2)"}
 
 
 def grouped(results: list[dict]) -> dict[tuple[str, str], list[dict]]:

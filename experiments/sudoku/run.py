@@ -15,6 +15,9 @@ the same batches (equal training compute, except soft-masking's second pass, rep
          (decoded by the same LLaDA-style and threshold rules, and by the esolm sampler)
   sedd_absorb   SEDD, absorbing graph, log-linear noise (docs/sedd.md)
   sedd_uniform  SEDD, uniform graph, geometric noise, time-conditioned network
+  udlm, udlm_sc, gidd   uniform-state ELBO without / with self-conditioning, GIDD's mask/uniform mix (docs/uniform.md)
+The default --methods are the first four (docs/sudoku.md as published); the others are run on request (the issue-21
+and issue-22 experiments, experiments/uniform_vs_masked and experiments/esolm, do).
 Each model then solves the same test puzzles with each decoding rule below; every rule reports puzzles solved,
 cells correct, rule violations and network calls per puzzle (NFE):
   - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
@@ -26,7 +29,9 @@ cells correct, rule violations and network calls per puzzle (NFE):
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
   - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside;
   - Eso-LM: also its own sampler (`esolm`): k cells per call over the diffusion share, then left to right;
-  - SEDD: the score samplers (Tweedie and Euler) at 17 and 9 steps; SEDD-absorbing also MDLM's ancestral sampler.
+  - SEDD: the score samplers (Tweedie and Euler) at 17 and 9 steps; SEDD-absorbing also MDLM's ancestral sampler;
+  - UDLM / GIDD: the ancestral posterior (`uniform_ancestral`) at 17, 9, 5, 3 steps; every model not AR also the
+    renoising sampler with adaptive stopping.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
 """
 
@@ -46,11 +51,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("mdlm", "ar", "bd3lm", "sm", "esolm_b1", "esolm_b05", "esolm_b025", "esolm_a1", "sedd_absorb",
-           "sedd_uniform")
+           "sedd_uniform", "udlm", "udlm_sc", "gidd")
 # Eso-LM (process=esolm, docs/esolm.md): "b" = attention "causal" (the paper's Eso-LM (B)), "a" = attention
 # "clean_bidirectional" (Eso-LM (A)); the digits are alpha0 (1, 0.5, 0.25).
 ESOLM = {"esolm_b1": ("causal", "1.0"), "esolm_b05": ("causal", "0.5"), "esolm_b025": ("causal", "0.25"),
          "esolm_a1": ("clean_bidirectional", "1.0")}
+DEFAULT_METHODS = ("mdlm", "ar", "bd3lm", "sm")  # the published run (docs/sudoku.md); the others on request
 ORDERS = {"random": "random", "top-prob": "low_confidence", "margin": "margin", "entropy": "entropy"}
 
 SCALES = {
@@ -82,7 +88,9 @@ def method_overrides(method: str, size: int) -> list[str]:
             "bd3lm": ["process=bd3lm", f"process.block_size={size}"],
             "sedd_absorb": ["process=sedd", "process.graph=absorbing", "process.noise=loglinear"],
             "sedd_uniform": ["process=sedd", "process.graph=uniform", "process.noise=geometric",
-                             "model.time_conditioning=true"]}[method]
+                             "model.time_conditioning=true"], "udlm": ["process=udlm"],
+            "udlm_sc": ["process=udlm", "process.self_conditioning=0.5"],
+            "gidd": ["process=gidd", "process.p_u=0.2"]}[method]
 
 
 def train_run(method: str, seed: int, scale: dict, data: Path, out: Path) -> dict:
@@ -116,6 +124,12 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
                  "generate": {"sampler": "ancestral_cache", "steps": steps}}
                 for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)] + [
                 {"label": f"blocks of {size}, renoise, adaptive stopping", "order": "blockwise", "k": None,
+                 "generate": {"sampler": "renoise"}}]
+    if method in ("udlm", "udlm_sc", "gidd"):  # uniform or mixed noise: the ancestral posterior (docs/uniform.md)
+        return [{"label": f"posterior, {steps} steps", "order": "ancestral", "k": cells / steps,
+                 "generate": {"sampler": "uniform_ancestral", "steps": steps}}  # self-conditioning fed by default
+                for steps in sorted({math.ceil(cells / k) for k in scale["ks"]}, reverse=True)] + [
+                {"label": "renoise, adaptive stopping", "order": "renoise", "k": None,
                  "generate": {"sampler": "renoise"}}]
     out = []
     if method.startswith("sedd"):  # the score samplers (docs/sedd.md); absorbing also MDLM's ancestral sampler
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "experiments" / "sudoku" / "out"), help="working folder")
     p.add_argument("--docs", default=None, help="where sudoku.md and sudoku.png go (default: docs/, or --out "
                    "with --quick)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="a subset of the scale's seeds")
     p.add_argument("--train-only", action="store_true", help="train every run, evaluate nothing")
     p.add_argument("--eval-only", action="store_true", help="evaluate the runs already trained, train nothing")

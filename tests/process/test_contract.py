@@ -129,6 +129,11 @@ def test_prior_and_parameterisation(name):
     logits = torch.randn(2, L, V)
     if process.corruption == "absorbing":
         assert (z[to_generate] == process.mask_id).all() and torch.equal(process.is_noise(z), to_generate)
+    if process.corruption == "mixed":  # [MASK] and uniform noise (GIDD): the prior is all [MASK]
+        assert (z[to_generate] == process.mask_id).all()
+    if process.corruption == "uniform":  # random tokens of the vocabulary
+        assert bool((z[to_generate] != z[to_generate][0]).any()) and bool((z < process.vocab_size).all())
+    if process.corruption in ("absorbing", "mixed"):
         assert (process.denoise(logits)[..., process.mask_id] == float("-inf")).all()  # never predicts [MASK]
     assert process.denoise(logits).dtype == torch.float32 and process.denoise(logits).shape == logits.shape
 

@@ -182,7 +182,7 @@ def model(process_name="mdlm_sc", scale=0.0, softmask=False):
     return DiffusionLM(network(len(tok), 0), process, tok, cfg)
 
 
-SAMPLERS = ["ancestral", "first_hitting", "remdm_cap", "remdm_loop", "llada"]
+SAMPLERS = ["ancestral", "first_hitting", "remdm_cap", "remdm_loop", "llada", "uniform_ancestral"]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -265,3 +265,27 @@ def test_a_sampler_given_with_its_own_feedback_keeps_it():
     assert Spy.calls > 0
     with pytest.raises(ValueError, match="not both"):
         m.generate(length=16, feedback=Spy(), softmask=True)
+
+
+def test_diffusiongemma_form_starts_plain_and_then_feeds_the_block(tiny_network):
+    """process.form=geglu (DiffusionGemma's block, shared with udlm/gidd): zero down projection = plain MDLM
+    exactly (loss, bound and sampling inputs); a trained-looking block changes the second pass at the masks only,
+    where the input keeps E[z]'s RMS."""
+    net = tiny_network(V)
+    geglu = make_process(SelfConditioningConfig(p_sc=1.0, form="geglu"),
+                         ModelDescription(vocab_size=V, d_model=C, mask_id=MASK))
+    for seed in range(2):
+        want = plain().loss(net, batch(seed), torch.Generator().manual_seed(seed))
+        assert torch.equal(geglu.loss(net, batch(seed), torch.Generator().manual_seed(seed)).loss, want.loss)
+    z, t = noised(plain(), batch())
+    assert torch.equal(second_pass_inputs(geglu, net, batch(), z, t, None), net.embed_tokens(z))
+    with torch.no_grad():
+        geglu.projection.down.weight.normal_(0.0, 0.5)
+    got = second_pass_inputs(geglu, net, batch(), z, t, None)
+    plain_inputs = net.embed_tokens(z)
+    masked = z == MASK
+    assert torch.equal(got[~masked], plain_inputs[~masked]) and not torch.allclose(got[masked], plain_inputs[masked])
+    norm = lambda e: e.pow(2).mean(-1).add(1e-6).sqrt()  # noqa: E731
+    assert torch.allclose(norm(got[masked]), norm(plain_inputs[masked]), rtol=1e-4)
+    with pytest.raises(ValueError, match="process.form='cubic' must be"):
+        make_process(SelfConditioningConfig(form="cubic"), ModelDescription(vocab_size=V, d_model=C, mask_id=MASK))

@@ -11,7 +11,7 @@ import torch
 
 from dlm.build import describe_model
 from dlm.process import PROCESSES, Autoregressive, MaskedDiffusion, make_process
-from dlm.process.base import Process
+from dlm.process.base import CORRUPTIONS, Process
 from dlm.process.block_diffusion import BlockDiffusion
 from dlm.process.schedules import LogLinearSchedule
 from dlm.sampler import BlockwiseSampler, Canvas, TrajectoryRecorder, chain_callbacks
@@ -203,7 +203,7 @@ def test_registry_describes_every_sampler_and_its_class_attributes():
     for name, spec in SAMPLERS.items():
         assert spec.description and "\n" not in spec.description
         sampler = make_sampler(name, **options(name))
-        assert isinstance(sampler.corruptions, tuple) and set(sampler.corruptions) <= {"absorbing", "uniform", "none"}
+        assert isinstance(sampler.corruptions, tuple) and set(sampler.corruptions) <= set(CORRUPTIONS)
         assert isinstance(sampler.autoregressive, bool) and isinstance(sampler.takes_feedback, bool)
         assert sampler.autoregressive == (name == "autoregressive")
     assert {"ddpm", "ddpm_cache"} <= set(sampler_names()) and "ddpm" not in NAMES
