@@ -149,7 +149,7 @@ def cmd_sample(args) -> int:
                 f"{'KV cache' if 'blockwise' in model.process.exact_caches and args.kv_cache is not False else 'no cache'})")
     kind += feedback_words(model, args)
     print(f"[{len(gen.texts)} samples x {gen.tokens.shape[1]} tokens | {kind} | NFE {gen.nfe} | "
-          f"{gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s{_peak(gen.peak_memory_mib)}]")
+          f"{gen.tokens_per_nfe:.2f} tokens/forward | {gen.seconds:.1f} s | {gen.tokens_per_second:.0f} tokens/s{_peak(gen.peak_memory_mib)}]")
     if args.out:
         with open(args.out, "w") as f:
             for text, ids in zip(gen.texts, gen.tokens.tolist()):
@@ -233,6 +233,8 @@ def _sample_llada(model, args, options: dict) -> int:
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
     policy = f"threshold {args.threshold}" if args.threshold is not None else (
         f"factor {args.factor}" if args.factor is not None else f"{args.steps} steps")
+    if options.get("entropy_bound") is not None:
+        policy = f"entropy bound {options['entropy_bound']}"
     policy += feedback_words(model, args)
     print(f"[{len(res.texts)} prompts x {args.gen_length} new tokens | llada, {policy}, cache {args.cache} | "
           f"NFE {res.nfe} (per prompt {res.row_calls / len(res.texts):.1f}) | {res.tokens_per_nfe:.2f} tokens/NFE | "

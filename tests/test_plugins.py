@@ -54,10 +54,10 @@ def test_load_plugins_registers_an_entry_points_module(plugin_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_dir))
     try:
         assert load_plugins() == ["dlm_uniform_plugin"] and load_plugins() == []  # once
-        assert PROCESSES["uniform_x0"].default_sampler == "renoise" and "renoise" in SAMPLERS
+        assert PROCESSES["plugin_uniform_x0"].default_sampler == "plugin_renoise" and "plugin_renoise" in SAMPLERS
     finally:  # leave the registries as the other tests expect them
-        PROCESSES.pop("uniform_x0", None)
-        SAMPLERS.pop("renoise", None)
+        PROCESSES.pop("plugin_uniform_x0", None)
+        SAMPLERS.pop("plugin_renoise", None)
         dlm.plugins._loaded.pop("dlm_uniform_plugin", None)
         sys.modules.pop("dlm_uniform_plugin", None)
 
@@ -76,7 +76,7 @@ def test_the_shared_contract_tests_take_the_plugins_process_and_sampler(plugin_d
     """The shared tests iterate over the registries: with the plugin installed they run on its classes."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                           "tests/process/test_contract.py", "tests/sampler/test_contract.py",
-                          "-k", "uniform_x0 or renoise"], capture_output=True, text=True, env=env_with(plugin_dir),
+                          "-k", "plugin_uniform_x0 or plugin_renoise"], capture_output=True, text=True, env=env_with(plugin_dir),
                          cwd=REPO, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", run.stdout).group(1))
@@ -85,21 +85,21 @@ def test_the_shared_contract_tests_take_the_plugins_process_and_sampler(plugin_d
 
 def test_the_dlm_command_trains_and_samples_with_the_plugin(plugin_dir, micro_args, tmp_path):
     out = tmp_path / "uniform"
-    train = dlm_command(plugin_dir, "train", *micro_args(out, "process=uniform_x0", "trainer.max_steps=3",
+    train = dlm_command(plugin_dir, "train", *micro_args(out, "process=plugin_uniform_x0", "trainer.max_steps=3",
                                                          "trainer.val_every=3", "trainer.ckpt_every=3"), cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
-    assert "training uniform_x0; validation perplexity an estimate, not a bound" in train.stdout
+    assert "training plugin_uniform_x0; validation perplexity an estimate, not a bound" in train.stdout
     sample = dlm_command(plugin_dir, "sample", str(out), "--num-samples", "2", "--length", "16", "-o", "steps=4",
-                         cwd=tmp_path)  # no --sampler: the process's default_sampler, the plugin's renoise
+                         cwd=tmp_path)  # no --sampler: the process's default_sampler, the plugin's plugin_renoise
     assert sample.returncode == 0, sample.stderr[-3000:]
-    assert "--- sample 1 ---" in sample.stdout and "| renoise, 4 steps | NFE 4 |" in sample.stdout
-    named = dlm_command(plugin_dir, "sample", str(out), "--sampler", "renoise", "--num-samples", "1", "--length", "16",
+    assert "--- sample 1 ---" in sample.stdout and "| plugin_renoise, 4 steps | NFE 4 |" in sample.stdout
+    named = dlm_command(plugin_dir, "sample", str(out), "--sampler", "plugin_renoise", "--num-samples", "1", "--length", "16",
                         "-o", "steps=3", "-o", "t_min=0.2", "--prompt", "the", cwd=tmp_path)
-    assert named.returncode == 0 and "| renoise, 3 steps | NFE 3 |" in named.stdout, named.stderr[-3000:]
-    bad = dlm_command(plugin_dir, "sample", str(out), "--sampler", "renoise", "-o", "eta=0.1", cwd=tmp_path)
-    assert bad.returncode == 2 and "sampler 'renoise' has no option 'eta'; its options: steps, t_max, t_min" in bad.stderr
+    assert named.returncode == 0 and "| plugin_renoise, 3 steps | NFE 3 |" in named.stdout, named.stderr[-3000:]
+    bad = dlm_command(plugin_dir, "sample", str(out), "--sampler", "plugin_renoise", "-o", "eta=0.1", cwd=tmp_path)
+    assert bad.returncode == 2 and "sampler 'plugin_renoise' has no option 'eta'; its options: steps, t_max, t_min" in bad.stderr
     refused = dlm_command(plugin_dir, "sample", str(out), "--sampler", "ancestral", cwd=tmp_path)
-    assert refused.returncode == 2 and "sampler 'ancestral' cannot sample a 'uniform_x0' model" in refused.stderr
+    assert refused.returncode == 2 and "sampler 'ancestral' cannot sample a 'plugin_uniform_x0' model" in refused.stderr
 
 
 @pytest.fixture
@@ -108,8 +108,8 @@ def plugin_loaded(plugin_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(plugin_dir))
     load_plugins()
     yield
-    PROCESSES.pop("uniform_x0", None)
-    SAMPLERS.pop("renoise", None)
+    PROCESSES.pop("plugin_uniform_x0", None)
+    SAMPLERS.pop("plugin_renoise", None)
     dlm.plugins._loaded.pop("dlm_uniform_plugin", None)
     sys.modules.pop("dlm_uniform_plugin", None)
 
@@ -138,8 +138,8 @@ def test_the_plugins_sampler_is_batch_invariant_and_steps_rows_that_join_and_lea
 
     V, gen_len = 13, 8
     net = tiny_network(V)
-    process = make_process(PROCESSES["uniform_x0"].config_class(), ModelDescription(vocab_size=V, d_model=32))
-    sampler = make_sampler("renoise", steps=5)
+    process = make_process(PROCESSES["plugin_uniform_x0"].config_class(), ModelDescription(vocab_size=V, d_model=32))
+    sampler = make_sampler("plugin_renoise", steps=5)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [3, 3]]
     gens = lambda i: [torch.Generator().manual_seed(50 + i)]  # noqa: E731  (one per request)
 

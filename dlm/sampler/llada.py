@@ -10,9 +10,10 @@ masked positions: the prediction is the argmax of Gumbel-perturbed logits in flo
     margin          top-1 minus top-2 probability           entropy  exp(-entropy) of the prediction, in [1/V, 1]
 
 and an `UnmaskingPolicy` (dlm.sampler.policies) picks which to commit: the count schedule (LLaDA), a
-confidence threshold or the factor rule (Fast-dLLM). Every score lies in [0, 1], so each policy works with each
+confidence threshold or the factor rule (Fast-dLLM), or the entropy bound (`entropy_bound=`, EB-sampler: the longest
+run in score order whose entropies sum, less their largest, to at most the bound). Every score lies in [0, 1], so each policy works with each
 ordering (what a threshold means for each: dlm.sampler.policies). Positions after the current block are never
-committed; committed and prompt tokens never change. With the threshold and factor rules a block takes
+committed; committed and prompt tokens never change. With the threshold, factor and entropy-bound rules a block takes
 as many steps as it needs (at most block_length); `steps` only sets the count schedule's budget. NFE
 counts the network calls made: a block that is full ends, so a budget above block_length costs
 block_length calls (LLaDA's loop would make calls that commit nothing).
@@ -97,6 +98,7 @@ class LLaDAConfig:
     feedback: InputFeedback | None = None  # soft-masking
     suppress_ids_in_confidence: tuple[int, ...] = ()
     block_causal: bool = False  # a model whose blocks cannot see later blocks (block diffusion)
+    entropy_bound: float | None = None  # EB-sampler's entropy-bound rule instead of the count schedule (nats)
 
     def __post_init__(self):
         check_steps(self.steps)
@@ -111,7 +113,7 @@ class LLaDAConfig:
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking='{self.remasking}' is unknown; valid: {', '.join(REMASKING)}")
         fast_dllm.check_cache_mode(self.cache)
-        make_policy(self.threshold, self.factor)  # validates
+        make_policy(self.threshold, self.factor, self.entropy_bound)  # validates
 
 
 class LLaDASampler(Sampler):
@@ -280,13 +282,15 @@ class LLaDASampler(Sampler):
         x0, score = self._predict(x_theta, generators_of(state.generators, rows))
         confidence = torch.where(candidates, score, float("-inf"))
         keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
+        h = _entropy(x_theta) if getattr(self.policy, "needs_entropy", False) else None  # (B_a, block_length)
         if len(set(keys)) == 1:
-            commit = self.policy.select(confidence, candidates.sum(1), *keys[0])
+            commit = self.policy.select(confidence, candidates.sum(1), *keys[0], **({} if h is None else {"entropy": h}))
         else:  # rows at the same step of the same budget: one selection
             commit = torch.zeros_like(candidates)
             for key in sorted(set(keys)):
                 these = torch.tensor([k == key for k in keys], device=candidates.device)
-                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key)
+                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key,
+                                                   **({} if h is None else {"entropy": h[these]}))
         commit = commit & candidates
         x_block = torch.where(commit, x0, x_block)
         x[rows, start:end] = x_block
@@ -355,6 +359,12 @@ class LLaDASampler(Sampler):
         return x0, score
 
 
+def _entropy(x_theta: torch.Tensor) -> torch.Tensor:
+    """(..., ) entropy in nats (float64) of softmax(x_theta (..., V)); the [MASK] logit (-inf) contributes 0."""
+    probs = x_theta.double().softmax(-1)
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
 @dataclass
 class _RowCache:
     """A row's Fast-dLLM cache: row `index` of `cache`, refreshed for `rows` rows together (guided: the
@@ -393,10 +403,12 @@ def _left_pad_cache(cache: KVCache, n: int) -> KVCache:
 def make_llada_sampler(steps: int = 64, block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
                        remasking: str = "low_confidence", threshold: float | None = None, factor: float | None = None,
                        cfg_scale: float = 0.0, cache: str = "none", feedback: InputFeedback | None = None,
-                       suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False) -> LLaDASampler:
-    """The registry's "llada": the count schedule, or threshold / factor parallel decoding when given."""
-    return LLaDASampler(steps, block_length, temperature, remasking, make_policy(threshold, factor), cfg_scale, cache,
-                        feedback, suppress_ids_in_confidence, block_causal)
+                       suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False,
+                       entropy_bound: float | None = None) -> LLaDASampler:
+    """The registry's "llada": the count schedule, or threshold / factor / entropy-bound parallel decoding when
+    given."""
+    return LLaDASampler(steps, block_length, temperature, remasking, make_policy(threshold, factor, entropy_bound),
+                        cfg_scale, cache, feedback, suppress_ids_in_confidence, block_causal)
 
 
 @torch.no_grad()

@@ -32,6 +32,11 @@ entropy scores that error is over-estimated (1 - margin >= 1 - p1), so it commit
   least the most confident one per step.
 - FactorRule (Fast-dLLM): the n most confident for the largest n with (n' + 1)(1 - c_n') < factor for all
   n' <= n (c sorted in decreasing order), and at least one.
+- EntropyBound (EB-sampler, Ben-Hamu et al. 2025, arXiv 2505.24857; DiffusionGemma's acceptance rule): in the
+  order of the scores, the largest prefix whose entropies H (nats, of x_theta) satisfy
+  sum_{i<=n} H_i - max_{i<=n} H_i <= entropy_bound (an upper bound on the mutual information between the tokens
+  committed together), and at least one. It reads the entropies too (`needs_entropy`: the sampler passes
+  `entropy=`); with remasking="entropy" the order is by entropy, DiffusionGemma's rule exactly.
 """
 
 from __future__ import annotations
@@ -122,10 +127,39 @@ class FactorRule(UnmaskingPolicy):
         return _at_least_one(_top_k(confidence, k), confidence)
 
 
-def make_policy(threshold: float | None = None, factor: float | None = None) -> UnmaskingPolicy:
-    """The count schedule by default; a confidence threshold or the factor rule when given (not both)."""
-    if threshold is not None and factor is not None:
-        raise ValueError("give either threshold= (confidence-threshold decoding) or factor= (factor rule), not both")
+class EntropyBound(UnmaskingPolicy):
+    """Commit the longest run of candidates, in decreasing score, with sum(H) - max(H) <= entropy_bound over it
+    (H: each candidate's entropy in nats, `entropy=` (B, L)); at least the most confident one per step."""
+
+    name = "entropy_bound"
+    needs_entropy = True
+
+    def __init__(self, entropy_bound: float = 0.1):
+        if not entropy_bound > 0:
+            raise ValueError(f"entropy_bound={entropy_bound} must be > 0 nats (EB-sampler and DiffusionGemma: 0.1; "
+                             "larger commits more tokens per step)")
+        self.entropy_bound = entropy_bound
+
+    def select(self, confidence, n_masked_in_block, step_in_block, steps_per_block, entropy=None):
+        if entropy is None:
+            raise ValueError("the entropy-bound policy needs the candidates' entropies (entropy=)")
+        order = confidence.argsort(dim=1, descending=True, stable=True)  # (B, L)
+        valid = confidence.gather(1, order) > float("-inf")
+        h = entropy.gather(1, order).masked_fill(~valid, 0.0)
+        ok = ((h.cumsum(1) - h.cummax(1).values) <= self.entropy_bound) & valid  # sum - max only grows along a row
+        k = ok.long().cumprod(1).sum(1)
+        return _at_least_one(_top_k(confidence, k), confidence)
+
+
+def make_policy(threshold: float | None = None, factor: float | None = None,
+                entropy_bound: float | None = None) -> UnmaskingPolicy:
+    """The count schedule by default; a confidence threshold, the factor rule or the entropy bound when given (one
+    of them)."""
+    if sum(x is not None for x in (threshold, factor, entropy_bound)) > 1:
+        raise ValueError("give one of threshold= (confidence-threshold decoding), factor= (factor rule) and "
+                         "entropy_bound= (entropy-bound rule), not several")
+    if entropy_bound is not None:
+        return EntropyBound(entropy_bound)
     if threshold is not None:
         return ConfidenceThreshold(threshold)
     if factor is not None:

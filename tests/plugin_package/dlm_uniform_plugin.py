@@ -2,12 +2,12 @@
 DiffusionGemma-style renoising sampler, registered through the `dlm.plugins` entry point. It is a test of the
 plugin path (tests/test_plugins.py installs it in a temporary folder), not a library feature.
 
-uniform_x0: each scored token is replaced, with probability t ~ U[eps, 1], by a token drawn uniformly from the
+plugin_uniform_x0: each scored token is replaced, with probability t ~ U[eps, 1], by a token drawn uniformly from the
 whole vocabulary; the network predicts the clean token x0 at every position (it cannot tell which were replaced)
 and the loss is the cross-entropy -log p_theta(x0 | z_t) averaged over scored tokens. That reconstruction loss is
 not a bound on the NLL, so the process declares likelihood = "estimate".
 
-renoise: start from uniform noise; at step n of N predict x0 everywhere, draw a candidate canvas at a temperature
+plugin_renoise: start from uniform noise; at step n of N predict x0 everywhere, draw a candidate canvas at a temperature
 falling from t_max to t_min, keep the ceil(G (n+1)/N) generated positions of lowest predictive entropy (G: the
 positions to generate) and redraw every other generated position uniformly, so the renoised fraction falls to 0
 at the last step (nothing stays committed between steps: acceptance is recomputed over the whole canvas).
@@ -30,7 +30,7 @@ from dlm.sampler.registry import register_sampler
 # ------------------------------------------------------------------------------------------ the process
 @dataclass
 class UniformConfig(ProcessConfig):
-    name: str = "uniform_x0"
+    name: str = "plugin_uniform_x0"
     eps: float = 1e-3  # t ~ U[eps, 1]: the probability that a token is replaced
 
 
@@ -38,9 +38,9 @@ class UniformConfig(ProcessConfig):
 class UniformX0(Process):
     """Uniform-state corruption with an x0-prediction cross-entropy (see the module docstring)."""
 
-    name, corruption, config_class = "uniform_x0", "uniform", UniformConfig
+    name, corruption, config_class = "plugin_uniform_x0", "uniform", UniformConfig
     likelihood = "estimate"
-    default_sampler = "renoise"
+    default_sampler = "plugin_renoise"
 
     def __init__(self, eps: float, mask_id: int | None = None, time_conditioning: bool = False):
         super().__init__(mask_id, time_conditioning)
@@ -49,7 +49,7 @@ class UniformX0(Process):
     @classmethod
     def from_config(cls, cfg, description):
         if description.vocab_size < 2:
-            raise ValueError("uniform_x0 needs the model's vocabulary size (ModelDescription.vocab_size)")
+            raise ValueError("plugin_uniform_x0 needs the model's vocabulary size (ModelDescription.vocab_size)")
         return cls(cfg.eps, description.mask_id, description.time_conditioning)
 
     @classmethod
@@ -113,7 +113,7 @@ class RenoiseConfig:
             raise ValueError(f"need 0 < t_min <= t_max, got t_min={self.t_min}, t_max={self.t_max}")
 
 
-@register_sampler("renoise", RenoiseConfig,
+@register_sampler("plugin_renoise", RenoiseConfig,
                   description="DiffusionGemma-style: predict x0, keep the lowest-entropy tokens, renoise the rest")
 class Renoise(Sampler):
     """Renoising sampler for uniform-state processes (see the module docstring)."""

@@ -115,7 +115,7 @@ def test_make_policy():
     assert isinstance(make_policy(), CountSchedule)
     assert make_policy(threshold=0.8).threshold == 0.8
     assert make_policy(factor=2.0).factor == 2.0
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         make_policy(threshold=0.9, factor=1.0)
     with pytest.raises(ValueError, match="factor"):
         FactorRule(0.0)

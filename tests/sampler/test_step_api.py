@@ -55,6 +55,8 @@ def run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins: di
 def opts(name, model=None):
     accepted = SAMPLERS[name].options
     out = {"steps": 6} if "steps" in accepted else {}
+    if "max_denoising_steps" in accepted:  # renoise: 6 steps at most, as the others
+        out["max_denoising_steps"] = 6
     if "temperature" in accepted:
         out["temperature"] = 1.0
     if name == "blockwise":  # the model's own block size (every prompt's row keeps its own block grid)
