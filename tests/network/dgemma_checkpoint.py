@@ -18,9 +18,9 @@ VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_att
               head_dim=8)
 
 
-def dgemma_model(seed: int = 0, scale: float = 0.2):
-    """transformers' DiffusionGemmaForBlockDiffusion with weights far from the init (std `scale`, norms around 1),
-    so every tensor moves the logits."""
+def dgemma_model(seed: int = 0, scale: float = 0.2, embed_scale: float | None = None):
+    """transformers' DiffusionGemmaForBlockDiffusion with weights far from the init (std `scale`, the embeddings
+    `embed_scale` (default: scale), norms around 1), so every tensor moves the logits."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
@@ -34,7 +34,8 @@ def dgemma_model(seed: int = 0, scale: float = 0.2):
             if "norm" in name or name.endswith(".scale") or "per_expert_scale" in name:
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
+                std = embed_scale if embed_scale is not None and "embed_tokens" in name else scale
+                p.copy_(std * torch.randn(p.shape, generator=g))
     return model.float().eval()
 
 
