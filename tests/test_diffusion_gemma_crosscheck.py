@@ -121,9 +121,10 @@ SETTINGS = [dict(max_denoising_steps=12, t_max=0.8, t_min=0.4, entropy_bound=1.5
                  confidence_threshold=0.005)]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["stops-early", "fixed-steps"])
+@pytest.mark.parametrize("settings,words", [(SETTINGS[0], 7), (SETTINGS[1], 7), (SETTINGS[0], 4)],
+                         ids=["stops-early", "fixed-steps", "prompt-of-5-tokens"])
 @torch.no_grad()
-def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, settings, monkeypatch):
+def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, settings, words, monkeypatch):
     folder, model = checkpoint
     lm = dlm.load(folder)
     rec = DlmRecorder(monkeypatch, lm.process)
@@ -132,13 +133,15 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
     # process's feedback (self-conditioning) as generate attaches it.
     inner = make_sampler("renoise", **settings, feedback=lm.process.feedback())
     sampler = BlockwiseSampler(inner, CANVAS, kv_cache=True)
-    # The prompt: BOS + 7 words = one canvas (transformers' canvases start right after the prompt, dlm's blocks at
-    # multiples of the canvas length: the same positions); two canvases generated after it.
-    out = lm.generate("w5 w9 w17 w33 w40 w12 w8", gen_length=2 * CANVAS, sampler=sampler, seed=3,
+    # The prompt: BOS + `words` words; two canvases generated right after it (dlm left-pads a prompt to a multiple of
+    # the canvas length: `blocks_after_prompt`; the padding is never attended to and positions start after it).
+    text = " ".join(["w5", "w9", "w17", "w33", "w40", "w12", "w8"][:words])
+    out = lm.generate(text, gen_length=2 * CANVAS, sampler=sampler, seed=3,
                       callback=lambda e: events.append((e.committed.clone(), e.tokens.clone())))
     tokens = out.tokens[0]
     P = tokens.shape[0] - 2 * CANVAS
     assert P == CANVAS and out.generated[0].sum() == 2 * CANVAS
+    prompt = tokens[P - 1 - words:P]  # BOS + the words, after the left padding
     groups = []  # each canvas's denoising steps (accepted, argmax canvas); a cache fill (commits nothing) before each
     for committed, canvas in events:
         if not committed.any():
@@ -153,7 +156,7 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
     start, renoised = rec.priors[0][0, P:], [p[0] for p in rec.priors[1:]]
     n1 = len(groups[0])
     canvases = [start[:CANVAS], *renoised[:n1], start[CANVAS:], *renoised[n1:]]  # initialize_canvas's calls, in order
-    hf_out, steps = run_transformers(model, tokens[None, :P], 2 * CANVAS, settings,
+    hf_out, steps = run_transformers(model, prompt[None], 2 * CANVAS, settings,
                                      ([c.view(-1) for c in rec.candidates], canvases), monkeypatch)
     assert len(steps) == len(inner_steps), "transformers took another number of denoising steps"
     N = settings["max_denoising_steps"]
@@ -173,10 +176,10 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
             assert not s["stop"].item(), f"step {k}: transformers stops here, dlm goes on"
         elif j + 1 < N:
             assert s["stop"].item(), f"step {k}: dlm stops here, transformers goes on"
-    assert torch.equal(hf_out.sequences[0], tokens), "the emitted canvases differ"
-    new = hf_out.sequences[0, P:]
+    assert torch.equal(hf_out.sequences[0], tokens[P - 1 - words:]), "the emitted canvases differ"
+    new = hf_out.sequences[0, 1 + words:]
     assert hf_out.tokens_per_forward[0].item() == pytest.approx((new != 0).sum().item() / len(inner_steps))
-    if settings["confidence_threshold"] > 0.1:
+    if settings["confidence_threshold"] > 0.1 and words == 7:
         assert min(len(g) for g in groups) < N  # the adaptive stop is exercised (canvas 2 stops early)
 
 
@@ -189,6 +192,9 @@ def test_generate_defaults_to_renoise_canvas_by_canvas_with_self_conditioning(ch
     fed = []
     real = lm.network.self_conditioned_inputs
     monkeypatch.setattr(lm.network, "self_conditioned_inputs", lambda z, logits: fed.append(1) or real(z, logits))
-    out = lm.generate("w5 w9 w17 w33 w40 w12 w8", gen_length=2 * CANVAS, seed=0)  # BOS + 7 words: one canvas
-    assert out.generated[0].sum() == 2 * CANVAS and fed  # self-conditioning fed at every step after the first
-    assert out.nfe_per_row[0] <= 2 * 48 + 2  # two canvases of at most 48 steps, two encoder calls
+    out = lm.generate(["w5 w9 w17", "w5 w9 w17 w33 w40 w12 w8 w3 w4"], gen_length=2 * CANVAS, seed=0)
+    assert out.generated.sum(1).tolist() == [2 * CANVAS] * 2 and fed  # self-conditioning fed after the first step
+    # each prompt left-padded to a whole number of canvases (4 -> 8, 10 -> 16 tokens), then exactly two canvases:
+    # at most 48 steps each, and one encoder call per prompt canvas and for canvas 1
+    assert out.tokens.shape[1] == 2 * CANVAS + 2 * CANVAS and (out.tokens[0, :CANVAS + 4] == 0).all()
+    assert out.nfe_per_row[0] <= 2 * 48 + 2 and out.nfe_per_row[1] <= 2 * 48 + 3

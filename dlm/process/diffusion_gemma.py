@@ -60,6 +60,7 @@ class DiffusionGemmaProcess(Process):
     likelihood = "estimate"
     default_sampler = "renoise"
     blockwise = True  # generated canvas by canvas, finished canvases encoded once into the KV cache
+    blocks_after_prompt = True  # the first canvas starts right after the prompt (prompts left-padded to a multiple)
     exact_caches = frozenset({"blockwise"})
 
     def __init__(self, block_size: int, eps: float = 1e-3, time_conditioning: bool = False):
