@@ -53,6 +53,12 @@ class Generation:
         return self.generated_tokens / max(self.row_calls, 1)
 
     @property
+    def tokens_per_forward(self) -> torch.Tensor:
+        """(N,) float: each row's generated tokens per network call it took part in (DiffusionGemma's
+        `tokens_per_forward`; its mean over rows weighs rows equally, `tokens_per_nfe` weighs them by calls)."""
+        return self.generated.sum(1).double() / self.nfe_per_row.clamp(min=1).double()
+
+    @property
     def tokens_per_second(self) -> float:
         """Generated tokens per second of wall time."""
         return self.generated_tokens / max(self.seconds, 1e-9)
@@ -123,6 +129,22 @@ def blockwise_options(process, tokenizer, sampler: str, options: dict, block_len
         if options.get(key) is None:
             options[key] = default
     return options
+
+
+def inner_options_apart(options: dict) -> dict:
+    """Blockwise options with the inner sampler's own options (those the blockwise sampler does not take, e.g.
+    renoise's max_denoising_steps) moved into `inner_options`, which the blockwise sampler passes on."""
+    from dlm.sampler.registry import sampler_spec
+
+    inner = options.get("inner_sampler")
+    if inner is None:
+        return options
+    own, theirs = set(sampler_spec("blockwise").options), set(sampler_spec(inner).options)
+    moved = {k: v for k, v in options.items() if k not in own and k in theirs}
+    if not moved:
+        return options
+    kept = {k: v for k, v in options.items() if k not in moved}
+    return {**kept, "inner_options": {**(kept.get("inner_options") or {}), **moved}}
 
 
 def decode_rows(tokenizer, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> list[str]:

@@ -38,7 +38,7 @@ from dlm.precision import use_bf16
 from dlm.process import Process
 from dlm.progress import StepLines, track
 from dlm.progress import resolve as resolve_progress
-from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
+from dlm.generation import Generation, blockwise_options, decode_rows, given_rows, inner_options_apart
 from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
 from dlm.sampler.registry import SAMPLERS, sampler_spec
@@ -366,6 +366,7 @@ class DiffusionLM:
             blockwise = name == "blockwise"
             if blockwise:
                 options = blockwise_options(self.process, self.tokenizer, typed, options, block_length)
+                options = inner_options_apart(options)
             elif block_length is not None:
                 options["block_length"] = block_length
             common = {k: v for k, v in common.items() if v is not None}
@@ -405,8 +406,14 @@ class DiffusionLM:
     def sampler_options(self, sampler: str | None, items: list[str]) -> dict:
         """`key=value` strings (the CLI's `-o`) as options of the sampler `generate(sampler=...)` builds, parsed by
         its config's field types; refused naming its options when it has no such option."""
-        return sampler_spec(self.sampler_name(sampler)).parse_options(list(items), label=sampler or
-                                                                      self.process.default_sampler)
+        typed = sampler or self.process.default_sampler
+        name = self.sampler_name(sampler)
+        if name == "blockwise" and sampler_spec(typed).name != "blockwise":  # the inner sampler's own options too
+            own = set(sampler_spec("blockwise").options)
+            mine = [i for i in items if i.partition("=")[0].strip() in own]
+            return {**sampler_spec("blockwise").parse_options(mine, label=typed),
+                    **sampler_spec(typed).parse_options([i for i in items if i not in mine], label=typed)}
+        return sampler_spec(name).parse_options(list(items), label=typed)
 
     def feedback_for(self, softmask: bool | dict | SoftMaskFeedback | None = None,
                      feedback: InputFeedback | bool | None = None) -> InputFeedback | None:

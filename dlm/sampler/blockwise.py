@@ -152,6 +152,7 @@ class BlockwiseConfig(SamplingConfig):  # steps: the total over all blocks
     entropy_window: int = 256
     fill_id: int | None = None
     feedback: object = None  # soft-masking, for the inner sampler
+    inner_options: dict | None = None  # the inner sampler's own options (e.g. renoise's max_denoising_steps)
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,8 +160,8 @@ class BlockwiseConfig(SamplingConfig):  # steps: the total over all blocks
             raise ValueError("the blockwise sampler needs block_length (tokens per block; a bd3lm model's own block "
                              "size)")
         if sampler_spec(self.inner_sampler).build is make_blockwise_sampler:
-            raise ValueError(f"inner_sampler='{self.inner_sampler}' is not allowed; pick ancestral, ancestral_cache or "
-                             "first_hitting")
+            raise ValueError(f"inner_sampler='{self.inner_sampler}' is not allowed; pick ancestral, ancestral_cache, "
+                             "first_hitting or renoise")
 
 
 class BlockwiseSampler(Sampler):
@@ -631,12 +632,15 @@ def make_blockwise_sampler(steps: int = 128, temperature: float = 1.0, top_p: fl
                            block_length: int | None = None, inner_sampler: str = "ancestral_cache",
                            kv_cache: bool = True, window: int | None = None, stop_at_eos: bool = False,
                            eos_id: int | None = None, stop_entropy: float | None = None, entropy_window: int = 256,
-                           fill_id: int | None = None, feedback=None) -> BlockwiseSampler:
+                           fill_id: int | None = None, feedback=None,
+                           inner_options: dict | None = None) -> BlockwiseSampler:
     """The registry's "blockwise": `inner_sampler` (any registered name: ancestral, ancestral_cache,
-    first_hitting, ...) with `steps` steps over all blocks; `feedback` (soft-masking) goes to the inner sampler."""
+    first_hitting, renoise, ...) with `steps` steps over all blocks; `feedback` (soft-masking) goes to the inner
+    sampler, and so do `inner_options` (its own options, e.g. renoise's max_denoising_steps)."""
     spec = sampler_spec(inner_sampler)
     common = {"steps": steps, "temperature": temperature, "top_p": top_p}
-    inner = make_sampler(inner_sampler, **{k: v for k, v in common.items() if k in spec.options},
+    inner = make_sampler(inner_sampler, **{**{k: v for k, v in common.items() if k in spec.options},
+                                           **(inner_options or {})},
                          **({} if feedback is None else {"feedback": feedback}))
     return BlockwiseSampler(inner, block_length, kv_cache, window, stop_at_eos, eos_id, stop_entropy, entropy_window,
                             fill_id, steps=steps if hasattr(inner, "steps") else None)

@@ -167,6 +167,11 @@ class RenoiseSampler(Sampler):
         device = state.tokens.device
         absorbing = process.corruption == "absorbing"
         rows = (~state.done).nonzero().squeeze(1)  # (B_a,)
+        if rows.numel() == 0:  # every row done: a step that does nothing
+            event = StepEvent(state.events, state.tokens, torch.zeros(B, L, dtype=torch.bool, device=device), None,
+                              state.calls, state.nfe_per_row.clone())
+            state.events += 1
+            return state, event
         canvas, gen = ex["canvas"][rows], state.to_generate[rows]  # (B_a, L)
         N = self.max_denoising_steps
         steps_left = (N - state.step[rows]).float()  # (B_a,) n = N .. 1

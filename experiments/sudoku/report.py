@@ -153,7 +153,7 @@ def write_report(results: list[dict], scale: dict, args, docs: Path) -> tuple[Pa
         "| model | decoding | solved (%) | cells correct (%) | violations | calls per puzzle |",
         "|---|---|---|---|---|---|",
     ]
-    families = ["random", "top-prob", "margin", "entropy", "ancestral", "remdm", "left-to-right", "blockwise"]
+    families = ["random", "top-prob", "margin", "entropy", "ancestral", "remdm", "renoise", "left-to-right", "blockwise"]
     ordered = sorted(groups.items(), key=lambda kv: (list(LABELS).index(kv[0][0]), families.index(kv[1][0]["order"])
                                                      if kv[1][0]["order"] in families else 99,
                                                      kv[0][1].startswith("threshold"), -mean(kv[1], "nfe")))

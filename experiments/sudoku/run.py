@@ -15,6 +15,9 @@ cells correct, rule violations and network calls per puzzle (NFE):
   - the LLaDA-style sampler with one block over the board, committing k = 1, 2, 4, 8 cells per call (count
     schedule), in random order, by top probability, by top-1 minus top-2 margin, by lowest entropy;
   - threshold decoding (Fast-dLLM): every cell whose top probability is above tau, at least one per call;
+  - the entropy bound (EB-sampler: commit the lowest-entropy cells while their entropies, less the largest, sum to at
+    most 0.1), and DiffusionGemma's renoising sampler (`renoise`: renoise = remask on these absorbing models) with
+    adaptive stopping, reporting the calls it chose;
   - MDLM's ancestral sampler (random order with the schedule's random counts), and ReMDM remasking;
   - AR: greedy left to right; BD3-LM: block by block (one board row per block), its ancestral sampler inside.
 Tokens are argmaxes (temperature 0) except for the ancestral and ReMDM samplers, which draw (their definition).
@@ -93,7 +96,9 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
         blocks = math.ceil(cells / size) + 1  # the response straddles one more block than it fills
         return [{"label": f"blocks of {size}, {steps} steps", "order": "blockwise", "k": cells / steps,
                  "generate": {"sampler": "ancestral_cache", "steps": steps}}
-                for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)]
+                for steps in sorted({cells, 2 * blocks, blocks}, reverse=True)] + [
+                {"label": f"blocks of {size}, renoise, adaptive stopping", "order": "blockwise", "k": None,
+                 "generate": {"sampler": "renoise"}}]
     out = []
     for order, remasking in ORDERS.items():
         for k in scale["ks"]:
@@ -104,6 +109,13 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
         out.append({"label": f"threshold {tau}", "order": "top-prob", "k": None,
                     "generate": {"sampler": "llada", "remasking": "low_confidence", "threshold": tau,
                                  "steps": cells, "temperature": 0.0}})
+    # the entropy bound (EB-sampler): as a commit policy of the LLaDA sampler, and DiffusionGemma's renoising sampler
+    # (for an absorbing model renoise = remask) with its adaptive stopping: the NFE it chose is the row's `nfe`
+    out.append({"label": "entropy bound 0.1", "order": "entropy", "k": None,
+                "generate": {"sampler": "llada", "remasking": "entropy", "entropy_bound": 0.1, "steps": cells,
+                             "temperature": 0.0}})
+    out.append({"label": "renoise, adaptive stopping", "order": "renoise", "k": None,
+                "generate": {"sampler": "renoise"}})
     if method == "mdlm":
         for k in scale["ks"][:2]:
             out.append({"label": f"ancestral, {math.ceil(cells / k)} steps", "order": "ancestral", "k": k,

@@ -212,3 +212,21 @@ def test_options_are_checked():
     assert (s.max_denoising_steps, s.t_max, s.t_min, s.entropy_bound, s.stability_threshold,
             s.confidence_threshold) == (48, 0.8, 0.4, 0.1, 1, 0.005)
     assert set(s.corruptions) == {"uniform", "absorbing"} and s.takes_feedback
+
+
+def test_a_block_causal_model_passes_renoise_its_options_through_the_blockwise_wrapper():
+    """`generate(sampler="renoise", max_denoising_steps=...)` on a BD3-LM model: the blockwise wrapper runs renoise
+    in each block with the options given (`inner_options`), and `dlm sample -o` parses them by renoise's fields."""
+    from tests.golden import cases as G
+
+    torch.manual_seed(0)
+    model = G.models()["bd3lm"]
+    gen = model.generate(prompts=["And God said"], gen_length=16, sampler="renoise", max_denoising_steps=2,
+                         confidence_threshold=None, seed=0)
+    blocks = 3  # the 16 generated tokens after the 12-token prompt straddle blocks 1..3 of 8
+    assert gen.nfe == blocks * 2 + blocks  # two steps per block, one cache fill before each
+    assert torch.allclose(gen.tokens_per_forward, torch.tensor([16 / gen.nfe], dtype=torch.float64))
+    assert model.sampler_options("renoise", ["max_denoising_steps=5", "kv_cache=false"]) == \
+        {"max_denoising_steps": 5, "kv_cache": False}
+    with pytest.raises(ValueError, match="sampler 'renoise' has no option 'eta'"):
+        model.sampler_options("renoise", ["eta=0.1"])
