@@ -24,8 +24,6 @@ import torch
 
 import dlm
 import dlm.sampler.renoise as renoise_module
-from dlm.sampler.blockwise import BlockwiseSampler
-from dlm.sampler.registry import make_sampler
 from tests.network.dgemma_checkpoint import CANVAS, dgemma_checkpoint
 
 TOL = 2e-5  # same process, float32; another SDPA kernel path (explicit boolean masks) rounds differently
@@ -129,15 +127,13 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
     lm = dlm.load(folder)
     rec = DlmRecorder(monkeypatch, lm.process)
     events = []
-    # generate(sampler="renoise") builds this with the defaults; the settings go to the inner sampler here, with the
-    # process's feedback (self-conditioning) as generate attaches it.
-    inner = make_sampler("renoise", **settings, feedback=lm.process.feedback())
-    sampler = BlockwiseSampler(inner, CANVAS, kv_cache=True)
     # The prompt: BOS + `words` words; two canvases generated right after it (dlm left-pads a prompt to a multiple of
     # the canvas length: `blocks_after_prompt`; the padding is never attended to and positions start after it).
     text = " ".join(["w5", "w9", "w17", "w33", "w40", "w12", "w8"][:words])
-    out = lm.generate(text, gen_length=2 * CANVAS, sampler=sampler, seed=3,
-                      callback=lambda e: events.append((e.committed.clone(), e.tokens.clone())))
+    # the one generation door: the blockwise wrapper (KV cache) over renoise with these options, and the process's
+    # self-conditioning as feedback
+    out = lm.generate(text, gen_length=2 * CANVAS, sampler="renoise", seed=3,
+                      callback=lambda e: events.append((e.committed.clone(), e.tokens.clone())), **settings)
     tokens = out.tokens[0]
     P = tokens.shape[0] - 2 * CANVAS
     assert P == CANVAS and out.generated[0].sum() == 2 * CANVAS
