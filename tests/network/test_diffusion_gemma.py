@@ -171,6 +171,13 @@ def test_sharded_folder_and_errors(tmp_path, checkpoint, loaded):
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointFormatError, match=r"model.decoder.norm.weight has shape \(5,\), expected \(32,\)"):
         load_pretrained_network(bad)
+    import json
+
+    config = json.loads((bad / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "all"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointFormatError, match="use_bidirectional_attention='all'"):
+        load_pretrained_network(bad)
 
 
 def test_the_feedback_refuses_a_network_without_the_block(tiny_network):

@@ -255,6 +255,9 @@ class DiffusionGemma(Family):
         descriptor = self.descriptor(config, cfg)
         descriptor.validate(config)
         hf_config = DiffusionGemmaConfig.from_pretrained(str(folder))
+        if hf_config.text_config.use_bidirectional_attention == "all":
+            raise CheckpointFormatError("diffusion_gemma: text_config.use_bidirectional_attention='all' (a bidirectional "
+                                        "encoder) is not supported: dlm's wrapper encodes the context causally")
         hf_config._attn_implementation = "sdpa"  # the masks built here are bool: True = may attend
         with torch.device("meta"):
             model = DiffusionGemmaForBlockDiffusion(hf_config)
