@@ -40,7 +40,9 @@ def process_for_descriptor(descriptor, model_cfg=None):
     """The process an open checkpoint was trained with, from its model descriptor (dlm.network.families):
     masked diffusion (block diffusion for a block-causal one) with its mask id, or autoregressive for a causal LM,
     described by the network's config `model_cfg` when given. Returns (process, its config)."""
-    if descriptor.corruption == "none" or descriptor.topology == "causal":
+    if descriptor.process is not None:  # the family names it (DiffusionGemma: "diffusion_gemma", its canvas length)
+        name, fields = descriptor.process, ({"block_size": descriptor.block_size} if descriptor.block_size else {})
+    elif descriptor.corruption == "none" or descriptor.topology == "causal":
         name, fields = "ar", {}
     elif descriptor.topology == "block_causal":
         name, fields = "bd3lm", {"block_size": descriptor.block_size}

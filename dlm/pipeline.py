@@ -284,8 +284,9 @@ class DiffusionLM:
                 else:
                     width = min(total, self.context) if semi_ar else total
                     new = gen_length if gen_length is not None and not semi_ar else width - max(len(r) for r in chunk)
+                    align = sampler.block_length if blockwise and self.process.blocks_after_prompt else None
                     canvas = Canvas.left_padded(chunk, new, self.process, self.tokenizer.pad_token_id, self.device,
-                                                generator)
+                                                generator, align)
                 if semi_ar:
                     out = semi_autoregressive(sampler, self.network, self.process, canvas, total,
                                               stride or self.context // 2, generator, hook)

@@ -127,6 +127,10 @@ class Process(nn.Module):
     # for every bidirectional process and are allowed anyway (they are a speed/quality choice).
     exact_caches: ClassVar[frozenset[str]] = frozenset()
     blockwise: ClassVar[bool] = False  # generated block by block (block-causal attention, block_size tokens each)
+    # A blockwise process whose first block starts right after the prompt (DiffusionGemma: the prompt is context and
+    # every canvas is generated whole; `generate` left-pads prompts to a multiple of block_size), rather than on the
+    # grid of block_size multiples from the sequence start that BD3-LM is trained on.
+    blocks_after_prompt: ClassVar[bool] = False
     config_class: ClassVar[type] = ProcessConfig  # its own config dataclass: RunConfig.process for this process
     # What `nelbo` returns: "bound" (an upper bound on the NLL: a diffusion ELBO), "exact" (the NLL itself: an
     # autoregressive model) or "estimate" (neither: e.g. a Monte Carlo estimate of a quantity that is no bound).

@@ -87,15 +87,19 @@ class Canvas:
 
     @classmethod
     def left_padded(cls, prompts: list[list[int]], gen_length: int, process, pad_id: int | None = None,
-                    device=None, generator: torch.Generator | None = None) -> "Canvas":
+                    device=None, generator: torch.Generator | None = None, align: int | None = None) -> "Canvas":
         """Prompts (token id lists, lengths may differ) left-padded to the longest, then `gen_length` positions to
         generate: (B, P + gen_length). Padding is never attended to and each row's rotary positions start at 0 on
-        its first real token, so a prompt's continuation does not depend on its padding."""
+        its first real token, so a prompt's continuation does not depend on its padding. align: pad P up to a
+        multiple of it, so the generated part starts on a block boundary (a process whose blocks start right after
+        the prompt: `blocks_after_prompt`)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("give at least one prompt, each with at least one token (e.g. BOS)")
         if gen_length < 1:
             raise ValueError(f"gen_length={gen_length} must be positive")
         P = max(len(p) for p in prompts)
+        if align:
+            P = -(-P // align) * align
         pad = (process.mask_id if process.mask_id is not None else 0) if pad_id is None else pad_id
         x = torch.full((len(prompts), P + gen_length), pad, dtype=torch.long)
         key_valid = torch.ones_like(x, dtype=torch.bool)

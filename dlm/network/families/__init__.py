@@ -7,9 +7,10 @@
 | dream (Dream-7B, Dream-Coder, DiffuCoder) | dream.py | shifted | bidirectional |
 | sdar | dream.py | same_position | block_causal(4) |
 | llama, qwen2, qwen3, gpt2 (to adapt) | causal_lm.py | shifted | causal |
+| diffusion_gemma (DiffusionGemma, transformers' own model) | diffusion_gemma.py | same_position | causal context, bidirectional canvas |
 """
 
-from dlm.network.families import causal_lm, dream, llada  # noqa: F401  (each registers its families)
+from dlm.network.families import causal_lm, diffusion_gemma, dream, llada  # noqa: F401  (each registers its families)
 from dlm.network.families.base import FAMILIES, CheckpointFormatError, Family, ModelDescriptor, detect, register
 from dlm.network.families.gguf import load_gguf_network, network_from_transformers
 from dlm.network.families.loading import (is_open_checkpoint, load_pretrained_network, load_pretrained_tokenizer,

@@ -32,7 +32,9 @@ class ModelDescriptor:
     (dlm/network/base.py). topology: the attention the weights were trained with: "bidirectional", "causal" or
     "block_causal" with `block_size` tokens per block. corruption: "absorbing" (masking), "uniform" or "none" (a
     causal LM). padding_side: where batched prompts are padded ("left" for Dream). vocab_size: rows of the output
-    layer (may exceed the tokenizer's size: padded embeddings)."""
+    layer (may exceed the tokenizer's size: padded embeddings). process: the registered process the weights were
+    trained with, for a family whose process is not implied by its corruption and topology (None: derived from them,
+    dlm.build.process_for_descriptor)."""
 
     family: str
     vocab_size: int
@@ -47,6 +49,7 @@ class ModelDescriptor:
     corruption: str = "absorbing"
     padding_side: str = "right"
     chat_template: str | None = None
+    process: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,6 +131,12 @@ class Family(ABC):
     def ignored(self, name: str, model: ModelConfig) -> bool:
         """Checkpoint tensors that are not parameters (attention-mask buffers, a tied head's copy)."""
         return False
+
+    def build_network(self, folder, config: dict[str, Any], source, dtype, device):
+        """A family whose network is not dlm's `Transformer` (DiffusionGemma: transformers' own model) builds it here
+        from the folder, its config.json and its tensors `source` (memory-mapped), returning (network, descriptor);
+        None (the default): the loader maps the tensors onto a `Transformer` through `module_names`."""
+        return None
 
 
 # dlm's families are imported by the package's __init__; installed plugins (dlm.plugins) add theirs on first read.

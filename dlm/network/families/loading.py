@@ -139,12 +139,14 @@ def is_open_checkpoint(folder: str | Path) -> bool:
 def load_pretrained_network(folder: str | Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu") -> tuple[Transformer, ModelDescriptor]:
     """(network in eval mode, descriptor) from a downloaded checkpoint folder of a known family (LLaDA, Dream,
-    SDAR, Llama, Qwen2, Qwen3, GPT-2). dtype: convert the weights (None keeps the checkpoint's; a checkpoint mixing
+    SDAR, Llama, Qwen2, Qwen3, GPT-2; DiffusionGemma as transformers' own model behind dlm's network contract). dtype: convert the weights (None keeps the checkpoint's; a checkpoint mixing
     float dtypes is brought to its embedding's). Errors name the file or tensor at fault; nothing is assigned then."""
     folder = Path(folder)
     config = read_config(folder)
     family = detect(config)
-    network, descriptor = _build(family, config, SafetensorsFolder(folder), dtype, device)
+    source = SafetensorsFolder(folder)
+    built = family.build_network(folder, config, source, dtype, device)
+    network, descriptor = built if built is not None else _build(family, config, source, dtype, device)
     descriptor.chat_template = read_chat_template(folder)
     return network, descriptor
 
