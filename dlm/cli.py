@@ -1,4 +1,4 @@
-"""The `dlm` command: train, sample, eval, export, presets."""
+"""The `dlm` command: train, sample, edit, eval, export, presets."""
 
 from __future__ import annotations
 
@@ -338,6 +338,50 @@ def _add_sampling_args(p) -> None:
                    help="most tokens the network sees at once (default: its context); longer samples slide it")
 
 
+def parse_span(value: str) -> tuple[int, ...]:
+    """--spans' type: START:END or START:END:N_TOKENS, characters of --text."""
+    parts = value.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a span is START:END or START:END:N_TOKENS (characters of --text, "
+                                         f"integers), e.g. 4:12; got '{value}'") from None
+
+
+def cmd_edit(args) -> int:
+    """`dlm edit MODEL --text TEXT [--spans A:B ...] [--auto]` or `--template`: the edited text, its changes, NFE."""
+    from dlm.guards import check_device, check_text
+    from dlm.pipeline import load
+
+    check_device(args.device)
+    check_text("--text", args.text)
+    check_text("--template", args.template)
+    if (args.text is None) == (args.template is None):
+        raise ValueError("give --text (the text to edit) or --template (a text with [MASK*n] spans), one of them")
+    if args.spans and args.template is not None:
+        raise ValueError("--spans go with --text; a --template marks its own spans with [MASK*n]")
+    if args.auto and args.template is not None:
+        raise ValueError("--auto scores the tokens of --text; a --template's spans are filled, not scored")
+    model = load(args.model, device=args.device)
+    options = model.sampler_options(args.sampler, args.option or [])
+    mode = "auto" if args.auto else None
+    out = model.edit(args.text, args.spans or None, template=args.template, mode=mode, max_rounds=args.max_rounds,
+                     threshold=args.threshold, budget=args.budget, groups=args.groups, sampler=args.sampler,
+                     steps=args.steps, temperature=args.temperature, seed=args.seed, sampler_options=options)
+    print(out.text)
+    for c in out.changes:
+        print(f"  [{c.start}:{c.end}] {c.old!r} -> {c.new!r}")
+    rounds = f"{out.rounds} round{'s' * (out.rounds != 1)}, remasked {'+'.join(map(str, out.remasked)) or '0'}"
+    print(f"[{out.mode} | {rounds} | stopped: {out.stopped} | {len(out.changes)} change"
+          f"{'s' * (len(out.changes) != 1)}, {out.changed_tokens} tokens | NFE {out.nfe} | {out.seconds:.2f} s]")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out.to_dict(), indent=1) + "\n")
+        print(f"edit written to {args.json}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from dlm.eval.report import evaluate_models, print_table
     from dlm.guards import check_sampling_args
@@ -507,6 +551,35 @@ def build_parser() -> argparse.ArgumentParser:
                       "examples; --steps defaults to one generated position per call")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("edit", allow_abbrev=False, help="revise a text in place (instant edit; docs/edit.md)",
+                       description="Rewrite the given character spans of --text, fill a --template's [MASK*n] "
+                                   "spans, or (no spans, or --auto) let the model find and fix its least likely "
+                                   "tokens round by round. Text outside the changed tokens is kept byte for byte.")
+    p.add_argument("model", help="run folder, exported model folder, .ckpt file or open checkpoint folder")
+    p.add_argument("--text", default=None, help="the text to edit")
+    p.add_argument("--spans", nargs="+", type=parse_span, default=None, metavar="A:B[:N]",
+                   help="character ranges [A, B) of --text to rewrite (N: tokens to generate there; default as many "
+                        "as the span has; A:A:N inserts N tokens)")
+    p.add_argument("--template", default=None, help="instead of --text: text with [MASK] / [MASK*n] spans to fill")
+    p.add_argument("--auto", action="store_true",
+                   help="auto mode (the default without --spans): with --spans, auto mode only inside them")
+    p.add_argument("--max-rounds", type=int, default=4, help="auto: most score-remask-regenerate rounds (4)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="auto: remask tokens whose probability in context is below this (0.1)")
+    p.add_argument("--budget", type=float, default=0.15, help="auto: most tokens remasked per round, a fraction (0.15)")
+    p.add_argument("--groups", type=int, default=16,
+                   help="auto, masked models: tokens are scored masked, in this many interleaved sets (16)")
+    p.add_argument("--sampler", default=None, type=sampler_name, metavar="NAME",
+                   help="the regenerating sampler (default: the model's own). " + sampler_help())
+    p.add_argument("--steps", type=int, default=None, help="regeneration steps per round (default: one per token)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0: the most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the sampler's config (repeatable), e.g. -o eta=0.02")
+    p.add_argument("--json", default=None, help="write the result (text, changes, NFE, rounds) as JSON")
+    p.set_defaults(func=cmd_edit)
+
     p = sub.add_parser("eval", allow_abbrev=False, help="perplexity, generative perplexity and entropy of trained models")
     p.add_argument("models", nargs="+", help="run folders, exported folders or .ckpt files")
     p.add_argument("--source", default="embedded", help="data source for perplexity (as data.source)")
@@ -617,7 +690,7 @@ def _progress_mode(args) -> str:
 
 
 WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",
-               "eval": "--json sets the results' file", "export": "the second argument is the export folder",
+               "eval": "--json sets the results' file", "edit": "--json sets the result's file", "export": "the second argument is the export folder",
                "presets": ""}
 
 
