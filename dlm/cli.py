@@ -116,6 +116,16 @@ def cmd_sample(args) -> int:
                         gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
     if args.gen_length is not None and args.length is not None:
         raise ValueError("give --length (tokens per sample) or --gen-length (tokens after each prompt), not both")
+    if args.save_trajectory:
+        from dlm.view import check_trajectory_path
+
+        check_trajectory_path(args.save_trajectory)
+    if (args.visual or args.save_trajectory) and args.task:
+        raise ValueError("--visual and --save-trajectory show free generation; leave them out with --task")
+    if args.visual and not sys.stdout.isatty():
+        print("dlm sample: --visual redraws the canvas on a terminal and the output is not one: printing the "
+              "samples only", file=sys.stderr)
+        args.visual = False
     model = load(args.model, device=args.device)
     args.sampler = args.sampler or model.process.default_sampler  # the model's own sampler unless one is named
     options = option_values(model, args)
@@ -124,9 +134,12 @@ def cmd_sample(args) -> int:
     args.steps = None if "steps" in options else default_steps(model, args)
     if args.task_data or args.task_option or args.task_seed is not None:
         raise ValueError("--task-data, --task-option and --task-seed go with --task NAME")
+    watch = _watchers(model, args)
     if args.sampler == "llada":
         args.gen_length = 64 if args.gen_length is None else args.gen_length
-        return _sample_llada(model, args, options)
+        status = _sample_llada(model, args, options, watch)
+        _save_watched(model, args, watch)
+        return status
     blockwise = model.sampler_name(args.sampler) == "blockwise"
     gen = model.generate(
         args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
@@ -136,8 +149,10 @@ def cmd_sample(args) -> int:
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
         softmask=softmask_option(args), feedback=feedback_option(args),
         sampler_options={**sampler_options(args), **options},
-        block_length=args.block_length if blockwise else None, progress=args.progress,
+        block_length=args.block_length if blockwise else None, progress="off" if args.visual else args.progress,
+        callback=watch[0],
     )
+    _save_watched(model, args, watch)
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
     steps = options.get("steps", args.steps)
@@ -161,6 +176,30 @@ def cmd_sample(args) -> int:
         plot_trajectory(gen.trajectory, model.tokenizer.mask_token_id, args.plot_trajectory, model.tokenizer)
         print(f"denoising trajectory plotted to {args.plot_trajectory}")
     return 0
+
+
+def _watchers(model, args) -> tuple:
+    """(callback for generate, the CanvasView or None, the FirstRunRecorder or None) of --visual and
+    --save-trajectory."""
+    from dlm.sampler import chain_callbacks
+    from dlm.view import CanvasView, FirstRunRecorder
+
+    view = CanvasView(model.tokenizer, model.process.mask_id) if args.visual else None
+    recorder = FirstRunRecorder() if args.save_trajectory else None
+    return chain_callbacks(view, recorder), view, recorder
+
+
+def _save_watched(model, args, watch) -> None:
+    """After sampling: leave the view's last frame, write the --save-trajectory animation (sample 0, first batch)."""
+    _, view, recorder = watch
+    if view is not None:
+        view.close()
+    if recorder is not None:
+        from dlm.view import save_trajectory
+
+        save_trajectory(args.save_trajectory, recorder.frames, model.tokenizer, model.process.mask_id)
+        print(f"denoising of sample 0 ({len(recorder.frames)} steps) written to {args.save_trajectory}",
+              file=sys.stderr)
 
 
 def _sample_task(model, args, options: dict) -> int:
@@ -215,7 +254,7 @@ def _peak(mib: float | None) -> str:
     return "" if mib is None else f" | peak memory {mib:.0f} MiB"
 
 
-def _sample_llada(model, args, options: dict) -> int:
+def _sample_llada(model, args, options: dict, watch=(None, None, None)) -> int:
     """`dlm sample --sampler llada`: one continuation of gen_length tokens per --prompt (BOS alone x --num-samples
     without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s, wall time and peak memory.
     options: the `-o` options (they replace the flags' values)."""
@@ -227,7 +266,7 @@ def _sample_llada(model, args, options: dict) -> int:
     res = model.generate_prompted(
         prompts, gen_length=args.gen_length, **{**kw, **options}, softmask=softmask_option(args),
         feedback=feedback_option(args), batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos,
-        progress=args.progress)
+        progress="off" if args.visual else args.progress, callback=watch[0])
     args.steps = options.get("steps", args.steps)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
@@ -527,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write samples as JSONL")
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
+    p.add_argument("--visual", action="store_true",
+                   help="redraw the canvas in place after every step on the terminal (masks as " + "\u2591" +
+                        ", new tokens highlighted; the first 2 samples of each batch); off when stdout is not a "
+                        "terminal")
+    p.add_argument("--save-trajectory", default=None, metavar="FILE.html|FILE.gif",
+                   help="write an animation of sample 0's denoising (the first batch; one frame per step): a "
+                        "self-contained HTML page with a slider and autoplay, or a GIF")
     _add_progress_arg(p, "a line after each batch and within a long one, at most one every 10 s "
                          "(DLM_PROGRESS_SECONDS), and after the last batch")
     _add_sampling_args(p)
