@@ -26,7 +26,9 @@ Scoring (auto). What "the model's probability of the current token" means depend
 
 The result's text keeps every character outside the changed tokens byte for byte: it is stitched from the
 original text's characters and the decoded new tokens (a changed run decoded after a few tokens of context, so a
-tokenizer's leading-space conventions hold), never by decoding the whole canvas.
+tokenizer's leading-space conventions hold), never by decoding the whole canvas. The whitespace before a changed
+stretch is kept too (a token's segment starts with it; a span takes a space just before it, as tokenizers attach
+a word's space to the word, and gives it back whatever it becomes).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Segment:
     core_start: int = 0
     core_end: int = 0
     placeholder: bool = False  # ids stand for a span to generate (a template's [MASK*n]): always a change
+    lead: int = 0  # characters at its start (the whitespace before a token or span) kept when it changes
 
 
 # ------------------------------------------------------------------------------------ segments
@@ -144,7 +147,8 @@ def check_spans(text: str, spans) -> list[tuple[int, int, int | None]]:
 
 def token_segments(tokenizer, text: str) -> list[Segment]:
     """One segment per token of the whole text (tokens that share characters, e.g. byte pieces of one character,
-    are merged), each holding the gap before it; trailing characters after the last token are a fixed segment."""
+    are merged), each holding the gap before it (its `lead`, kept when the token changes); trailing characters
+    after the last token are a fixed segment."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("editing needs a fast tokenizer (character offsets of each token); this one is not")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -154,7 +158,8 @@ def token_segments(tokenizer, text: str) -> list[Segment]:
         if segments and e <= prev:  # no character of its own: part of the previous token's character
             segments[-1].ids.append(tok)
             continue
-        segments.append(Segment(prev, e, [tok], True, max(s, prev), e))
+        core = max(s, prev)
+        segments.append(Segment(prev, e, [tok], True, core, e, lead=core - prev))
         prev = e
     if prev < len(text):
         segments.append(Segment(prev, len(text), [], False))
@@ -163,16 +168,18 @@ def token_segments(tokenizer, text: str) -> list[Segment]:
 
 def span_segments(tokenizer, text: str, spans) -> list[Segment]:
     """Fixed stretches and the spans to rewrite, each encoded on its own: a span of n tokens (default: as many
-    as its text has, at least 1) is editable; the rest is fixed."""
+    as its text has, at least 1) is editable; the rest is fixed. A space just before a span goes with it (as
+    tokenizers attach a word's space to the word) as its `lead`, kept whatever the span becomes."""
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     segments, pos = [], 0
     for a, b, n in check_spans(text, spans):
-        if a > pos:
-            segments.append(Segment(pos, a, encode(text[pos:a]), False))
-        ids = encode(text[a:b])
+        lead = 1 if a > pos and text[a - 1] == " " and (a == b or not text[a].isspace()) else 0
+        if a - lead > pos:
+            segments.append(Segment(pos, a - lead, encode(text[pos:a - lead]), False))
+        ids = encode(text[a - lead:b])
         n = n if n is not None else max(1, len(ids))
         placeholder = len(ids) != n
-        segments.append(Segment(a, b, ids if not placeholder else [0] * n, True, a, b, placeholder))
+        segments.append(Segment(a - lead, b, ids if not placeholder else [0] * n, True, a, b, placeholder, lead))
         pos = b
     if pos < len(text):
         segments.append(Segment(pos, len(text), encode(text[pos:]), False))
@@ -184,12 +191,13 @@ def template_segments(tokenizer, template: str, placeholder: int) -> list[Segmen
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     segments, pos = [], 0
     for m in MASK_SPAN.finditer(template):
-        if m.start() > pos:
-            segments.append(Segment(pos, m.start(), encode(template[pos:m.start()]), False))
+        lead = 1 if m.start() > pos and template[m.start() - 1] == " " else 0  # a space before it: the span's
+        if m.start() - lead > pos:
+            segments.append(Segment(pos, m.start() - lead, encode(template[pos:m.start() - lead]), False))
         n = int(m.group(1) or 1)
         if n < 1:
             raise ValueError(f"{m.group(0)} asks for no token: give [MASK*n] with n >= 1")
-        segments.append(Segment(m.start(), m.end(), [placeholder] * n, True, m.start(), m.end(), True))
+        segments.append(Segment(m.start() - lead, m.end(), [placeholder] * n, True, m.start(), m.end(), True, lead))
         pos = m.end()
     if pos < len(template):
         segments.append(Segment(pos, len(template), encode(template[pos:]), False))
@@ -238,9 +246,16 @@ def stitch(tokenizer, text: str, segments: list[Segment], where, new: torch.Tens
             j += 1
         a, b = where[k][0], where[j][1]
         piece = decode_after(tokenizer, new_ids[max(1, a - context):a] if a > 1 else [], new_ids[a:b])
-        old = text[segments[k].start:segments[j].end]
+        first = segments[k]
+        lead = text[first.start:first.start + first.lead]  # kept: the whitespace before the changed stretch
+        if lead:
+            piece = piece[len(lead):] if piece.startswith(lead) else piece.lstrip(" ")
+            out.append(lead)
+            length += len(lead)
+        start = first.start + len(lead)
+        old = text[start:segments[j].end]
         old_ids = [t for s in segments[k:j + 1] for t in ([] if s.placeholder else s.ids)]
-        changes.append(EditChange(segments[k].start, segments[j].end, old, piece, length, length + len(piece), a, b,
+        changes.append(EditChange(start, segments[j].end, old, piece, length, length + len(piece), a, b,
                                   old_ids, new_ids[a:b]))
         out.append(piece)
         length += len(piece)
