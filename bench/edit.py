@@ -131,16 +131,16 @@ def main() -> None:
     ap.add_argument("--ar", default=None, help="an autoregressive run folder for the greedy-rescoring baseline")
     ap.add_argument("--train-steps", type=int, default=400, help="steps of the MDLM trained without --model")
     ap.add_argument("--sentences", type=int, default=60)
-    ap.add_argument("--thresholds", default="0.02,0.1,0.3", help="auto mode's thresholds to run (comma-separated)")
+    ap.add_argument("--thresholds", default="0.0001,0.001,0.01", help="auto mode's thresholds to run (comma-separated)")
     ap.add_argument("--budget", type=float, default=0.15)
-    ap.add_argument("--max-rounds", default="4", help="auto mode's max_rounds to run (comma-separated)")
+    ap.add_argument("--max-rounds", default="1,4", help="auto mode's max_rounds to run (comma-separated)")
     ap.add_argument("--ar-threshold", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 sentences, one threshold (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
-        args.sentences, args.thresholds = 8, "0.1"
+        args.sentences, args.thresholds, args.max_rounds = 8, "0.0001", "4"
     model_path = args.model or train_small(Path(tempfile.mkdtemp(prefix="dlm-edit-bench-")) / "mdlm", args.train_steps)
     model = dlm.load(model_path)
     ar = dlm.load(args.ar) if args.ar else None
