@@ -137,6 +137,20 @@ def test_auto_mode_restores_every_corrupted_token_with_an_oracle(golden):
     assert clean.text == TEXT and clean.changes == [] and clean.nfe == 1 and clean.stopped == "confident"
 
 
+def test_auto_mode_never_writes_a_special_token(golden):
+    """An oracle that wants EOS where a corrupted token is: the token stays (EOS would cut the text), the
+    other corrupted token is restored."""
+    tok = golden["mdlm"].tokenizer
+    n = len(tok(TEXT, add_special_tokens=False)["input_ids"])
+    corrupted = corrupt(tok, TEXT, [2, n - 3])
+    model = oracle_model(golden, TEXT)
+    model.network.target[3] = tok.eos_token_id  # canvas position of token 2 (BOS first)
+    out = model.edit(corrupted, seed=0, budget=0.2)
+    assert tok.eos_token_id not in out.tokens.tolist()
+    assert out.changed_tokens == 1 and out.tokens[n - 2] == model.network.target[n - 2]
+    assert out.tokens[3] == out.original_tokens[3]
+
+
 def test_auto_budget_spreads_the_repairs_over_rounds(golden):
     tok = golden["mdlm"].tokenizer
     bad = [1, 4, 7, 10]
