@@ -258,6 +258,8 @@ def stitch(tokenizer, text: str, segments: list[Segment], where, new: torch.Tens
             piece = piece[len(lead):] if piece.startswith(lead) else piece.lstrip(" ")
             out.append(lead)
             length += len(lead)
+        elif first.start == 0 and not text[:1].isspace():
+            piece = piece.lstrip(" ")  # a word-initial token at the very start: no space before the text
         start = first.start + len(lead)
         old = text[start:segments[j].end]
         old_ids = [t for s in segments[k:j + 1] for t in ([] if s.placeholder else s.ids)]

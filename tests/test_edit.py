@@ -95,6 +95,16 @@ def test_auto_mode_limited_to_spans_keeps_the_rest(golden):
     assert out.changes and all(8 <= c.start and c.end <= 22 for c in out.changes)
 
 
+def test_no_space_is_added_before_the_text(golden):
+    """A word-initial token (" the") written at the very start of the text brings no space with it."""
+    tok = golden["mdlm"].tokenizer
+    model = oracle_model(golden, TEXT)
+    (the,) = tok(" the", add_special_tokens=False)["input_ids"]
+    model.network.target[1] = the  # "And" is "A" "nd": the oracle writes " the" "nd"
+    out = model.edit(TEXT, [(0, 3)])
+    assert out.text == "thend" + TEXT[3:] and out.changes[0].new == "thend" and out.changes[0].start == 0
+
+
 def test_template_and_infill_fill_their_gaps(golden):
     model = golden["mdlm"]
     out = model.edit(template="In the beginning [MASK*4] and the earth.", seed=2)
