@@ -187,6 +187,18 @@ def test_scores_are_the_masked_probabilities(golden):
     assert got[0] == 1.0
 
 
+@pytest.mark.parametrize("sampler, options", [("ancestral", {}), ("first_hitting", {}), ("remdm_cap", {}),
+                                              ("remdm_loop", {}), ("blockwise", {"block_length": 8})])
+def test_every_infilling_sampler_rewrites_spans(golden, sampler, options):
+    out = golden["mdlm"].edit(TEXT, [(4, 12)], sampler=sampler, seed=1, **options)
+    assert out.text.startswith("And ") and out.text.endswith(TEXT[12:]) and out.nfe >= 1
+
+
+def test_a_prompt_only_sampler_is_refused(golden):
+    with pytest.raises(ValueError, match="suffix"):
+        golden["mdlm"].edit(TEXT, [(4, 12)], sampler="llada")
+
+
 def test_edit_is_deterministic_for_a_seed(golden):
     model = golden["mdlm"]
     a = model.edit(TEXT, seed=5, temperature=1.0)
