@@ -311,5 +311,5 @@ def test_uniform_state_model_renoises_and_restores(golden):
         assert kept.text == TEXT and kept.changes == [] and kept.rounds == 1
     finally:
         sys.modules.pop(spec.name, None)
-        PROCESSES.pop("uniform_x0", None)
-        SAMPLERS.pop("renoise", None)
+        PROCESSES.pop("plugin_uniform_x0", None)
+        SAMPLERS.pop("plugin_renoise", None)
