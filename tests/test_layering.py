@@ -23,6 +23,7 @@ LAYERS = [
     ("dlm.pipeline",),
     ("dlm.eval",),
     ("dlm.train",),
+    ("dlm.serve",),
     ("dlm.cli", "dlm"),
 ]
 

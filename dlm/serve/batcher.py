@@ -34,7 +34,7 @@ class QueueFull(Exception):
     """The engine's queue is full: the server answers 429 with Retry-After."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Job:
     """One request. rows: the given ids of each row (BOS, prompt), n rows per prompt; suffix: fixed ids after the
     generated span (fill in the middle; [] for a plain continuation); gen_length: tokens generated per row.
@@ -101,6 +101,8 @@ class Engine:
         self.stats = collections.Counter()  # steps, network calls, row calls, generated tokens, jobs by outcome
         self.latencies: collections.deque[float] = collections.deque(maxlen=64)  # seconds of recent finished jobs
         self.on_finish = None  # callback(job, outcome) for the server's metrics
+        self.running = threading.Event()  # cleared: the engine holds at the next step boundary (pause / resume)
+        self.running.set()
 
     # ------------------------------------------------------------------------------------ the server's side
     def start(self) -> "Engine":
@@ -114,6 +116,15 @@ class Engine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
+
+    def pause(self) -> None:
+        """Hold every batch at the next step boundary (requests still queue); `resume` goes on."""
+        self.running.clear()
+
+    def resume(self) -> None:
+        self.running.set()
+        with self.cond:
+            self.cond.notify_all()
 
     def submit(self, job: Job) -> None:
         """Queue a request (QueueFull when `max_queue` wait already); it starts at the next step boundary."""
@@ -147,13 +158,21 @@ class Engine:
                     self.cond.wait(timeout=1.0)
                 if self.closing:
                     break
-            with torch.no_grad(), self.model.autocast(self.precision):
-                self._admit()
-                for batch in list(self.batches):
-                    self._sweep(batch)
-                    if batch.rows:
-                        self._step(batch)
-                self.batches = [b for b in self.batches if b.rows]
+            if not self.running.wait(timeout=0.1):
+                continue
+            try:
+                with torch.no_grad(), self.model.autocast(self.precision):
+                    self._admit()
+                    for batch in list(self.batches):
+                        self._sweep(batch)
+                        if batch.rows:
+                            self._step(batch)
+            except Exception as e:  # noqa: BLE001  (a bug must fail its requests, never stop the engine)
+                for batch in self.batches:
+                    for job, _ in batch.owners:
+                        self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
+                    batch.owners = []
+            self.batches = [b for b in self.batches if b.rows]
         for job in list(self.pending) + [j for b in self.batches for j, _ in b.owners]:
             self._fail(job, 503, "the server is shutting down")
 
