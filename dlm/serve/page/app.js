@@ -49,6 +49,8 @@ View.prototype.draw = function (snap) {
   const canvas = $("canvas");
   for (const [pos, c] of snap.committed || []) { this.when[pos] = snap.step; this.conf[pos] = c; }
   const frag = document.createDocumentFragment();
+  const given = (text) => { const s = document.createElement("span"); s.className = "fixed"; s.textContent = text; return s; };
+  if (this.before) frag.appendChild(given(this.before));
   (snap.tokens || []).forEach((tok, i) => {
     const s = document.createElement("span");
     if (tok === null) {
@@ -65,6 +67,7 @@ View.prototype.draw = function (snap) {
     }
     frag.appendChild(s);
   });
+  if (this.after) frag.appendChild(given(this.after));
   canvas.replaceChildren(frag);
 };
 
@@ -93,6 +96,7 @@ async function run() {
   $("status").textContent = "waiting"; $("result").textContent = "";
   const started = performance.now();
   const view = new View(body.steps || body.max_tokens || 1);
+  if (!edit) { view.before = body.prompt; view.after = body.suffix || ""; }
   let committed = 0;
   try {
     const r = await fetch(route, { method: "POST", headers: headers(), body: JSON.stringify(body),
