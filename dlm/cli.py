@@ -1,4 +1,4 @@
-"""The `dlm` command: train, sample, eval, export, presets, serve."""
+"""The `dlm` command: train, sample, edit, eval, export, presets, serve."""
 
 from __future__ import annotations
 
@@ -116,6 +116,16 @@ def cmd_sample(args) -> int:
                         gen_length=args.gen_length, block_length=args.block_length, cfg_scale=args.cfg_scale)
     if args.gen_length is not None and args.length is not None:
         raise ValueError("give --length (tokens per sample) or --gen-length (tokens after each prompt), not both")
+    if args.save_trajectory:
+        from dlm.view import check_trajectory_path
+
+        check_trajectory_path(args.save_trajectory)
+    if (args.visual or args.save_trajectory) and args.task:
+        raise ValueError("--visual and --save-trajectory show free generation; leave them out with --task")
+    if args.visual and not sys.stdout.isatty():
+        print("dlm sample: --visual redraws the canvas on a terminal and the output is not one: printing the "
+              "samples only", file=sys.stderr)
+        args.visual = False
     model = load(args.model, device=args.device)
     args.sampler = args.sampler or model.process.default_sampler  # the model's own sampler unless one is named
     options = option_values(model, args)
@@ -124,9 +134,12 @@ def cmd_sample(args) -> int:
     args.steps = None if "steps" in options else default_steps(model, args)
     if args.task_data or args.task_option or args.task_seed is not None:
         raise ValueError("--task-data, --task-option and --task-seed go with --task NAME")
+    watch = _watchers(model, args)
     if args.sampler == "llada":
         args.gen_length = 64 if args.gen_length is None else args.gen_length
-        return _sample_llada(model, args, options)
+        status = _sample_llada(model, args, options, watch)
+        _save_watched(model, args, watch)
+        return status
     blockwise = model.sampler_name(args.sampler) == "blockwise"
     gen = model.generate(
         args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
@@ -136,8 +149,10 @@ def cmd_sample(args) -> int:
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
         softmask=softmask_option(args), feedback=feedback_option(args),
         sampler_options={**sampler_options(args), **options},
-        block_length=args.block_length if blockwise else None, progress=args.progress,
+        block_length=args.block_length if blockwise else None, progress="off" if args.visual else args.progress,
+        callback=watch[0],
     )
+    _save_watched(model, args, watch)
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
     steps = options.get("steps", args.steps)
@@ -161,6 +176,30 @@ def cmd_sample(args) -> int:
         plot_trajectory(gen.trajectory, model.tokenizer.mask_token_id, args.plot_trajectory, model.tokenizer)
         print(f"denoising trajectory plotted to {args.plot_trajectory}")
     return 0
+
+
+def _watchers(model, args) -> tuple:
+    """(callback for generate, the CanvasView or None, the FirstRunRecorder or None) of --visual and
+    --save-trajectory."""
+    from dlm.sampler import chain_callbacks
+    from dlm.view import CanvasView, FirstRunRecorder
+
+    view = CanvasView(model.tokenizer, model.process.mask_id) if args.visual else None
+    recorder = FirstRunRecorder() if args.save_trajectory else None
+    return chain_callbacks(view, recorder), view, recorder
+
+
+def _save_watched(model, args, watch) -> None:
+    """After sampling: leave the view's last frame, write the --save-trajectory animation (sample 0, first batch)."""
+    _, view, recorder = watch
+    if view is not None:
+        view.close()
+    if recorder is not None:
+        from dlm.view import save_trajectory
+
+        save_trajectory(args.save_trajectory, recorder.frames, model.tokenizer, model.process.mask_id)
+        print(f"denoising of sample 0 ({len(recorder.frames)} steps) written to {args.save_trajectory}",
+              file=sys.stderr)
 
 
 def _sample_task(model, args, options: dict) -> int:
@@ -215,7 +254,7 @@ def _peak(mib: float | None) -> str:
     return "" if mib is None else f" | peak memory {mib:.0f} MiB"
 
 
-def _sample_llada(model, args, options: dict) -> int:
+def _sample_llada(model, args, options: dict, watch=(None, None, None)) -> int:
     """`dlm sample --sampler llada`: one continuation of gen_length tokens per --prompt (BOS alone x --num-samples
     without one), block-wise confidence sampling; prints NFE, tokens per call, tokens/s, wall time and peak memory.
     options: the `-o` options (they replace the flags' values)."""
@@ -227,7 +266,7 @@ def _sample_llada(model, args, options: dict) -> int:
     res = model.generate_prompted(
         prompts, gen_length=args.gen_length, **{**kw, **options}, softmask=softmask_option(args),
         feedback=feedback_option(args), batch_size=args.batch_size, seed=args.seed, suppress_eos=args.suppress_eos,
-        progress=args.progress)
+        progress="off" if args.visual else args.progress, callback=watch[0])
     args.steps = options.get("steps", args.steps)
     for i, (prompt, text) in enumerate(zip(prompts, res.continuations)):
         print(f"--- sample {i} ---\n{prompt}[{text}]\n" if prompt else f"--- sample {i} ---\n{text}\n")
@@ -336,6 +375,50 @@ def _add_sampling_args(p) -> None:
                    help="stop a sample when the unigram entropy (nats) of its last 256 tokens falls below this (e.g. 4)")
     g.add_argument("--window", type=int, default=None,
                    help="most tokens the network sees at once (default: its context); longer samples slide it")
+
+
+def parse_span(value: str) -> tuple[int, ...]:
+    """--spans' type: START:END or START:END:N_TOKENS, characters of --text."""
+    parts = value.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a span is START:END or START:END:N_TOKENS (characters of --text, "
+                                         f"integers), e.g. 4:12; got '{value}'") from None
+
+
+def cmd_edit(args) -> int:
+    """`dlm edit MODEL --text TEXT [--spans A:B ...] [--auto]` or `--template`: the edited text, its changes, NFE."""
+    from dlm.guards import check_device, check_text
+    from dlm.pipeline import load
+
+    check_device(args.device)
+    check_text("--text", args.text)
+    check_text("--template", args.template)
+    if (args.text is None) == (args.template is None):
+        raise ValueError("give --text (the text to edit) or --template (a text with [MASK*n] spans), one of them")
+    if args.spans and args.template is not None:
+        raise ValueError("--spans go with --text; a --template marks its own spans with [MASK*n]")
+    if args.auto and args.template is not None:
+        raise ValueError("--auto scores the tokens of --text; a --template's spans are filled, not scored")
+    model = load(args.model, device=args.device)
+    options = model.sampler_options(args.sampler, args.option or [])
+    mode = "auto" if args.auto else None
+    out = model.edit(args.text, args.spans or None, template=args.template, mode=mode, max_rounds=args.max_rounds,
+                     threshold=args.threshold, budget=args.budget, groups=args.groups, sampler=args.sampler,
+                     steps=args.steps, temperature=args.temperature, seed=args.seed, sampler_options=options)
+    print(out.text)
+    for c in out.changes:
+        print(f"  [{c.start}:{c.end}] {c.old!r} -> {c.new!r}")
+    rounds = f"{out.rounds} round{'s' * (out.rounds != 1)}, remasked {'+'.join(map(str, out.remasked)) or '0'}"
+    print(f"[{out.mode} | {rounds} | stopped: {out.stopped} | {len(out.changes)} change"
+          f"{'s' * (len(out.changes) != 1)}, {out.changed_tokens} tokens | NFE {out.nfe} | {out.seconds:.2f} s]")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out.to_dict(), indent=1) + "\n")
+        print(f"edit written to {args.json}")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -483,6 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write samples as JSONL")
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
+    p.add_argument("--visual", action="store_true",
+                   help="redraw the canvas in place after every step on the terminal (masks as " + "\u2591" +
+                        ", new tokens highlighted; the first 2 samples of each batch); off when stdout is not a "
+                        "terminal")
+    p.add_argument("--save-trajectory", default=None, metavar="FILE.html|FILE.gif",
+                   help="write an animation of sample 0's denoising (the first batch; one frame per step): a "
+                        "self-contained HTML page with a slider and autoplay, or a GIF")
     _add_progress_arg(p, "a line after each batch and within a long one, at most one every 10 s "
                          "(DLM_PROGRESS_SECONDS), and after the last batch")
     _add_sampling_args(p)
@@ -506,6 +596,35 @@ def build_parser() -> argparse.ArgumentParser:
                       "each --prompt is one (a puzzle: its digits and '.', row by row), else --num-samples test "
                       "examples; --steps defaults to one generated position per call")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", allow_abbrev=False, help="revise a text in place (instant edit; docs/edit.md)",
+                       description="Rewrite the given character spans of --text, fill a --template's [MASK*n] "
+                                   "spans, or (no spans, or --auto) let the model find and fix its least likely "
+                                   "tokens round by round. Text outside the changed tokens is kept byte for byte.")
+    p.add_argument("model", help="run folder, exported model folder, .ckpt file or open checkpoint folder")
+    p.add_argument("--text", default=None, help="the text to edit")
+    p.add_argument("--spans", nargs="+", type=parse_span, default=None, metavar="A:B[:N]",
+                   help="character ranges [A, B) of --text to rewrite (N: tokens to generate there; default as many "
+                        "as the span has; A:A:N inserts N tokens)")
+    p.add_argument("--template", default=None, help="instead of --text: text with [MASK] / [MASK*n] spans to fill")
+    p.add_argument("--auto", action="store_true",
+                   help="auto mode (the default without --spans): with --spans, auto mode only inside them")
+    p.add_argument("--max-rounds", type=int, default=4, help="auto: most score-remask-regenerate rounds (4)")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="auto: remask tokens whose probability in context is below this (0.1)")
+    p.add_argument("--budget", type=float, default=0.15, help="auto: most tokens remasked per round, a fraction (0.15)")
+    p.add_argument("--groups", type=int, default=16,
+                   help="auto, masked models: tokens are scored masked, in this many interleaved sets (16)")
+    p.add_argument("--sampler", default=None, type=sampler_name, metavar="NAME",
+                   help="the regenerating sampler (default: the model's own). " + sampler_help())
+    p.add_argument("--steps", type=int, default=None, help="regeneration steps per round (default: one per token)")
+    p.add_argument("--temperature", type=float, default=None, help="default 0: the most likely tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an option of the sampler's config (repeatable), e.g. -o eta=0.02")
+    p.add_argument("--json", default=None, help="write the result (text, changes, NFE, rounds) as JSON")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", allow_abbrev=False, help="perplexity, generative perplexity and entropy of trained models")
     p.add_argument("models", nargs="+", help="run folders, exported folders or .ckpt files")
@@ -666,7 +785,7 @@ def _progress_mode(args) -> str:
 
 
 WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",
-               "eval": "--json sets the results' file", "export": "the second argument is the export folder",
+               "eval": "--json sets the results' file", "edit": "--json sets the result's file", "export": "the second argument is the export folder",
                "presets": "", "serve": ""}
 
 

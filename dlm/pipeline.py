@@ -38,6 +38,7 @@ from dlm.precision import use_bf16
 from dlm.process import Process
 from dlm.progress import StepLines, track
 from dlm.progress import resolve as resolve_progress
+from dlm.edit import EditResult
 from dlm.generation import Generation, blockwise_options, decode_rows, given_rows
 from dlm.sampler import Canvas, ProgressBar, Sampler, TrajectoryRecorder, chain_callbacks, semi_autoregressive
 from dlm.sampler.blockwise import BlockwiseSampler
@@ -314,6 +315,108 @@ class DiffusionLM:
                           torch.cat([o.stopped.cpu() for o in outputs])[back], [] if recorder is None else recorder.canvases,
                           None if any(o.tokens_computed is None for o in outputs)
                           else torch.cat([o.tokens_computed.cpu() for o in outputs])[back])
+
+    # ------------------------------------------------------------------------------------ instant edit
+    @torch.no_grad()
+    def edit(self, text: str | None = None, spans: list[tuple[int, ...]] | None = None, *,
+             template: str | None = None, mode: str | None = None, max_rounds: int = 4, threshold: float = 0.1,
+             budget: float = 0.15, groups: int = 16, sampler: str | Sampler | None = None, steps: int | None = None,
+             temperature: float | None = None, top_p: float | None = None, seed: int = 0,
+             softmask: bool | dict | SoftMaskFeedback | None = None, feedback: InputFeedback | bool | None = None,
+             callback=None, sampler_options: dict | None = None, **options) -> EditResult:
+        """Revise `text` in place (docs/edit.md; the algorithm: dlm/edit.py) and return an `EditResult`: the new
+        text (every character outside the changed tokens kept byte for byte), `changes` (EditChange: characters
+        [start, end) of the original, `old` -> `new`, canvas positions), `nfe`, `rounds`, `remasked` per round.
+
+        What changes:
+          - `spans` [(start, end), ...] or (start, end, n_tokens): character ranges of `text` to rewrite (mode
+            "rewrite", the default with spans): each span's tokens (n_tokens, default as many as its text has;
+            an empty span (a, a, n) inserts n tokens) are drawn from the prior and regenerated with the rest as
+            context, in one round. With mode="auto" the spans only limit where auto mode may change tokens.
+          - `template`: instead of text, a text with `[MASK]` / `[MASK*n]` spans to fill (mode "rewrite").
+          - neither: mode "auto" — each round scores every token in context (one network call; absorbing models:
+            each token's probability when masked, in `groups` interleaved sets), remasks those below `threshold`
+            (at most `budget` of the tokens per round, least likely first; `process.prior`: [MASK], or fresh
+            uniform tokens for a uniform-state model), regenerates them with the sampler, and stops when a round
+            changes nothing, nothing scores below the threshold, or after `max_rounds`.
+        Fill-in-the-middle is an insertion span: `infill(prefix, suffix, n_tokens)`.
+
+        sampler, temperature, top_p and sampler options as in `generate` (default: the process's own sampler at
+        temperature 0, i.e. the most likely tokens); steps: the regeneration's steps per round (default: one per
+        token to generate). Feedback (`softmask`, `feedback`) as in `generate`; scoring uses plain tokens.
+        seed: the one generator every draw of the edit comes from (the same text, options and seed give the same
+        edit, whatever else runs)."""
+        from dlm.edit import MODES, run_edit, span_segments, template_segments, token_segments
+
+        if self.is_autoregressive:
+            raise ValueError("instant edit needs a diffusion model; this model is autoregressive (it can only "
+                             "continue text left to right): use dlm sample, or a masked / uniform-state model")
+        if (text is None) == (template is None):
+            raise ValueError("give the text to edit (text=, with spans= or auto mode) or a template (template=), "
+                             "one of them")
+        if template is not None and spans is not None:
+            raise ValueError("a template marks its own spans ([MASK*n]); leave spans out")
+        if mode is None:
+            mode = "auto" if spans is None and template is None else "rewrite"
+        if mode not in MODES:
+            raise ValueError(f"unknown edit mode {mode!r}; valid: {', '.join(MODES)}")
+        if mode == "rewrite" and spans is None and template is None:
+            raise ValueError("mode='rewrite' rewrites given spans: give spans=[(start, end), ...] or a template")
+        if mode == "auto" and template is not None:
+            raise ValueError("a template's [MASK*n] spans are filled (mode 'rewrite'), not scored: leave mode out")
+        if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
+            raise ValueError(f"max_rounds={max_rounds!r} must be a positive integer")
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(f"groups={groups!r} must be a positive integer")
+        if not (isinstance(threshold, (int, float)) and 0.0 < threshold <= 1.0):
+            raise ValueError(f"threshold={threshold!r} must be a probability in (0, 1]")
+        if not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+            raise ValueError(f"budget={budget!r} must be a fraction of the tokens in (0, 1]")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer; got {seed!r}")
+        check_sampling_args(steps=steps, temperature=temperature, top_p=top_p)
+        source = text if template is None else template
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("the text to edit is empty")
+        if template is not None:
+            placeholder = self.process.mask_id if self.process.mask_id is not None else self.tokenizer.pad_token_id
+            segments = template_segments(self.tokenizer, template, placeholder)
+        elif mode == "rewrite":
+            segments = span_segments(self.tokenizer, text, spans)
+        else:
+            segments = token_segments(self.tokenizer, text)
+            if spans is not None:
+                from dlm.edit import check_spans
+
+                limits = check_spans(text, spans)
+                for seg in segments:
+                    seg.editable = seg.editable and any(a <= seg.core_start and seg.core_end <= b
+                                                        for a, b, _ in limits)
+        options = {**(sampler_options or {}), **options}
+        fb = self.feedback_for(softmask, feedback)
+        if temperature is None and not isinstance(sampler, Sampler) and \
+                "temperature" in sampler_spec(self.sampler_name(sampler)).options:
+            temperature = 0.0  # editing restores the most likely tokens unless told otherwise
+
+        def make_sampler(n: int) -> Sampler:
+            if isinstance(sampler, Sampler):
+                return self._sampler(sampler, None, None, None, None, fb, dict(options))[0]
+            wanted = steps if steps is not None else (
+                n if "steps" in sampler_spec(self.sampler_name(sampler)).options else None)
+            return self._sampler(sampler, wanted, None, temperature, top_p, fb, dict(options))[0]
+
+        make_sampler(1)  # refuses a sampler or an option the model cannot take before any work
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return run_edit(self, source, segments, mode, make_sampler, generator, max_rounds=max_rounds,
+                        threshold=float(threshold), budget=float(budget), groups=groups, callback=callback)
+
+    def infill(self, prefix: str, suffix: str, n_tokens: int, **kw) -> EditResult:
+        """Fill-in-the-middle: `n_tokens` generated between `prefix` and `suffix` (kept byte for byte), through the
+        edit path (an insertion span); keywords as in `edit`. The result's text is prefix + middle + suffix, its
+        one change the middle."""
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+            raise ValueError(f"n_tokens={n_tokens!r} must be a positive integer")
+        return self.edit(prefix + suffix, [(len(prefix), len(prefix), n_tokens)], mode="rewrite", **kw)
 
     @staticmethod
     def _batches(rows: list[list[int]], batch_size: int, blockwise: Sampler | None) -> list[list[int]]:

@@ -20,6 +20,7 @@ LAYERS = [
     ("dlm.config",),
     ("dlm.guards", "dlm.integrity"),
     ("dlm.checkpoint", "dlm.build", "dlm.generation"),
+    ("dlm.edit", "dlm.view"),
     ("dlm.pipeline",),
     ("dlm.eval",),
     ("dlm.train",),
