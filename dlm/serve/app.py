@@ -3,7 +3,7 @@
     app = create_app(model)             # a DiffusionLM; uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: POST /v1/completions (`suffix`: fill in the middle; the same as POST /v1/fim/completions),
-POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the page).
+POST /v1/chat/completions, POST /v1/edits (DiffusionLM.edit: spans, a template or "auto"), GET /v1/models, GET /health, GET /metrics (Prometheus text), GET / (the page).
 Every body is read here (size limit, UTF-8, JSON, then the pydantic model), so every bad input gets a 4xx naming
 the problem in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
 """
@@ -27,7 +27,7 @@ from dlm.pipeline import sample_seed
 from dlm.sampler.registry import sampler_spec
 from dlm.serve.batcher import Engine, Job, QueueFull
 from dlm.serve.metrics import Metrics
-from dlm.serve.schemas import ChatRequest, CompletionRequest, error_text
+from dlm.serve.schemas import ChatRequest, CompletionRequest, EditRequest, error_text
 
 PAGE = Path(__file__).parent / "page"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -81,7 +81,8 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "dlm",
                                             "context": model.context, "process": model.process.name,
-                                            "default_sampler": model.process.default_sampler}]}
+                                            "default_sampler": model.process.default_sampler,
+                                            "edits": hasattr(model, "edit") and not model.is_autoregressive}]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -113,6 +114,63 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
     async def chat(request: Request):
         req = await parse(request, ChatRequest, max_body)
         return await answer(request, req, plan(req, "chat"), "chat.completion")
+
+    @app.post("/v1/edits")
+    async def edits(request: Request):
+        req = await parse(request, EditRequest, max_body)
+        return await answer(request, req, plan_edit(req), "edit")
+
+    def plan_edit(req) -> dict:
+        """An edit runs whole in the engine thread (its rounds are not steps of one canvas): a call job."""
+        if req.model is not None and req.model != model_id:
+            raise HTTPError(404, f"this server serves the model '{model_id}', not '{req.model}' (GET /v1/models)",
+                            "model")
+        try:
+            check_text("text", req.text)
+            check_text("template", req.template)
+            options = dict(req.options)
+            if options:
+                text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+                options = model.sampler_options(req.sampler, [f"{k}={text(v)}" for k, v in options.items()])
+        except ValueError as e:
+            raise HTTPError(400, str(e), "text") from None
+        spans = None if req.spans is None else [tuple(x) for x in req.spans]
+        if spans is not None and any(len(x) not in (2, 3) for x in spans):
+            raise HTTPError(400, "each span is [start, end] or [start, end, n_tokens] (character offsets)", "spans")
+        bos = model.tokenizer.bos_token_id is not None
+
+        def call(job):
+            rounds = {"base": 0, "last": 0}
+
+            def callback(event):
+                if event.step == 0:
+                    rounds["base"] += rounds["last"]
+                rounds["last"] = event.nfe
+                if job.snapshots:
+                    ids = event.tokens[0, int(bos):].tolist()
+                    masked = (model.process.is_noise(event.tokens[0, int(bos):]).tolist()
+                              if model.process.corruption == "absorbing" else [False] * len(ids))
+                    text, pieces = engine.snapshot_of(ids, masked)
+                    new = event.committed[0, int(bos):].nonzero().flatten().tolist()
+                    conf = None if event.confidence is None else event.confidence[0, int(bos):]
+                    job.first_event = job.first_event or time.monotonic()
+                    job.sink(("snapshot", 0, {"text": text, "tokens": pieces, "step": event.step,
+                                              "nfe": rounds["base"] + event.nfe, "masks_left": sum(masked),
+                                              "committed": [[p, None if conf is None else round(float(conf[p]), 4)]
+                                                            for p in new]}))
+                return job.cancelled or job.expired(time.monotonic())
+
+            result = model.edit(req.text, spans, template=req.template, mode=req.mode, max_rounds=req.max_rounds,
+                                threshold=req.threshold, budget=req.budget, groups=req.groups, sampler=req.sampler,
+                                steps=req.steps, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                softmask=req.softmask, feedback=req.feedback, callback=callback,
+                                sampler_options=options)
+            out = result.to_dict()
+            out["tokens"] = result.changed_tokens
+            return {**out, "finish_reason": "stop", "seed": req.seed}
+
+        return {"rows": [], "suffix": [], "gen_length": 0, "sampler": None, "key": (), "seeds": [], "seed": req.seed,
+                "prompt_tokens": 0, "call": call}
 
     def plan(req, kind: str) -> dict:
         """What the engine needs from a request: rows, suffix, gen_length, sampler, key, seeds (400 if refused)."""
@@ -174,8 +232,9 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
 
         job = Job(f"{'chatcmpl' if kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex[:24]}", spec["rows"],
                   spec["suffix"], spec["gen_length"], spec["sampler"], spec["key"], spec["seeds"], sink,
-                  stop=req.stops(), snapshots=req.stream and req.diffusing, deltas=req.stream and not req.diffusing,
-                  timeout=request_timeout)
+                  stop=req.stops() if kind != "edit" else [], snapshots=req.stream and req.diffusing,
+                  deltas=req.stream and not req.diffusing and kind != "edit", timeout=request_timeout,
+                  call=spec.get("call"))
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -184,9 +243,10 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                             headers={"Retry-After": str(after)}) from None
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        head = {"id": job.id, "created": int(time.time()), "model": model_id}
+        head = {"id": job.id if kind != "edit" else "edit-" + job.id.split("-", 1)[1], "created": int(time.time()),
+                "model": model_id}
         if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            include_usage = bool((getattr(req, "stream_options", None) or {}).get("include_usage"))
             return StreamingResponse(stream(request, job, inbox, head, kind, spec, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         while True:
@@ -203,7 +263,7 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                 raise HTTPError(message[1], message[2])
 
     async def stream(request, job, inbox, head, kind, spec, include_usage):
-        chunk_kind = kind + ".chunk" if kind.startswith("chat") else kind
+        chunk_kind = kind if kind == "text_completion" else kind + ".chunk"
         try:
             if kind.startswith("chat"):
                 yield sse({**head, "object": chunk_kind, "choices": [
@@ -216,6 +276,13 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                     extra = payload if message[0] == "snapshot" else {}
                     text = payload["text"] if message[0] == "snapshot" else payload
                     yield sse({**head, "object": chunk_kind, "choices": [choice(kind, j, text, None, extra)]})
+                elif message[0] == "done" and kind == "edit":
+                    r = message[1][0]
+                    yield sse({**head, "object": "edit.chunk", "choices": [
+                        {"index": 0, "text": r["text"], "finish_reason": "stop", "changes": r["changes"],
+                         "nfe": r["nfe"]}]})
+                    yield "data: [DONE]\n\n"
+                    return
                 elif message[0] == "done":
                     results = message[1]
                     for j, r in enumerate(results):
@@ -337,6 +404,10 @@ def usage(results: list[dict], spec: dict) -> dict:
 
 
 def completion_body(head: dict, kind: str, results: list[dict], spec: dict) -> dict:
+    if kind == "edit":  # OpenAI's legacy edit shape, with dlm's result (changes, nfe, rounds, ...) beside it
+        r = results[0]
+        return {**head, "object": "edit", "choices": [{"index": 0, "text": r["text"], "finish_reason": "stop"}],
+                **{k: v for k, v in r.items() if k not in ("finish_reason", "tokens")}}
     if kind.startswith("chat"):
         choices = [{"index": j, "message": {"role": "assistant", "content": r["text"]},
                     "finish_reason": r["finish_reason"], "nfe": r["nfe"]} for j, r in enumerate(results)]

@@ -60,6 +60,7 @@ class Job:
     sent: dict = field(default_factory=dict)  # row -> text already sent as deltas
     first_event: float | None = None  # monotonic time of the first snapshot or delta
     finished: bool = False
+    call: object = None  # instead of rows: call(job) -> result dict, run by the engine thread between steps (edits)
 
     @property
     def n(self) -> int:
@@ -188,9 +189,12 @@ class Engine:
                     self.pending.popleft()
                     self._drop(job, now)
                     continue
-                if self.active_rows + job.n > self.max_rows:
+                if job.call is None and self.active_rows + job.n > self.max_rows:
                     return
                 self.pending.popleft()
+            if job.call is not None:
+                self._call(job)
+                continue
             try:
                 state = self._start(job)
             except ValueError as e:  # options the sampler refuses only when it sees the canvas
@@ -206,6 +210,44 @@ class Engine:
             else:
                 home.state = SamplerState.cat([home.state, state])
                 home.owners += owners
+
+    def _call(self, job: Job) -> None:
+        """A whole-request job (an edit: its own rounds of network calls) run here, between two steps of the
+        batches, so that one thread still owns the model."""
+        try:
+            result = job.call(job)
+        except ValueError as e:
+            self._fail(job, 400, str(e))
+            return
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, 500, f"{type(e).__name__}: {e}")
+            return
+        if job.cancelled or job.expired(time.monotonic()):
+            self._drop(job, time.monotonic())
+            return
+        job.finished = True
+        self.stats["row_calls"] += int(result.get("nfe", 0))
+        self.stats["network_calls"] += int(result.get("nfe", 0))
+        self.latencies.append(time.monotonic() - job.submitted)
+        job.sink(("done", [result]))
+        self._outcome(job, "ok")
+
+    def snapshot_of(self, ids: list[int], masked: list[bool]) -> tuple[str, list]:
+        """(text with every masked position shown as MASK_GLYPH, each position's text or None where masked)."""
+        tok = self.model.tokenizer
+        pieces = [None if m else tok.decode([i]) for i, m in zip(ids, masked)]
+        parts, run = [], []
+        for i, m in zip(ids, masked):
+            if m:
+                if run:
+                    parts.append(tok.decode(run, skip_special_tokens=True))
+                    run = []
+                parts.append(MASK_GLYPH)
+            else:
+                run.append(i)
+        if run:
+            parts.append(tok.decode(run, skip_special_tokens=True))
+        return "".join(parts), pieces
 
     def _start(self, job: Job) -> SamplerState:
         """The request's own state: its canvas (prompt, the prior on gen_length positions, the suffix) and one
@@ -332,23 +374,11 @@ class Engine:
         return hit or stopped
 
     def _snapshot(self, job, j, ids, masked, committed, confidence, step, nfe) -> None:
-        tok = self.model.tokenizer
-        pieces = [None if m else tok.decode([i]) for i, m in zip(ids, masked)]
-        parts, run = [], []
-        for i, m in zip(ids, masked):
-            if m:
-                if run:
-                    parts.append(tok.decode(run, skip_special_tokens=True))
-                    run = []
-                parts.append(MASK_GLYPH)
-            else:
-                run.append(i)
-        if run:
-            parts.append(tok.decode(run, skip_special_tokens=True))
+        text, pieces = self.snapshot_of(ids, masked)
         new = committed.nonzero().flatten().tolist()
         conf = [round(float(confidence[p]), 4) if confidence is not None else None for p in new]
         self._first(job)
-        job.sink(("snapshot", j, {"text": "".join(parts), "tokens": pieces, "step": step, "nfe": nfe,
+        job.sink(("snapshot", j, {"text": text, "tokens": pieces, "step": step, "nfe": nfe,
                                   "masks_left": sum(masked), "committed": [[p, c] for p, c in zip(new, conf)]}))
 
     def _first(self, job: Job) -> None:

@@ -86,3 +86,32 @@ def error_text(errors: list[dict]) -> str:
         msg = "unknown field (not an option of this route)" if e.get("type") == "extra_forbidden" else e.get("msg", "")
         lines.append(f"{where}: {msg}")
     return "; ".join(lines)
+
+
+class EditRequest(BaseModel):
+    """POST /v1/edits: revise `text` in place (DiffusionLM.edit): `spans` ([start, end] or [start, end, n_tokens]
+    character ranges to rewrite), or none ("auto": the model remasks and regenerates its least likely tokens), or
+    a `template` with [MASK*n] spans instead of text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    text: str | None = None
+    template: str | None = None
+    spans: list[list[int]] | None = None
+    mode: Literal["auto", "rewrite"] | None = None
+    max_rounds: int = Field(4, ge=1, le=64)
+    threshold: float = Field(0.1, gt=0, le=1)
+    budget: float = Field(0.15, gt=0, le=1)
+    groups: int = Field(16, ge=1)
+    sampler: str | None = None
+    steps: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int = Field(0, ge=0, lt=2**63 - 1)
+    stream: bool = False
+    diffusing: bool = False
+    softmask: bool | dict[str, float | str] | None = None
+    feedback: Literal[False] | None = None
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    user: str | None = None

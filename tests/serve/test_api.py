@@ -274,3 +274,26 @@ def test_ten_megabyte_chunked_body_is_refused(server):
     r = requests.post(server.url + "/v1/completions", data=chunks(), headers={"Content-Type": "application/json"},
                       timeout=60)
     assert r.status_code == 413
+
+
+# ------------------------------------------------------------------------------------------------ edits
+def test_edits_route_gives_model_edit_and_streams_its_canvas(server, golden_mdlm):
+    text = "And the king said unto the people"
+    direct = golden_mdlm.edit(text, [(8, 12)], seed=1)
+    got = post(server, "/v1/edits", {"text": text, "spans": [[8, 12]], "seed": 1}).json()
+    assert got["object"] == "edit" and got["choices"][0]["text"] == got["text"] == direct.text
+    assert got["changes"] == [c.to_dict() for c in direct.changes] and got["nfe"] == direct.nfe
+    auto = post(server, "/v1/edits", {"text": text, "seed": 2, "max_rounds": 2}).json()
+    assert auto["mode"] == "auto" and auto["text"] == golden_mdlm.edit(text, seed=2, max_rounds=2).text
+    r = post(server, "/v1/edits", {"text": text, "spans": [[8, 12]], "seed": 1, "stream": True, "diffusing": True},
+             stream=True)
+    chunks = events(r)
+    assert chunks[-1] == "[DONE]"
+    snaps = [c["choices"][0] for c in chunks[:-1] if "masks_left" in c["choices"][0]]
+    assert snaps and snaps[0]["masks_left"] >= 1 and snaps[-1]["masks_left"] == 0
+    assert chunks[-2]["choices"][0]["text"] == direct.text and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    for body, words in (({"text": "abc", "spans": [[5, 2]]}, "outside the text"), ({"text": ""}, "empty"),
+                        ({"text": "abc", "spans": [[0, 1, 2, 3]]}, "[start, end]"),
+                        ({"text": "abc", "max_rounds": 0}, "max_rounds"), ({"txt": "abc"}, "txt: unknown field")):
+        bad = post(server, "/v1/edits", body)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], (body, bad.text)

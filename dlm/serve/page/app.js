@@ -132,7 +132,10 @@ async function run() {
         if (c.finish_reason) {
           $("result").textContent = c.text !== undefined ? c.text : (c.message || {}).content || "";
           if (c.nfe !== undefined) $("nfe").textContent = c.nfe;
-          if (c.diff) $("result").textContent += "\n\nchanged: " + JSON.stringify(c.diff);
+          if (c.changes) {
+            $("result").textContent += "\n\n" + (c.changes.length ? "changed: " + c.changes.map(
+              (ch) => JSON.stringify(ch.old) + " → " + JSON.stringify(ch.new)).join(", ") : "nothing changed");
+          }
         }
         const secs = (performance.now() - started) / 1000;
         $("tps").textContent = (committed / Math.max(secs, 1e-3)).toFixed(1);
