@@ -73,3 +73,31 @@ def test_page_generates_and_the_canvas_fills_in(server, browser):
     plain = requests.post(server.url + "/v1/completions", json={"prompt": "And the king said unto", "max_tokens": 12,
                                                                 "steps": 12, "seed": 3, "sampler": "ancestral"})
     assert browser.find_element(By.ID, "result").get_attribute("textContent") == plain.json()["choices"][0]["text"]
+
+
+def test_page_edit_mode_rewrites_the_selected_span(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.02)
+    wait.until(lambda d: d.find_element(By.ID, "edit-mode").is_displayed())  # the server has the edit route
+    browser.find_element(By.CSS_SELECTOR, "input[name=mode][value=edit]").click()
+    text = "And the king said unto the people"
+    box = browser.find_element(By.ID, "edit-text")
+    assert box.is_displayed() and not browser.find_element(By.ID, "prompt").is_displayed()
+    box.clear()
+    box.send_keys(text)
+    browser.execute_script("arguments[0].focus(); arguments[0].setSelectionRange(8, 12);", box)  # "king"
+    seed = browser.find_element(By.ID, "seed")
+    seed.clear()
+    seed.send_keys("1")
+    browser.execute_script("arguments[0].setSelectionRange(8, 12);", box)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text == "done")
+    expected = requests.post(server.url + "/v1/edits", json={"text": text, "spans": [[8, 12]], "seed": 1,
+                                                             "steps": 24}).json()
+    result = browser.find_element(By.ID, "result").get_attribute("textContent")
+    assert result.startswith(expected["text"]) and ("changed:" in result or "nothing changed" in result)
+    canvas = browser.find_element(By.ID, "canvas")
+    assert not canvas.find_elements(By.CSS_SELECTOR, "span.mask") and canvas.find_elements(By.CSS_SELECTOR, "span.tok")
