@@ -206,10 +206,14 @@ class Engine:
             owners = [(job, j) for j in range(job.n)]
             home = next((b for b in self.batches if b.key == job.key and b.rows + job.n <= self.batch_rows), None)
             if home is None:
-                self.batches.append(Batch(job.sampler, job.key, state, owners))
+                home = Batch(job.sampler, job.key, state, owners)
+                self.batches.append(home)
             else:
                 home.state = SamplerState.cat([home.state, state])
                 home.owners += owners
+            # the batch a request joined steps first in this round: its first snapshot waits for one step, not all
+            self.batches.remove(home)
+            self.batches.insert(0, home)
 
     def _call(self, job: Job) -> None:
         """A whole-request job (an edit: its own rounds of network calls) run here, between two steps of the
