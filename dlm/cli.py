@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", allow_abbrev=False, help="serve a model over HTTP (OpenAI-compatible, with a live page)",
                        description="Serve a model: POST /v1/completions (suffix = fill in the middle; also "
-                                   "/v1/fim/completions), /v1/chat/completions, GET /v1/models, /health, /metrics, and "
+                                   "/v1/fim/completions), /v1/chat/completions, /v1/edits (instant edit), "
+                                   "GET /v1/models, /health, /metrics, and "
                                    "a page at / that shows the canvas denoising. Requests join a running batch at "
                                    "step boundaries (continuous batching). docs/serve.md describes the routes.")
     p.add_argument("model", help="run folder, exported model folder, .ckpt file, open checkpoint folder or .gguf")

@@ -12,6 +12,7 @@ start (`sampler.start`) at a step boundary and join a running batch of the same 
 away, or whose time ran out) leave it at once (`select`). A batch holds at most `batch_rows` rows, so no step
 makes a (rows x length x vocabulary) float32 temporary larger than that chunk; at most `max_rows` rows run at once
 and at most `max_queue` requests wait. A row's tokens for a seed are the same alone or beside others (float32).
+A job with `call` (an edit: rounds of its own) runs whole in this thread between two steps of the batches.
 """
 
 from __future__ import annotations

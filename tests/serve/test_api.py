@@ -297,3 +297,26 @@ def test_edits_route_gives_model_edit_and_streams_its_canvas(server, golden_mdlm
                         ({"text": "abc", "max_rounds": 0}, "max_rounds"), ({"txt": "abc"}, "txt: unknown field")):
         bad = post(server, "/v1/edits", body)
         assert bad.status_code == 400 and words in bad.json()["error"]["message"], (body, bad.text)
+
+
+def test_a_plain_request_whose_client_goes_away_is_cancelled(server):
+    import socket
+    import time
+
+    engine = server.engine
+    before = engine.stats["jobs_cancelled"]
+    restore = slow_steps(engine, 0.05)
+    try:
+        body = json.dumps({"prompt": "And", "max_tokens": 16, "steps": 16}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 10
+            while engine.active_rows == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10  # the connection is closed: the rows leave at a step boundary
+        while engine.stats["jobs_cancelled"] == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        restore()
+    assert engine.stats["jobs_cancelled"] == before + 1 and engine.active_rows == 0
