@@ -173,52 +173,7 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                 "prompt_tokens": 0, "call": call}
 
     def plan(req, kind: str) -> dict:
-        """What the engine needs from a request: rows, suffix, gen_length, sampler, key, seeds (400 if refused)."""
-        if req.model is not None and req.model != model_id:
-            raise HTTPError(404, f"this server serves the model '{model_id}', not '{req.model}' (GET /v1/models)",
-                            "model")
-        tok, process = model.tokenizer, model.process
-        try:
-            if kind == "chat":
-                for i, m in enumerate(req.messages):
-                    check_text(f"messages[{i}].content", m.content)
-                messages = [m.model_dump(exclude_none=True) for m in req.messages]
-                rows, _ = given_rows(tok, process, None, None, None, messages)
-                max_tokens = req.max_completion_tokens or req.max_tokens
-                suffix = []
-            else:
-                texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-                for i, t in enumerate(texts):
-                    check_text("prompt", t)
-                check_text("suffix", req.suffix)
-                rows, _ = given_rows(tok, process, texts, None, None, None)
-                suffix = tok(req.suffix, add_special_tokens=False)["input_ids"] if req.suffix else []
-                max_tokens = req.max_tokens
-        except ValueError as e:
-            raise HTTPError(400, str(e), "messages" if kind == "chat" else "prompt") from None
-        longest = max(len(r) for r in rows)
-        room = model.context - longest - len(suffix)
-        if max_tokens is None:
-            max_tokens = min(64, room)
-        if room < 1 or longest + max_tokens + len(suffix) > model.context:
-            what = f"the prompt is {longest} tokens (BOS included)" + (f" and the suffix {len(suffix)}" if suffix else "")
-            raise HTTPError(400, f"{what}; with max_tokens={max_tokens} that is {longest + max_tokens + len(suffix)} "
-                                 f"tokens, more than the model's context ({model.context}): shorten the prompt or "
-                                 "lower max_tokens", "max_tokens" if room >= 1 else "prompt")
-        if len(rows) * req.n > batch_rows:
-            raise HTTPError(400, f"{len(rows)} prompt(s) x n={req.n} is {len(rows) * req.n} rows, more than a batch "
-                                 f"holds ({batch_rows}, --batch-rows): ask for fewer", "n")
-        try:
-            sampler, blockwise = build_sampler(model, req, max_tokens)
-        except ValueError as e:
-            raise HTTPError(400, str(e), "sampler") from None
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        key = (type(sampler).__name__, repr(getattr(sampler, "config", None)),
-               repr(getattr(sampler, "suppress_ids", None)),
-               longest % sampler.block_length if blockwise else 0)
-        return {"rows": [r for r in rows for _ in range(req.n)], "suffix": suffix, "gen_length": max_tokens,
-                "sampler": sampler, "key": key, "seed": seed,
-                "seeds": [sample_seed(seed, j) for _ in rows for j in range(req.n)], "prompt_tokens": longest}
+        return plan_request(model, req, kind, model_id, batch_rows)
 
     async def answer(request: Request, req, spec: dict, kind: str):
         loop = asyncio.get_running_loop()
@@ -331,6 +286,56 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, counted)
+
+
+def plan_request(model, req, kind: str, model_id: str = "dlm", batch_rows: int = 16) -> dict:
+    """What the engine needs from a completion or chat request (`kind`: "completion" or "chat"): rows, suffix,
+    gen_length, sampler, key, seed and seeds, prompt_tokens (an HTTPError 4xx where it is refused)."""
+    if req.model is not None and req.model != model_id:
+        raise HTTPError(404, f"this server serves the model '{model_id}', not '{req.model}' (GET /v1/models)",
+                        "model")
+    tok, process = model.tokenizer, model.process
+    try:
+        if kind == "chat":
+            for i, m in enumerate(req.messages):
+                check_text(f"messages[{i}].content", m.content)
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            rows, _ = given_rows(tok, process, None, None, None, messages)
+            max_tokens = req.max_completion_tokens or req.max_tokens
+            suffix = []
+        else:
+            texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            for i, t in enumerate(texts):
+                check_text("prompt", t)
+            check_text("suffix", req.suffix)
+            rows, _ = given_rows(tok, process, texts, None, None, None)
+            suffix = tok(req.suffix, add_special_tokens=False)["input_ids"] if req.suffix else []
+            max_tokens = req.max_tokens
+    except ValueError as e:
+        raise HTTPError(400, str(e), "messages" if kind == "chat" else "prompt") from None
+    longest = max(len(r) for r in rows)
+    room = model.context - longest - len(suffix)
+    if max_tokens is None:
+        max_tokens = min(64, room)
+    if room < 1 or longest + max_tokens + len(suffix) > model.context:
+        what = f"the prompt is {longest} tokens (BOS included)" + (f" and the suffix {len(suffix)}" if suffix else "")
+        raise HTTPError(400, f"{what}; with max_tokens={max_tokens} that is {longest + max_tokens + len(suffix)} "
+                             f"tokens, more than the model's context ({model.context}): shorten the prompt or "
+                             "lower max_tokens", "max_tokens" if room >= 1 else "prompt")
+    if len(rows) * req.n > batch_rows:
+        raise HTTPError(400, f"{len(rows)} prompt(s) x n={req.n} is {len(rows) * req.n} rows, more than a batch "
+                             f"holds ({batch_rows}, --batch-rows): ask for fewer", "n")
+    try:
+        sampler, blockwise = build_sampler(model, req, max_tokens)
+    except ValueError as e:
+        raise HTTPError(400, str(e), "sampler") from None
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+    key = (type(sampler).__name__, repr(getattr(sampler, "config", None)),
+           repr(getattr(sampler, "suppress_ids", None)),
+           longest % sampler.block_length if blockwise else 0)
+    return {"rows": [r for r in rows for _ in range(req.n)], "suffix": suffix, "gen_length": max_tokens,
+            "sampler": sampler, "key": key, "seed": seed,
+            "seeds": [sample_seed(seed, j) for _ in rows for j in range(req.n)], "prompt_tokens": longest}
 
 
 def build_sampler(model, req, max_tokens: int):

@@ -162,21 +162,26 @@ class Engine:
                     break
             if not self.running.wait(timeout=0.1):
                 continue
-            try:
-                with torch.no_grad(), self.model.autocast(self.precision):
-                    self._admit()
-                    for batch in list(self.batches):
-                        self._sweep(batch)
-                        if batch.rows:
-                            self._step(batch)
-            except Exception as e:  # noqa: BLE001  (a bug must fail its requests, never stop the engine)
-                for batch in self.batches:
-                    for job, _ in batch.owners:
-                        self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
-                    batch.owners = []
-            self.batches = [b for b in self.batches if b.rows]
+            self.run_once()
         for job in list(self.pending) + [j for b in self.batches for j, _ in b.owners]:
             self._fail(job, 503, "the server is shutting down")
+
+    def run_once(self) -> None:
+        """One round at a step boundary: admit waiting requests, drop cancelled or expired rows, step every batch
+        once (the engine thread's loop; a test may drive it by hand on an engine it did not start)."""
+        try:
+            with torch.no_grad(), self.model.autocast(self.precision):
+                self._admit()
+                for batch in list(self.batches):
+                    self._sweep(batch)
+                    if batch.rows:
+                        self._step(batch)
+        except Exception as e:  # noqa: BLE001  (a bug must fail its requests, never stop the engine)
+            for batch in self.batches:
+                for job, _ in batch.owners:
+                    self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
+                batch.owners = []
+        self.batches = [b for b in self.batches if b.rows]
 
     def _admit(self) -> None:
         """Start waiting requests while rows are free: each joins a batch of its key with room, or a new one."""
