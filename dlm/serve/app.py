@@ -173,7 +173,7 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                 "prompt_tokens": 0, "call": call}
 
     def plan(req, kind: str) -> dict:
-        return plan_request(model, req, kind, model_id, batch_rows)
+        return plan_request(model, req, kind, model_id, min(batch_rows, max_rows))
 
     async def answer(request: Request, req, spec: dict, kind: str):
         loop = asyncio.get_running_loop()

@@ -130,9 +130,9 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a request (QueueFull when `max_queue` wait already); it starts at the next step boundary."""
-        if job.n > self.batch_rows:
-            raise ValueError(f"the request needs {job.n} rows but a batch holds {self.batch_rows} "
-                             "(--batch-rows): ask for fewer choices or prompts")
+        if job.n > min(self.batch_rows, self.max_rows):
+            raise ValueError(f"the request needs {job.n} rows but a batch holds {min(self.batch_rows, self.max_rows)} "
+                             "(--batch-rows, --max-rows): ask for fewer choices or prompts")
         with self.cond:
             if len(self.pending) >= self.max_queue:
                 raise QueueFull(f"{len(self.pending)} requests are waiting (--max-queue {self.max_queue})")
