@@ -204,14 +204,17 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
             include_usage = bool((getattr(req, "stream_options", None) or {}).get("include_usage"))
             return StreamingResponse(stream(request, job, inbox, head, kind, spec, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        while True:
-            try:
-                message = await asyncio.wait_for(inbox.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+        getter = None
+        while True:  # the answer, watching the connection every 0.5 s (a client gone: its rows are cancelled)
+            getter = getter or asyncio.ensure_future(inbox.get())
+            done, _ = await asyncio.wait({getter}, timeout=0.5)
+            if not done:
                 if await request.is_disconnected():
+                    getter.cancel()
                     job.cancel()
                     return Response(status_code=499)
                 continue
+            message, getter = getter.result(), None
             if message[0] == "done":
                 return completion_body(head, kind, message[1], spec)
             if message[0] == "error":
