@@ -79,6 +79,8 @@ class Batch:
 
     def __init__(self, sampler, key, state, owners):
         self.sampler, self.key, self.state, self.owners = sampler, key, state, owners
+        self.fresh = True  # rows joined since its last step (it steps next: their first snapshot waits one step)
+        self.last = -1  # the engine round of its last step
 
     @property
     def rows(self) -> int:
@@ -103,6 +105,7 @@ class Engine:
         self.stats = collections.Counter()  # steps, network calls, row calls, generated tokens, jobs by outcome
         self.latencies: collections.deque[float] = collections.deque(maxlen=64)  # seconds of recent finished jobs
         self.on_finish = None  # callback(job, outcome) for the server's metrics
+        self.rounds = 0  # batch steps taken (the round-robin clock)
         self.running = threading.Event()  # cleared: the engine holds at the next step boundary (pause / resume)
         self.running.set()
 
@@ -167,15 +170,22 @@ class Engine:
             self._fail(job, 503, "the server is shutting down")
 
     def run_once(self) -> None:
-        """One round at a step boundary: admit waiting requests, drop cancelled or expired rows, step every batch
-        once (the engine thread's loop; a test may drive it by hand on an engine it did not start)."""
+        """One step boundary: admit waiting requests, drop cancelled or expired rows, and step one batch — a batch
+        that rows just joined, else the one that waited longest (round robin) — so a new request's first snapshot
+        waits for the step in progress and its own, not for every batch (the engine thread's loop; a test may
+        drive it by hand on an engine it did not start)."""
         try:
             with torch.no_grad(), self.model.autocast(self.precision):
                 self._admit()
                 for batch in list(self.batches):
                     self._sweep(batch)
-                    if batch.rows:
-                        self._step(batch)
+                live = [b for b in self.batches if b.rows]
+                if live:  # one batch: one a request just joined, else the one that waited longest; never starve
+                    overdue = [b for b in live if self.rounds - b.last > 2 * len(live)]
+                    batch = min(overdue or live, key=lambda b: (not overdue and not b.fresh, b.last))
+                    batch.fresh, batch.last = False, self.rounds
+                    self.rounds += 1
+                    self._step(batch)
         except Exception as e:  # noqa: BLE001  (a bug must fail its requests, never stop the engine)
             for batch in self.batches:
                 for job, _ in batch.owners:
@@ -217,9 +227,7 @@ class Engine:
             else:
                 home.state = SamplerState.cat([home.state, state])
                 home.owners += owners
-            # the batch a request joined steps first in this round: its first snapshot waits for one step, not all
-            self.batches.remove(home)
-            self.batches.insert(0, home)
+            home.fresh = True
 
     def _call(self, job: Job) -> None:
         """A whole-request job (an edit: its own rounds of network calls) run here, between two steps of the
