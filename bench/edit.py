@@ -17,7 +17,8 @@ Methods. "do nothing": the corrupted text as is. "dlm edit": `model.edit(text, t
 the least likely, regenerating them with the model's sampler at temperature 0. "AR greedy rescoring" (--ar): left
 to right, the first token whose probability given its prefix is below the threshold (and not the argmax) is
 replaced by the argmax, and the scan restarts there with a new call; the AR model sees only the left context.
-NFE: network calls per sentence (the AR's calls are over the prefix, with no cache).
+NFE: network calls per sentence (the AR's calls are over the prefix, with no cache). "corrupted changed": the
+corrupted tokens the method changed at all (found, restored or not).
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ def ar_greedy_rescore(ar, ids: list[int], threshold: float) -> tuple[list[int], 
     return x[1:].tolist(), calls
 
 
-def score(clean: list[int], new: list[int], bad: list[int]) -> tuple[int, int, int, int]:
-    """(corrupted restored, corrupted, clean changed, clean) of one sentence."""
+def score(clean: list[int], new: list[int], bad: list[int], corrupted: list[int]) -> tuple[int, ...]:
+    """(corrupted restored, corrupted, clean changed, clean, corrupted changed at all) of one sentence."""
     bad_set = set(bad)
     restored = sum(new[p] == clean[p] for p in bad)
     changed = sum(new[p] != clean[p] for p in range(len(clean)) if p not in bad_set)
-    return restored, len(bad), changed, len(clean) - len(bad)
+    touched = sum(new[p] != corrupted[p] for p in bad)
+    return restored, len(bad), changed, len(clean) - len(bad), touched
 
 
 def train_small(out: Path, steps: int, process: str = "mdlm") -> Path:
@@ -129,16 +131,16 @@ def main() -> None:
     ap.add_argument("--ar", default=None, help="an autoregressive run folder for the greedy-rescoring baseline")
     ap.add_argument("--train-steps", type=int, default=400, help="steps of the MDLM trained without --model")
     ap.add_argument("--sentences", type=int, default=60)
-    ap.add_argument("--thresholds", default="0.02,0.1,0.3", help="auto mode's thresholds to run (comma-separated)")
+    ap.add_argument("--thresholds", default="0.0001,0.001,0.01", help="auto mode's thresholds to run (comma-separated)")
     ap.add_argument("--budget", type=float, default=0.15)
-    ap.add_argument("--max-rounds", type=int, default=4)
+    ap.add_argument("--max-rounds", default="1,4", help="auto mode's max_rounds to run (comma-separated)")
     ap.add_argument("--ar-threshold", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 sentences, one threshold (a smoke run)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.quick:
-        args.sentences, args.thresholds = 8, "0.1"
+        args.sentences, args.thresholds, args.max_rounds = 8, "0.0001", "4"
     model_path = args.model or train_small(Path(tempfile.mkdtemp(prefix="dlm-edit-bench-")) / "mdlm", args.train_steps)
     model = dlm.load(model_path)
     ar = dlm.load(args.ar) if args.ar else None
@@ -150,24 +152,26 @@ def main() -> None:
             cases.append(c)
         if len(cases) == args.sentences:
             break
-    rows = [("do nothing", [score(clean, model.encode(text), bad) + (0,) for clean, text, bad in cases], 0.0)]
-    for thr in [float(x) for x in args.thresholds.split(",")]:
-        results, started = [], time.perf_counter()
-        for i, (clean, text, bad) in enumerate(cases):
-            out = model.edit(text, threshold=thr, budget=args.budget, max_rounds=args.max_rounds, seed=args.seed + i)
-            new = out.tokens[1:].tolist()
-            if len(new) != len(clean):
-                raise SystemExit(f"sentence {i}: the edit's canvas is {len(new)} tokens, the text {len(clean)}")
-            results.append(score(clean, new, bad) + (out.nfe,))
-        rows.append((f"dlm edit (auto, threshold {thr:g}, budget {args.budget:g})", results,
-                     time.perf_counter() - started))
+    rows = [("do nothing", [score(clean, model.encode(text), bad, model.encode(text)) + (0,)
+                            for clean, text, bad in cases], 0.0)]
+    for rounds in [int(x) for x in str(args.max_rounds).split(",")]:
+        for thr in [float(x) for x in args.thresholds.split(",")]:
+            results, started = [], time.perf_counter()
+            for i, (clean, text, bad) in enumerate(cases):
+                out = model.edit(text, threshold=thr, budget=args.budget, max_rounds=rounds, seed=args.seed + i)
+                new = out.tokens[1:].tolist()
+                if len(new) != len(clean):
+                    raise SystemExit(f"sentence {i}: the edit's canvas is {len(new)} tokens, the text {len(clean)}")
+                results.append(score(clean, new, bad, model.encode(text)) + (out.nfe,))
+            rows.append((f"dlm edit (auto, threshold {thr:g}, budget {args.budget:g}, max {rounds} rounds)", results,
+                         time.perf_counter() - started))
     if ar is not None:
         if ar.tokenizer.get_vocab() != model.tokenizer.get_vocab():
             raise SystemExit("the AR model's tokenizer differs from the MDLM's: train both on the same data")
         results, started = [], time.perf_counter()
         for clean, text, bad in cases:
             new, calls = ar_greedy_rescore(ar, model.encode(text), args.ar_threshold)
-            results.append(score(clean, new, bad) + (calls,))
+            results.append(score(clean, new, bad, model.encode(text)) + (calls,))
         rows.append((f"AR greedy rescoring (threshold {args.ar_threshold:g})", results, time.perf_counter() - started))
     corrupted = sum(b for _, b, _, _ in (r[:4] for r in rows[0][1]))
     clean_total = sum(c for *_, c in (r[:4] for r in rows[0][1]))
@@ -176,15 +180,17 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
           f"({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads, float32; model {model_path} "
           f"({model.trained_steps} steps){'; AR ' + str(args.ar) if ar is not None else ''}")
-    print(f"| method | corrupted restored | clean tokens changed | sentences fully repaired | NFE / sentence | s |")
-    print("|---|---|---|---|---|---|")
+    print("| method | corrupted restored | corrupted changed | clean tokens changed | sentences fully repaired "
+          "| NFE / sentence | s |")
+    print("|---|---|---|---|---|---|---|")
     for name, results, seconds in rows:
         restored = sum(r[0] for r in results)
+        touched = sum(r[4] for r in results)
         changed = sum(r[2] for r in results)
         full = sum(r[0] == r[1] and r[2] == 0 for r in results)
-        nfe = sum(r[4] for r in results) / len(results)
-        print(f"| {name} | {100 * restored / corrupted:.1f} % | {100 * changed / clean_total:.2f} % | "
-              f"{full}/{len(results)} | {nfe:.1f} | {seconds:.1f} |")
+        nfe = sum(r[5] for r in results) / len(results)
+        print(f"| {name} | {100 * restored / corrupted:.1f} % | {100 * touched / corrupted:.1f} % | "
+              f"{100 * changed / clean_total:.2f} % | {full}/{len(results)} | {nfe:.1f} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

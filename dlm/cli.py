@@ -610,8 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto", action="store_true",
                    help="auto mode (the default without --spans): with --spans, auto mode only inside them")
     p.add_argument("--max-rounds", type=int, default=4, help="auto: most score-remask-regenerate rounds (4)")
-    p.add_argument("--threshold", type=float, default=0.1,
-                   help="auto: remask tokens whose probability in context is below this (0.1)")
+    p.add_argument("--threshold", type=float, default=1e-4,
+                   help="auto: remask tokens whose probability in context is below this (1e-4; docs/edit.md)")
     p.add_argument("--budget", type=float, default=0.15, help="auto: most tokens remasked per round, a fraction (0.15)")
     p.add_argument("--groups", type=int, default=16,
                    help="auto, masked models: tokens are scored masked, in this many interleaved sets (16)")

@@ -319,7 +319,7 @@ class DiffusionLM:
     # ------------------------------------------------------------------------------------ instant edit
     @torch.no_grad()
     def edit(self, text: str | None = None, spans: list[tuple[int, ...]] | None = None, *,
-             template: str | None = None, mode: str | None = None, max_rounds: int = 4, threshold: float = 0.1,
+             template: str | None = None, mode: str | None = None, max_rounds: int = 4, threshold: float = 1e-4,
              budget: float = 0.15, groups: int = 16, sampler: str | Sampler | None = None, steps: int | None = None,
              temperature: float | None = None, top_p: float | None = None, seed: int = 0,
              softmask: bool | dict | SoftMaskFeedback | None = None, feedback: InputFeedback | bool | None = None,

@@ -52,6 +52,11 @@ def frames_of(tokenizer, trajectory: list[torch.Tensor], mask_id: int | None, ro
     return out
 
 
+def printable(text: str) -> str:
+    """The text with control characters (an ESC from a generated token would drive the terminal) as U+FFFD."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
+
+
 class CanvasView:
     """A sampler callback that redraws the canvas in place after every step (ANSI: cursor up over the previous
     frame, clear to the end of the screen): masks as a symbol, tokens committed in this step highlighted, and a
@@ -80,7 +85,7 @@ class CanvasView:
         for r in range(min(self.max_rows, tokens.shape[0])):
             prev = None if self.previous is None or self.previous.shape != tokens.shape else self.previous[r].tolist()
             pieces = frame_pieces(self.tokenizer, tokens[r].tolist(), self.mask_id, prev, self.symbol)
-            rows.append("".join(style[k].format(t) for t, k in pieces))
+            rows.append("".join(style[k].format(printable(t)) for t, k in pieces))
         masks = int((tokens == self.mask_id).sum()) if self.mask_id is not None else 0
         shown = f" (first {self.max_rows} of {tokens.shape[0]})" if tokens.shape[0] > self.max_rows else ""
         rows.append(f"\x1b[2m[step {step + 1} | masks left {masks} | NFE {nfe}{shown}]\x1b[0m")

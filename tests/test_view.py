@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from dlm.view import MASK_SYMBOL, CanvasView, FirstRunRecorder, frame_pieces, save_trajectory
+from dlm.view import MASK_SYMBOL, CanvasView, FirstRunRecorder, frame_pieces, printable, save_trajectory
 from tests.golden.cases import models
 
 STEPS = 6
@@ -77,7 +77,7 @@ def test_visual_redraws_in_place_on_a_terminal(mdlm):
     assert view.frames == len(events) == len(frames) - 1
     assert out.count("\x1b[2F\x1b[J") == len(events) - 1  # each later frame moves up over the last (2 lines) first
     assert MASK_SYMBOL in frames[1] and MASK_SYMBOL not in frames[-1].split("\n", 1)[1] + frames[-2]
-    assert mdlm.tokenizer.decode(gen.tokens[0], skip_special_tokens=True) in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out)
+    assert printable(mdlm.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)) in re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out)
     with pytest.raises(ValueError, match="not one"):
         CanvasView(mdlm.tokenizer, mdlm.process.mask_id, stream=io.StringIO())
 
@@ -95,3 +95,13 @@ def test_sample_command_visual_and_save_trajectory(micro_run, tmp_path, capsys):
     assert len(frames) >= 5 and "written to" in captured.err
     assert main([*argv, "--save-trajectory", str(tmp_path / "traj.png")]) == 2
     assert "FILE.html or FILE.gif" in capsys.readouterr().err
+
+
+def test_visual_never_writes_control_characters_of_tokens(mdlm):
+    screen = FakeTTY()
+    view = CanvasView(mdlm.tokenizer, mdlm.process.mask_id, stream=screen, width=200)
+    esc = mdlm.tokenizer.convert_tokens_to_ids(mdlm.tokenizer.tokenize("\x1b")) or [0]
+    tokens = torch.tensor([[mdlm.tokenizer.bos_token_id, *esc, mdlm.process.mask_id]])
+    view(type("Event", (), {"tokens": tokens, "step": 0, "nfe": 1})())
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", screen.getvalue())  # the view's own colour codes
+    assert "\x1b" not in shown and "\ufffd" in shown
