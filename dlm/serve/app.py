@@ -160,11 +160,12 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
                                                             for p in new]}))
                 return job.cancelled or job.expired(time.monotonic())
 
-            result = model.edit(req.text, spans, template=req.template, mode=req.mode, max_rounds=req.max_rounds,
-                                threshold=req.threshold, budget=req.budget, groups=req.groups, sampler=req.sampler,
+            tuning = {k: getattr(req, k) for k in ("max_rounds", "threshold", "budget", "groups")
+                      if getattr(req, k) is not None}  # else edit's own defaults
+            result = model.edit(req.text, spans, template=req.template, mode=req.mode, sampler=req.sampler,
                                 steps=req.steps, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                 softmask=req.softmask, feedback=req.feedback, callback=callback,
-                                sampler_options=options)
+                                sampler_options=options, **tuning)
             out = result.to_dict()
             out["tokens"] = result.changed_tokens
             return {**out, "finish_reason": "stop", "seed": req.seed}

@@ -179,6 +179,7 @@ class Engine:
                 self._admit()
                 for batch in list(self.batches):
                     self._sweep(batch)
+                self._merge()
                 live = [b for b in self.batches if b.rows]
                 if live:  # one batch: one a request just joined, else the one that waited longest; never starve
                     overdue = [b for b in live if self.rounds - b.last > 2 * len(live)]
@@ -192,6 +193,21 @@ class Engine:
                     self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
                 batch.owners = []
         self.batches = [b for b in self.batches if b.rows]
+
+    def _merge(self) -> None:
+        """Batches that have stepped (not fresh) join a batch of the same key with room, smallest first
+        (`SamplerState.cat`): a request starts in a batch of its own arrivals, so its first step is not a full
+        batch's, then rides with the others."""
+        settled = [b for b in self.batches if b.rows and not b.fresh]
+        for small in sorted(settled, key=lambda b: b.rows):
+            if not small.rows:
+                continue
+            target = next((b for b in settled if b is not small and b.rows and b.key == small.key
+                           and b.rows + small.rows <= self.batch_rows), None)
+            if target is not None:
+                target.state = SamplerState.cat([target.state, small.state])
+                target.owners += small.owners
+                small.owners = []
 
     def _admit(self) -> None:
         """Start waiting requests while rows are free: each joins a batch of its key with room, or a new one."""
@@ -220,7 +236,8 @@ class Engine:
                 self._fail(job, 500, f"{type(e).__name__}: {e}")
                 continue
             owners = [(job, j) for j in range(job.n)]
-            home = next((b for b in self.batches if b.key == job.key and b.rows + job.n <= self.batch_rows), None)
+            home = next((b for b in self.batches if b.fresh and b.key == job.key and b.rows + job.n <= self.batch_rows),
+                        None)  # requests admitted together start together; they join a running batch after one step
             if home is None:
                 home = Batch(job.sampler, job.key, state, owners)
                 self.batches.append(home)

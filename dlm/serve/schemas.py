@@ -100,10 +100,10 @@ class EditRequest(BaseModel):
     template: str | None = None
     spans: list[list[int]] | None = None
     mode: Literal["auto", "rewrite"] | None = None
-    max_rounds: int = Field(4, ge=1, le=64)
-    threshold: float = Field(0.1, gt=0, le=1)
-    budget: float = Field(0.15, gt=0, le=1)
-    groups: int = Field(16, ge=1)
+    max_rounds: int | None = Field(None, ge=1, le=64)  # None: DiffusionLM.edit's defaults
+    threshold: float | None = Field(None, gt=0, le=1)
+    budget: float | None = Field(None, gt=0, le=1)
+    groups: int | None = Field(None, ge=1)
     sampler: str | None = None
     steps: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
