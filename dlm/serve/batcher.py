@@ -7,8 +7,8 @@
     ... job.sink receives ("snapshot" | "delta", row, payload), then ("done", results) or ("error", status, text)
 
 Each request keeps its own canvas, step count and generators (seeded by its seed, never by its place): its rows
-start (`sampler.start`) at a step boundary and join a running batch of the same sampler and options
-(`SamplerState.cat`); rows that finish (or whose committed text reached EOS or a stop string, or whose client went
+start (`sampler.start`) at a step boundary, take their first step in a batch of the requests admitted with them,
+then join a running batch of the same sampler and options (`SamplerState.cat`); rows that finish (or whose committed text reached EOS or a stop string, or whose client went
 away, or whose time ran out) leave it at once (`select`). A batch holds at most `batch_rows` rows, so no step
 makes a (rows x length x vocabulary) float32 temporary larger than that chunk; at most `max_rows` rows run at once
 and at most `max_queue` requests wait. A row's tokens for a seed are the same alone or beside others (float32).
@@ -210,7 +210,8 @@ class Engine:
                 small.owners = []
 
     def _admit(self) -> None:
-        """Start waiting requests while rows are free: each joins a batch of its key with room, or a new one."""
+        """Start waiting requests while rows are free: those of one key admitted at this boundary share a new
+        (fresh) batch, which steps next and then merges into a running one (`_merge`)."""
         now = time.monotonic()
         while True:
             with self.cond:
