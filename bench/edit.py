@@ -88,14 +88,17 @@ def ar_greedy_rescore(ar, ids: list[int], threshold: float) -> tuple[list[int], 
     `threshold` and is not the argmax becomes the argmax; rescanned from there with a fresh call."""
     bos = ar.tokenizer.bos_token_id
     x = torch.tensor([bos] + ids, device=ar.device)
+    special = torch.tensor(sorted(ar.tokenizer.all_special_ids), device=ar.device)
     start, calls = 1, 0
     while start < x.shape[0]:
         logits = ar.network.next_token_logits(x[None])[0].float()  # (L, V): position l's logits about token l + 1
         calls += 1
         probs = logits.softmax(-1)
+        candidates = probs.clone()
+        candidates[:, special] = 0.0  # never a special token (BOS, EOS, PAD, MASK) as the replacement
         fixed = False
         for i in range(start, x.shape[0]):
-            p, best = probs[i - 1, x[i]], probs[i - 1].argmax()
+            p, best = probs[i - 1, x[i]], candidates[i - 1].argmax()
             if p < threshold and best != x[i]:
                 x[i] = best
                 start, fixed = i + 1, True
@@ -134,7 +137,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.0001,0.001,0.01", help="auto mode's thresholds to run (comma-separated)")
     ap.add_argument("--budget", type=float, default=0.15)
     ap.add_argument("--max-rounds", default="1,4", help="auto mode's max_rounds to run (comma-separated)")
-    ap.add_argument("--ar-threshold", type=float, default=0.02)
+    ap.add_argument("--ar-thresholds", default="0.0001,0.001", help="the AR baseline's thresholds (comma-separated)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="8 sentences, one threshold (a smoke run)")
     args = ap.parse_args()
@@ -168,11 +171,12 @@ def main() -> None:
     if ar is not None:
         if ar.tokenizer.get_vocab() != model.tokenizer.get_vocab():
             raise SystemExit("the AR model's tokenizer differs from the MDLM's: train both on the same data")
-        results, started = [], time.perf_counter()
-        for clean, text, bad in cases:
-            new, calls = ar_greedy_rescore(ar, model.encode(text), args.ar_threshold)
-            results.append(score(clean, new, bad, model.encode(text)) + (calls,))
-        rows.append((f"AR greedy rescoring (threshold {args.ar_threshold:g})", results, time.perf_counter() - started))
+        for thr in [float(x) for x in args.ar_thresholds.split(",")]:
+            results, started = [], time.perf_counter()
+            for clean, text, bad in cases:
+                new, calls = ar_greedy_rescore(ar, model.encode(text), thr)
+                results.append(score(clean, new, bad, model.encode(text)) + (calls,))
+            rows.append((f"AR greedy rescoring (threshold {thr:g})", results, time.perf_counter() - started))
     corrupted = sum(b for _, b, _, _ in (r[:4] for r in rows[0][1]))
     clean_total = sum(c for *_, c in (r[:4] for r in rows[0][1]))
     print(f"# instant edit: {len(cases)} held-out sentences, {corrupted} corrupted of {corrupted + clean_total} "

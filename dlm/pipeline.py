@@ -401,8 +401,9 @@ class DiffusionLM:
         def make_sampler(n: int) -> Sampler:
             if isinstance(sampler, Sampler):
                 return self._sampler(sampler, None, None, None, None, fb, dict(options))[0]
+            spec = sampler_spec(self.sampler_name(sampler))
             wanted = steps if steps is not None else (
-                n if "steps" in sampler_spec(self.sampler_name(sampler)).options else None)
+                None if "steps" not in spec.options else max(n, 3) if spec.name == "remdm_loop" else n)  # loop: 3 phases
             return self._sampler(sampler, wanted, None, temperature, top_p, fb, dict(options))[0]
 
         make_sampler(1)  # refuses a sampler or an option the model cannot take before any work

@@ -95,6 +95,16 @@ def test_auto_mode_limited_to_spans_keeps_the_rest(golden):
     assert out.changes and all(8 <= c.start and c.end <= 22 for c in out.changes)
 
 
+def test_no_space_is_added_before_the_text(golden):
+    """A word-initial token (" the") written at the very start of the text brings no space with it."""
+    tok = golden["mdlm"].tokenizer
+    model = oracle_model(golden, TEXT)
+    (the,) = tok(" the", add_special_tokens=False)["input_ids"]
+    model.network.target[1] = the  # "And" is "A" "nd": the oracle writes " the" "nd"
+    out = model.edit(TEXT, [(0, 3)])
+    assert out.text == "thend" + TEXT[3:] and out.changes[0].new == "thend" and out.changes[0].start == 0
+
+
 def test_template_and_infill_fill_their_gaps(golden):
     model = golden["mdlm"]
     out = model.edit(template="In the beginning [MASK*4] and the earth.", seed=2)
@@ -137,6 +147,20 @@ def test_auto_mode_restores_every_corrupted_token_with_an_oracle(golden):
     assert clean.text == TEXT and clean.changes == [] and clean.nfe == 1 and clean.stopped == "confident"
 
 
+def test_auto_mode_never_writes_a_special_token(golden):
+    """An oracle that wants EOS where a corrupted token is: the token stays (EOS would cut the text), the
+    other corrupted token is restored."""
+    tok = golden["mdlm"].tokenizer
+    n = len(tok(TEXT, add_special_tokens=False)["input_ids"])
+    corrupted = corrupt(tok, TEXT, [2, n - 3])
+    model = oracle_model(golden, TEXT)
+    model.network.target[3] = tok.eos_token_id  # canvas position of token 2 (BOS first)
+    out = model.edit(corrupted, seed=0, budget=0.2)
+    assert tok.eos_token_id not in out.tokens.tolist()
+    assert out.changed_tokens == 1 and out.tokens[n - 2] == model.network.target[n - 2]
+    assert out.tokens[3] == out.original_tokens[3]
+
+
 def test_auto_budget_spreads_the_repairs_over_rounds(golden):
     tok = golden["mdlm"].tokenizer
     bad = [1, 4, 7, 10]
@@ -161,6 +185,18 @@ def test_scores_are_the_masked_probabilities(golden):
         x = model.process.denoise(model.process.forward_logits(model.network, z[None], t))[0, i]
         assert torch.allclose(got[i], x.softmax(-1)[ids[i]], atol=1e-5)
     assert got[0] == 1.0
+
+
+@pytest.mark.parametrize("sampler, options", [("ancestral", {}), ("first_hitting", {}), ("remdm_cap", {}),
+                                              ("remdm_loop", {}), ("blockwise", {"block_length": 8})])
+def test_every_infilling_sampler_rewrites_spans(golden, sampler, options):
+    out = golden["mdlm"].edit(TEXT, [(4, 12)], sampler=sampler, seed=1, **options)
+    assert out.text.startswith("And ") and out.text.endswith(TEXT[12:]) and out.nfe >= 1
+
+
+def test_a_prompt_only_sampler_is_refused(golden):
+    with pytest.raises(ValueError, match="suffix"):
+        golden["mdlm"].edit(TEXT, [(4, 12)], sampler="llada")
 
 
 def test_edit_is_deterministic_for_a_seed(golden):
