@@ -131,6 +131,10 @@ def cmd_sample(args) -> int:
     options = option_values(model, args)
     if args.task:
         return _sample_task(model, args, options)
+    if (args.steps is not None or "steps" in options) and _runs_renoise(model, args):
+        raise ValueError("renoise has no step budget for --steps (or -o steps=): it runs at most max_denoising_steps per canvas "
+                         "(per block under the blockwise sampler), fewer when it stops early; give "
+                         "-o max_denoising_steps=N instead")
     args.steps = None if "steps" in options else default_steps(model, args)
     if args.task_data or args.task_option or args.task_seed is not None:
         raise ValueError("--task-data, --task-option and --task-seed go with --task NAME")
@@ -156,10 +160,14 @@ def cmd_sample(args) -> int:
     for i, text in enumerate(gen.texts):
         print(f"--- sample {i} ---\n{text}\n")
     steps = options.get("steps", args.steps)
+    renoise = _runs_renoise(model, args)
     kind = "autoregressive" if model.is_autoregressive else args.sampler + (f", {steps} steps" if steps else "")
+    if renoise and not blockwise:
+        kind = f"{args.sampler}, {renoise_steps(options, 'canvas')}"
     if blockwise and not model.is_autoregressive:
-        inner = args.inner_sampler or (args.sampler if args.sampler != "blockwise" else "ancestral_cache")
-        steps = "one token per step" if inner == "first_hitting" else f"{steps} steps over all blocks"
+        inner = _inner_sampler(args)
+        steps = ("one token per step" if inner == "first_hitting" else renoise_steps(options, "block") if renoise
+                 else f"{steps} steps over all blocks")
         kind = (f"blockwise ({inner}, {steps}, "
                 f"{'KV cache' if 'blockwise' in model.process.exact_caches and args.kv_cache is not False else 'no cache'})")
     kind += feedback_words(model, args)
@@ -285,6 +293,31 @@ def _sample_llada(model, args, options: dict, watch=(None, None, None)) -> int:
                 f.write(json.dumps({"prompt": prompt, "text": text, "ids": ids}) + "\n")
         print(f"samples written to {args.out}")
     return 0
+
+
+def _inner_sampler(args) -> str:
+    """The sampler the blockwise sampler runs on each block (as typed)."""
+    return args.inner_sampler or (args.sampler if args.sampler != "blockwise" else "ancestral_cache")
+
+
+def _runs_renoise(model, args) -> bool:
+    """Whether `dlm sample` runs renoise: alone, or on each block inside the blockwise sampler."""
+    from dlm.sampler.registry import sampler_spec
+
+    blockwise = model.sampler_name(args.sampler) == "blockwise"
+    return sampler_spec(_inner_sampler(args) if blockwise else args.sampler).name == "renoise"
+
+
+def renoise_steps(options: dict, unit: str) -> str:
+    """The steps renoise runs, in words: max_denoising_steps per `unit` (canvas, or block under the blockwise
+    sampler), "at most" when its adaptive stop is on (stability_threshold and confidence_threshold both set)."""
+    from dlm.sampler.renoise import RenoiseConfig
+
+    config = RenoiseConfig(**{k: options[k] for k in ("max_denoising_steps", "stability_threshold",
+                                                      "confidence_threshold") if k in options})
+    adaptive = config.stability_threshold is not None and config.confidence_threshold is not None
+    n = config.max_denoising_steps
+    return f"at most {n} steps per {unit}, adaptive stop" if adaptive else f"{n} steps per {unit}"
 
 
 def default_steps(model, args) -> int | None:
@@ -562,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text with spans to fill: [MASK] is one token, [MASK*n] is n tokens; the rest is fixed")
     p.add_argument("--sampler", default=None, type=sampler_name, metavar="NAME",
                    help="default: the model's own (its process's default_sampler). " + sampler_help())
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 128 for a sampler with a step budget)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 128 for a sampler with a step budget; "
+                   "renoise has none: -o max_denoising_steps=N)")
     p.add_argument("--temperature", type=float, default=None, help="default 1 (0 = argmax, the default of llada)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]; 1 = off (the default)")
     p.add_argument("--stride", type=int, default=None, help="new tokens per window in semi-autoregressive generation")

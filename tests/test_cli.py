@@ -207,3 +207,26 @@ def test_sample_defaults_to_the_process_sampler_and_takes_sampler_options(micro_
     with pytest.raises(SystemExit) as e:
         main(["sample", str(micro_run), "--sampler", "nope"])
     assert e.value.code == 2 and "unknown sampler 'nope'; valid: ancestral" in capsys.readouterr().err
+
+
+def test_sample_summary_tells_the_renoise_steps_of_a_diffusion_gemma_folder(tmp_path, capsys):
+    """On a DiffusionGemma folder `dlm sample` runs renoise on each canvas inside the blockwise sampler: its summary
+    names renoise's own step count per block (not the blockwise budget, which renoise does not read), and the
+    calls it reports match it; --steps / -o steps= are refused (renoise would ignore them)."""
+    pytest.importorskip("transformers.models.diffusion_gemma")
+    from tests.network.dgemma_checkpoint import dgemma_checkpoint
+
+    folder = dgemma_checkpoint(tmp_path / "dgemma", seed=1, scale=0.05, embed_scale=1.0)[0]
+    args = ["sample", str(folder), "--prompt", "w5 w9", "--gen-length", "16", "--num-samples", "1", "--seed", "0",
+            "--progress", "off"]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "| blockwise (renoise, at most 48 steps per block, adaptive stop, KV cache)" in line, line
+    assert int(line.split("| NFE ")[1].split()[0]) <= 2 * 48 + 2  # two blocks of 8, their steps and 2 encoder calls
+    assert main([*args, "-o", "max_denoising_steps=6", "-o", "stability_threshold=None"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "| blockwise (renoise, 6 steps per block, KV cache)" in line, line
+    assert "| NFE 14 |" in line  # exactly 6 steps in each of the 2 blocks, and 2 encoder calls (prompt, block 1)
+    for bad in (["--steps", "5"], ["-o", "steps=5"]):
+        assert main([*args, *bad]) == 2
+        assert "renoise has no step budget" in capsys.readouterr().err

@@ -4,10 +4,13 @@ wrapper encoding the prompt and each finished canvas into the KV cache, the reno
 process's self-conditioning feedback), with the same settings.
 
 The random draws cannot be the same (transformers: `torch.multinomial` and `torch.randint` from the global
-generator; dlm: inverse CDF and the process's prior from each row's own generator), so dlm runs unchanged and its
-draws are recorded — each step's candidate canvas (`sample_tokens`' result) and renoise tokens (the process's
-`prior`), and each canvas's initial tokens — and transformers is made to use them: `torch.multinomial` returns dlm's
-candidates, `EntropyBoundSampler.initialize_canvas` returns dlm's initial canvas, then dlm's renoise tokens. Everything
+generator; dlm: inverse CDF (`draw`) at the accepted positions only and the process's prior from each row's own
+generator), so dlm runs unchanged and its canvases are recorded — each canvas's initial tokens and the next canvas
+after each step (its candidates where it accepted, its renoise tokens elsewhere) — and transformers is made to use
+them: `torch.multinomial` returns dlm's next canvas as its candidate canvas, `EntropyBoundSampler.initialize_canvas`
+returns dlm's initial canvas, then dlm's next canvas as its random canvas (so transformers' next canvas is dlm's
+whatever it accepts; its accepted positions are compared apart, exactly, as in tests/sampler/
+test_renoise_transformers.py). Everything
 else is each library's own computation, compared step by step:
 
 - the logits after the temperature (processed: what both sample from, rank and feed back) — so the network, the
@@ -39,40 +42,56 @@ def checkpoint(tmp_path_factory):
 
 
 class DlmRecorder:
-    """dlm's draws (candidates, priors) and processed logits, in call order, without changing them."""
+    """dlm's canvases (per canvas generated: its initial tokens, then the next canvas after each step) and its
+    processed logits and probabilities (what `entropy_and_probs` is given and returns: what it ranks and draws
+    from), in call order, without changing them."""
 
-    def __init__(self, monkeypatch, process):
-        self.candidates, self.logits, self.priors = [], [], []
-        real_sample, real_prior = renoise_module.sample_tokens, process.prior
+    def __init__(self, monkeypatch):
+        self.blocks, self.logits, self.probs = [], [], []
+        real_start, real_step = renoise_module.RenoiseSampler.start, renoise_module.RenoiseSampler.step
+        real_entropy = renoise_module.entropy_and_probs
 
-        def sample_tokens(logits, u, *args, **kw):
-            out = real_sample(logits, u, *args, **kw)
+        def start(sampler, *args, **kw):
+            state = real_start(sampler, *args, **kw)
+            self.blocks.append([state.extras["canvas"][0].clone()])  # (L,) the prior's draw
+            return state
+
+        def step(sampler, state):
+            state, event = real_step(sampler, state)
+            self.blocks[-1].append(state.extras["canvas"][0].clone())  # (L,) accepted draws and renoise tokens
+            return state, event
+
+        def entropy_and_probs(logits):
+            h, p = real_entropy(logits)
             self.logits.append(logits.detach().clone())
-            self.candidates.append(out.detach().clone())
-            return out
+            self.probs.append(p.detach().clone())
+            return h, p
 
-        def prior(canvas, to_generate, generator=None):
-            out = real_prior(canvas, to_generate, generator)
-            self.priors.append(out.detach().clone())
-            return out
-
-        monkeypatch.setattr(renoise_module, "sample_tokens", sample_tokens)
-        monkeypatch.setattr(process, "prior", prior)
+        monkeypatch.setattr(renoise_module.RenoiseSampler, "start", start)
+        monkeypatch.setattr(renoise_module.RenoiseSampler, "step", step)
+        monkeypatch.setattr(renoise_module, "entropy_and_probs", entropy_and_probs)
 
 
-def run_transformers(model, prompt, new_tokens, settings, forced, monkeypatch):
-    """transformers' generate on `prompt` (1, P) with dlm's draws `forced` = (candidates per step (L,), canvases
-    for initialize_canvas in call order (L,)); returns (sequences, per-step records)."""
+def run_transformers(model, prompt, new_tokens, settings, blocks, monkeypatch):
+    """transformers' generate on `prompt` (1, P) with dlm's draws: `blocks` = per canvas [initial canvas, next canvas
+    after step 1, ...] (each (L,)); returns (sequences, per-step records, draws left unused or missing)."""
     from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
 
-    candidates, canvases = list(forced[0]), list(forced[1])
-    steps = []  # one dict per denoising step
+    candidates = [c for block in blocks for c in block[1:]]  # multinomial's calls, in order
+    canvases = [c for block in blocks for c in block]  # initialize_canvas's: each canvas's start, then each renoise
+    steps, short = [], []  # one dict per denoising step; draws transformers asked for beyond dlm's
 
     def multinomial(probs, num_samples=1, *args, **kw):
         steps[-1]["probs"] = probs.detach().clone()
+        if not candidates:  # transformers goes on where dlm stopped: any tokens, the comparison fails on the step
+            short.append("candidates")
+            return probs.argmax(-1, keepdim=True)
         return candidates.pop(0).view(-1, 1)
 
     def initialize_canvas(self, batch_size, device):
+        if not canvases:
+            short.append("canvas")
+            return torch.zeros(batch_size, self.canvas_length, dtype=torch.long, device=device)
         return canvases.pop(0).view(batch_size, -1).to(device)
 
     real_accept = gen.EntropyBoundSampler.accept_canvas
@@ -109,8 +128,7 @@ def run_transformers(model, prompt, new_tokens, settings, forced, monkeypatch):
                              t_min=settings["t_min"], t_max=settings["t_max"],
                              stability_threshold=settings["stability_threshold"],
                              confidence_threshold=settings["confidence_threshold"])
-    assert not candidates and not canvases, "transformers did not use every draw dlm made"
-    return out, steps
+    return out, steps, len(candidates) + len(canvases) + len(short)
 
 
 SETTINGS = [dict(max_denoising_steps=12, t_max=0.8, t_min=0.4, entropy_bound=1.5, stability_threshold=1,
@@ -119,21 +137,22 @@ SETTINGS = [dict(max_denoising_steps=12, t_max=0.8, t_min=0.4, entropy_bound=1.5
                  confidence_threshold=0.005)]
 
 
-@pytest.mark.parametrize("settings,words", [(SETTINGS[0], 7), (SETTINGS[1], 7), (SETTINGS[0], 4)],
-                         ids=["stops-early", "fixed-steps", "prompt-of-5-tokens"])
-@torch.no_grad()
-def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, settings, words, monkeypatch):
+def crosscheck(checkpoint, settings, words, monkeypatch, **dlm_options):
+    """dlm's generate (with `dlm_options` besides `settings`) vs transformers' on dlm's draws; every assertion names
+    the step (0-based, over both canvases) where the two part."""
     folder, model = checkpoint
     lm = dlm.load(folder)
-    rec = DlmRecorder(monkeypatch, lm.process)
     events = []
     # The prompt: BOS + `words` words; two canvases generated right after it (dlm left-pads a prompt to a multiple of
     # the canvas length: `blocks_after_prompt`; the padding is never attended to and positions start after it).
     text = " ".join(["w5", "w9", "w17", "w33", "w40", "w12", "w8"][:words])
-    # the one generation door: the blockwise wrapper (KV cache) over renoise with these options, and the process's
-    # self-conditioning as feedback
-    out = lm.generate(text, gen_length=2 * CANVAS, sampler="renoise", seed=3,
-                      callback=lambda e: events.append((e.committed.clone(), e.tokens.clone())), **settings)
+    with monkeypatch.context() as m:
+        rec = DlmRecorder(m)
+        # the one generation door: the blockwise wrapper (KV cache) over renoise with these options, and the
+        # process's self-conditioning as feedback
+        out = lm.generate(text, gen_length=2 * CANVAS, sampler="renoise", seed=3,
+                          callback=lambda e: events.append((e.committed.clone(), e.tokens.clone())),
+                          **settings, **dlm_options)
     tokens = out.tokens[0]
     P = tokens.shape[0] - 2 * CANVAS
     assert P == CANVAS and out.generated[0].sum() == 2 * CANVAS
@@ -146,25 +165,24 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
             groups[-1].append((committed[0, P:], canvas[0, P:]))
     assert len(groups) == 2 and all(groups)
     inner_steps = groups[0] + groups[1]
-    assert len(inner_steps) == len(rec.candidates) == len(rec.logits) == len(rec.priors) - 1
+    assert [len(b) - 1 for b in rec.blocks] == [len(g) for g in groups]  # one recorded canvas per step
+    assert len(inner_steps) == len(rec.logits) == len(rec.probs)  # one network decision per step
+    assert all(x.shape == (CANVAS, lm.network.vocab_size) for x in rec.logits)  # every position decided (uniform)
     assert out.nfe_per_row[0] == len(inner_steps) + 2  # the decoder steps and two encoder calls (prompt, canvas 1)
-    # dlm's prior draws: the whole canvas at the start, then one per step (its renoise tokens)
-    start, renoised = rec.priors[0][0, P:], [p[0] for p in rec.priors[1:]]
-    n1 = len(groups[0])
-    canvases = [start[:CANVAS], *renoised[:n1], start[CANVAS:], *renoised[n1:]]  # initialize_canvas's calls, in order
-    hf_out, steps = run_transformers(model, prompt[None], 2 * CANVAS, settings,
-                                     ([c.view(-1) for c in rec.candidates], canvases), monkeypatch)
-    assert len(steps) == len(inner_steps), "transformers took another number of denoising steps"
+    hf_out, steps, unused = run_transformers(model, prompt[None], 2 * CANVAS, settings, rec.blocks, monkeypatch)
     N = settings["max_denoising_steps"]
+    n1 = len(groups[0])
     for k, (s, (committed, argmax)) in enumerate(zip(steps, inner_steps)):
         block, j = (0, k) if k < n1 else (1, k - n1)  # the canvas, and its step (0-based)
         where = slice(block * CANVAS, (block + 1) * CANVAS)
-        assert s["cur_step"] == N - j  # steps left, as transformers counts them
+        assert s["cur_step"] == N - j, f"step {k}: another step counter"  # steps left, as transformers counts them
         assert s["temperature"] == pytest.approx(float(renoise_module.temperature_at(
-            N - j, N, settings["t_min"], settings["t_max"])), abs=1e-12)
+            N - j, N, settings["t_min"], settings["t_max"])), abs=1e-12), f"step {k}: another temperature"
         ours = rec.logits[k].view(1, CANVAS, -1)  # processed: network logits / temperature
-        assert (ours - s["logits"]).abs().max() < TOL * max(1.0, s["logits"].abs().max().item()), f"step {k}"
-        assert torch.allclose(ours.softmax(-1), s["probs"].view(1, CANVAS, -1), atol=1e-5)  # what both draw from
+        assert (ours - s["logits"]).abs().max() < TOL * max(1.0, s["logits"].abs().max().item()), \
+            f"step {k}: the processed logits differ"
+        assert torch.allclose(rec.probs[k].view(1, CANVAS, -1), s["probs"].view(1, CANVAS, -1), atol=1e-5), \
+            f"step {k}: the probabilities drawn from differ"
         assert torch.equal(committed[where], s["accepted"][0]), f"step {k}: the accepted positions differ"
         assert torch.equal(argmax[where], s["argmax"][0]), f"step {k}: the argmax canvas differs"
         last = j == len(groups[block]) - 1
@@ -172,11 +190,29 @@ def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, 
             assert not s["stop"].item(), f"step {k}: transformers stops here, dlm goes on"
         elif j + 1 < N:
             assert s["stop"].item(), f"step {k}: dlm stops here, transformers goes on"
+    assert len(steps) == len(inner_steps), "transformers took another number of denoising steps"
+    assert unused == 0, "transformers did not use every draw dlm made"
     assert torch.equal(hf_out.sequences[0], tokens[P - 1 - words:]), "the emitted canvases differ"
     new = hf_out.sequences[0, 1 + words:]
     assert hf_out.tokens_per_forward[0].item() == pytest.approx((new != 0).sum().item() / len(inner_steps))
+    return groups
+
+
+@pytest.mark.parametrize("settings,words", [(SETTINGS[0], 7), (SETTINGS[1], 7), (SETTINGS[0], 4)],
+                         ids=["stops-early", "fixed-steps", "prompt-of-5-tokens"])
+@torch.no_grad()
+def test_renoise_sampler_follows_transformers_generate_step_by_step(checkpoint, settings, words, monkeypatch):
+    groups = crosscheck(checkpoint, settings, words, monkeypatch)
     if settings["confidence_threshold"] > 0.1 and words == 7:
-        assert min(len(g) for g in groups) < N  # the adaptive stop is exercised (canvas 2 stops early)
+        assert min(len(g) for g in groups) < settings["max_denoising_steps"]  # the adaptive stop is exercised
+
+
+@torch.no_grad()
+def test_the_crosscheck_fails_without_self_conditioning(checkpoint, monkeypatch):
+    """Negative control: dlm without its feedback (transformers always self-conditions) parts at step 1, the first
+    step with a previous prediction to feed; step 0 still agrees."""
+    with pytest.raises(AssertionError, match="^step 1: the processed logits differ"):
+        crosscheck(checkpoint, SETTINGS[0], 7, monkeypatch, feedback=False)
 
 
 @torch.no_grad()
