@@ -128,9 +128,9 @@ def decoders(method: str, cells: int, scale: dict) -> list[dict]:
     if method in ("udlm", "udlm_sc", "gidd"):  # uniform or mixed noise: the ancestral posterior (docs/uniform.md)
         return [{"label": f"posterior, {steps} steps", "order": "ancestral", "k": cells / steps,
                  "generate": {"sampler": "uniform_ancestral", "steps": steps}}  # self-conditioning fed by default
-                for steps in sorted({math.ceil(cells / k) for k in scale["ks"]}, reverse=True)] + [
+                for steps in sorted({math.ceil(cells / k) for k in scale["ks"]}, reverse=True)] + ([
                 {"label": "renoise, adaptive stopping", "order": "renoise", "k": None,
-                 "generate": {"sampler": "renoise"}}]
+                 "generate": {"sampler": "renoise"}}] if method != "gidd" else [])  # renoise: not a mixed process
     out = []
     if method.startswith("sedd"):  # the score samplers (docs/sedd.md); absorbing also MDLM's ancestral sampler
         for k in scale["ks"][:2]:

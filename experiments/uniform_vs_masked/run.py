@@ -130,7 +130,8 @@ def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
             record({"key": key, "method": method, "seed": seed, "val_ppl": p["ppl"], "bound": p.get("likelihood"),
                     "train_seconds": seconds})
         settings = [(s, n, {"steps": n}) for s in METHODS[method][1] for n in sizes.nfe]
-        settings.append(("renoise", max(sizes.nfe), {"max_denoising_steps": max(sizes.nfe)}))
+        if method != "gidd":  # renoise serves uniform and absorbing corruption, not GIDD's mix of both
+            settings.append(("renoise", max(sizes.nfe), {"max_denoising_steps": max(sizes.nfe)}))
         for sampler, budget, options in settings:
             key = f"gen/{method}/{seed}/{sampler}/{budget}"
             if key in have:
