@@ -147,7 +147,9 @@ def write_report(results: list[dict], scale: dict, args, docs: Path) -> tuple[Pa
         "shared with other jobs, one torch thread: these say little about speed): "
         + ", ".join(f"{LABELS[m]} {s:.0f} s" for m, s in train.items()) + ".",
         "- Solved: every row, column and box holds each digit once and every given is kept. NFE: network calls per "
-        "puzzle. Values are mean ± standard deviation over seeds.",
+        "puzzle. Values are mean ± standard deviation over seeds"
+        + (" (one seed, no ±: " + ", ".join(LABELS[m] for m in few) + ")" if (few := [
+            m for m in train if len({r["seed"] for r in results if r["method"] == m}) < len(seeds)]) else "") + ".",
         "",
         "## Targets",
         "",

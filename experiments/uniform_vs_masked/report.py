@@ -20,14 +20,16 @@ def mean_sd(values: list[float], fmt: str = "{:.1f}") -> str:
 
 
 def machine() -> str:
-    flags = ""
+    flags, text = "", ""
     try:
         text = Path("/proc/cpuinfo").read_text()
         have = [f for f in ("avx512_bf16", "amx_bf16", "avx512f", "avx2") if f" {f}" in text]
         flags = ", ".join(have[:2]) or "no AVX2"
     except OSError:
         pass
-    return f"{platform.machine()} ({flags}), float32, {datetime.date.today().isoformat()}"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    return f"{name or platform.machine()} ({flags}; 2 cores shared by the runs), float32, " \
+           f"{datetime.date.today().isoformat()}"
 
 
 def corpus_tables(corpus: list[dict]) -> list[str]:
@@ -88,8 +90,7 @@ def plot(corpus: list[dict], sudoku: list[dict], path: Path) -> Path:
     series = defaultdict(lambda: defaultdict(list))
     for r in corpus:
         if r["key"].startswith("gen/"):
-            series[f"{r['method']} / {r['sampler']}"][r["nfe_mean_row"] if r["sampler"] == "renoise"
-                                                      else r["budget"]].append(r["gen_ppl"])
+            series[f"{r['method']} / {r['sampler']}"][round(r["nfe_mean_row"], 1)].append(r["gen_ppl"])  # calls made
     for label, points in series.items():
         xs = sorted(points)
         axes[0].plot(xs, [statistics.mean(points[x]) for x in xs], "o-" if len(xs) > 1 else "*", label=label,
