@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `experiments.*` imports when run as a script
+# the sizes, training and Sudoku stages are the uniform-vs-masked experiment's, with this experiment's methods
+from experiments.uniform_vs_masked.run import FULL, QUICK, Sizes, sudoku_stage, training_stage  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # method -> (process overrides, the samplers it is sampled with)
@@ -47,54 +47,6 @@ METHODS = {
 }
 SUDOKU_METHODS = ("esolm_b1", "esolm_b05", "esolm_b025", "esolm_a1")
 IW_ORDERS = 8
-
-
-@dataclass
-class Sizes:
-    model: list[str]
-    steps: int
-    lr: float
-    batch: int
-    seeds: tuple[int, ...]
-    nfe: tuple[int, ...]
-    num_samples: int
-    ppl_rows: int
-    ppl_t: int
-
-
-FULL = Sizes(model=["model.n_layer=2", "model.n_head=4", "model.d_model=128", "model.context=64",
-                    "data.vocab_size=2048"],
-             steps=500, lr=1e-3, batch=32, seeds=(0, 1), nfe=(8, 32, 128), num_samples=16, ppl_rows=64, ppl_t=8)
-QUICK = Sizes(model=["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32",
-                     "data.vocab_size=300"],
-              steps=4, lr=1e-3, batch=4, seeds=(0,), nfe=(4,), num_samples=4, ppl_rows=4, ppl_t=1)
-
-
-def train_run(out_dir: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Train (or reuse) one run; returns its folder and its training wall time in seconds."""
-    from dlm.config import build_config
-    from dlm.train.run import train
-
-    timing = out_dir / "train_seconds.txt"
-    if (out_dir / "model" / "config.json").is_file() and timing.is_file():
-        return out_dir, float(timing.read_text())
-    t0 = time.perf_counter()
-    train(build_config([*overrides, f"trainer.out_dir={out_dir}"]))
-    timing.write_text(f"{time.perf_counter() - t0:.1f}")
-    return out_dir, float(timing.read_text())
-
-
-def training_stage(args, sizes: Sizes, work: Path) -> dict:
-    common = [*sizes.model, f"trainer.batch_size={sizes.batch}", "trainer.progress=false", "trainer.val_batches=0",
-              "trainer.ema=0.99" if not args.quick else "trainer.ema=0", f"data.source={args.data}",
-              f"trainer.max_steps={sizes.steps}", f"optim.lr={sizes.lr}", "optim.decay=cosine",
-              f"optim.warmup_steps={max(1, sizes.steps // 10)}", f"trainer.ckpt_every={max(1, sizes.steps // 2)}"]
-    runs = {}
-    for method in args.methods:
-        for seed in sizes.seeds:
-            runs[(method, seed)] = train_run(work / "runs" / f"{method}_s{seed}",
-                                             [*common, *METHODS[method][0], f"trainer.seed={seed}"])
-    return runs
 
 
 def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
@@ -153,17 +105,6 @@ def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
     return done
 
 
-def sudoku_stage(args) -> list[dict]:
-    """experiments/sudoku/run.py on the same methods (its own folder, its own docs page), then its rows."""
-    cmd = [sys.executable, str(ROOT / "experiments" / "sudoku" / "run.py"), "--out", args.sudoku_out,
-           "--methods", *[m for m in SUDOKU_METHODS if m in args.methods]]
-    if args.quick:
-        cmd += ["--quick", "--docs", str(Path(args.sudoku_out))]
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    path = Path(args.sudoku_out) / "results.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["method"] in args.methods]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes, random evaluator: a smoke test")
@@ -182,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.softmask.run import quick_corpus
 
         args.data = quick_corpus(work / "corpus")
-    corpus = [] if "corpus" in args.skip else evaluation_stage(args, sizes, training_stage(args, sizes, work), work)
-    sudoku = [] if "sudoku" in args.skip else sudoku_stage(args)
+    corpus = [] if "corpus" in args.skip else evaluation_stage(args, sizes, training_stage(args, sizes, work, METHODS), work)
+    sudoku = [] if "sudoku" in args.skip else sudoku_stage(args, SUDOKU_METHODS)
     from experiments.esolm.report import write_report
 
     out = Path(args.out) if args.out else (work if args.quick else ROOT / "docs")

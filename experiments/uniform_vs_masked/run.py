@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `experiments.*` imports when run as a script
+from experiments.softmask.run import train_run  # noqa: E402  (train or reuse one run folder)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # method -> (process overrides, the samplers it is sampled with besides renoise)
@@ -70,21 +71,9 @@ QUICK = Sizes(model=["model.n_layer=1", "model.n_head=2", "model.d_model=32", "m
               steps=4, lr=1e-3, batch=4, seeds=(0,), nfe=(4,), num_samples=4, ppl_rows=4, ppl_t=1)
 
 
-def train_run(out_dir: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Train (or reuse) one run; returns its folder and its training wall time in seconds."""
-    from dlm.config import build_config
-    from dlm.train.run import train
-
-    timing = out_dir / "train_seconds.txt"
-    if (out_dir / "model" / "config.json").is_file() and timing.is_file():
-        return out_dir, float(timing.read_text())
-    t0 = time.perf_counter()
-    train(build_config([*overrides, f"trainer.out_dir={out_dir}"]))
-    timing.write_text(f"{time.perf_counter() - t0:.1f}")
-    return out_dir, float(timing.read_text())
-
-
-def training_stage(args, sizes: Sizes, work: Path) -> dict:
+def training_stage(args, sizes: Sizes, work: Path, methods: dict = METHODS) -> dict:
+    """Every (method, seed) of args.methods trained (or reused) with `methods`' overrides: {(method, seed): (folder,
+    train seconds)}."""
     common = [*sizes.model, f"trainer.batch_size={sizes.batch}", "trainer.progress=false", "trainer.val_batches=0",
               "trainer.ema=0.99" if not args.quick else "trainer.ema=0", f"data.source={args.data}",
               f"trainer.max_steps={sizes.steps}", f"optim.lr={sizes.lr}", "optim.decay=cosine",
@@ -93,7 +82,7 @@ def training_stage(args, sizes: Sizes, work: Path) -> dict:
     for method in args.methods:
         for seed in sizes.seeds:
             runs[(method, seed)] = train_run(work / "runs" / f"{method}_s{seed}",
-                                             [*common, *METHODS[method][0], f"trainer.seed={seed}"])
+                                             [*common, *methods[method][0], f"trainer.seed={seed}"])
     return runs
 
 
@@ -149,10 +138,10 @@ def evaluation_stage(args, sizes: Sizes, runs: dict, work: Path) -> list[dict]:
     return done
 
 
-def sudoku_stage(args) -> list[dict]:
+def sudoku_stage(args, methods: tuple[str, ...] = SUDOKU_METHODS) -> list[dict]:
     """experiments/sudoku/run.py on the same methods (its own folder, its own docs page), then its rows."""
     cmd = [sys.executable, str(ROOT / "experiments" / "sudoku" / "run.py"), "--out", args.sudoku_out,
-           "--methods", *[m for m in SUDOKU_METHODS if m in args.methods]]
+           "--methods", *[m for m in methods if m in args.methods]]
     if args.quick:
         cmd += ["--quick", "--docs", str(Path(args.sudoku_out))]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
