@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="the time the ratios and 'vs shortest' use: this process's CPU time (default; one thread "
                              "on a shared machine) or wall time")
+    parser.add_argument("--plot", default=None, help="also draw ms per token against length into this PNG")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -132,6 +133,8 @@ def main() -> None:
             note = f"capped: first {generated} of {length} calls" if generated < length else ""
             print(f"{method:<18} {length:>6} {nfe:>6} {seconds:>8.2f} {cpu:>8.2f} {1e3 * seconds / generated:>13.3f} "
                   f"{1e3 * cpu / generated:>12.3f} {per_token[method, length] / first:>10.2f}x  {note}")
+    if args.plot:
+        plot(per_token, list(methods), lengths, args)
     eso = "Eso-LM (B)"
     print()
     if (eso, 256) in per_token and (eso, 2048) in per_token:
@@ -149,6 +152,28 @@ def main() -> None:
                     met = speedup >= target if target > 1 else speedup > target
                     goal = f" (target {'>= 10x' if target > 1 else '> 1x'}: {'met' if met else 'NOT met'})"
                 print(f"at {length:>5} tokens Eso-LM is {speedup:6.2f}x as fast per token as {other}{goal}")
+
+
+def plot(per_token: dict, methods: list, lengths: list, args) -> None:
+    """ms per generated token against length, log-log, one line per method (MDLM: its capped calls)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        ax.plot(lengths, [1e3 * per_token[method, n] for n in lengths], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens generated (batch 1)")
+    ax.set_ylabel(f"ms per token ({args.clock} time)")
+    ax.set_title("one token per network call; MDLM: its first calls", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"wrote {args.plot}")
 
 
 if __name__ == "__main__":
