@@ -279,18 +279,7 @@ class LLaDASampler(Sampler):
         x_block = xs[:, start:end]  # (B_a, block_length)
         candidates = process.is_noise(x_block)
         x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
-        x0, score = self._predict(x_theta, generators_of(state.generators, rows))
-        confidence = torch.where(candidates, score, float("-inf"))
-        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
-        h = _entropy(x_theta) if getattr(self.policy, "needs_entropy", False) else None  # (B_a, block_length)
-        if len(set(keys)) == 1:
-            commit = self.policy.select(confidence, candidates.sum(1), *keys[0], **({} if h is None else {"entropy": h}))
-        else:  # rows at the same step of the same budget: one selection
-            commit = torch.zeros_like(candidates)
-            for key in sorted(set(keys)):
-                these = torch.tensor([k == key for k in keys], device=candidates.device)
-                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key,
-                                                   **({} if h is None else {"entropy": h[these]}))
+        x0, commit = self._choose(state, rows, x_theta, candidates, per_block, block)
         commit = commit & candidates
         x_block = torch.where(commit, x0, x_block)
         x[rows, start:end] = x_block
@@ -307,6 +296,26 @@ class LLaDASampler(Sampler):
         if chosen is not None:
             prob = x_theta.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # (B_a, block_length)
             chosen[rows, start:end] = torch.where(commit, prob, 0.0)
+
+    def _choose(self, state, rows, x_theta, candidates, per_block, block):
+        """The predictions (B_a, b) and the positions to commit (B_a, b) bool of the batch rows `rows` from their
+        block's x_theta logits (B_a, b, V); candidates (B_a, b): the block's masked positions. LLaDA's rule: the
+        prediction scored by `remasking`, the positions picked by the unmasking policy (a subclass, the Dream
+        sampler, has its own)."""
+        ex = state.extras
+        x0, score = self._predict(x_theta, generators_of(state.generators, rows))
+        confidence = torch.where(candidates, score, float("-inf"))
+        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
+        h = _entropy(x_theta) if getattr(self.policy, "needs_entropy", False) else None  # (B_a, block_length)
+        if len(set(keys)) == 1:
+            return x0, self.policy.select(confidence, candidates.sum(1), *keys[0],
+                                          **({} if h is None else {"entropy": h}))
+        commit = torch.zeros_like(candidates)  # rows at the same step of the same budget: one selection
+        for key in sorted(set(keys)):
+            these = torch.tensor([k == key for k in keys], device=candidates.device)
+            commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key,
+                                               **({} if h is None else {"entropy": h[these]}))
+        return x0, commit
 
     def _rows_cache(self, state, rows) -> KVCache:
         """The cache of the batch rows `rows` (B_a,) (guided: their conditional rows, then their unconditional
