@@ -25,6 +25,7 @@ from dlm.sampler import Canvas
 from dlm.sampler.dream import DreamConfig, gumbel_top_k, transfer_count
 from dlm.sampler.registry import make_sampler
 from tests.sampler.test_contract import CHECKS, blockwise_of, check_nfe_and_events, check_output
+from tests.sampler.test_padding import models, one_thread  # noqa: F401 (fixtures)
 
 V, MASK = 24, 23
 PROMPT = [1, 5, 6, 7]
@@ -341,3 +342,34 @@ def test_one_step_per_block_is_refused(tiny_network, process):
     sampler = make_sampler("dream", steps=3, block_length=4, alg="entropy")
     with pytest.raises(ValueError, match="needs at least one more; use steps >= 6"):
         sampler.sample(tiny_network(V), process, Canvas.left_padded([PROMPT], 12, process))
+
+
+DREAM_JOINS = [dict(), dict(alg="entropy", alg_temp=0.5), dict(block_length=8, alg="entropy"),
+               dict(block_length=8, alg="origin", cache="prefix"), dict(block_length=8, alg="topk_margin", cache="dual"),
+               dict(block_length=8, alg="confidence_threshold", threshold=0.3, cache="dual")]
+
+
+@pytest.mark.parametrize("variant", DREAM_JOINS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) or "origin")
+def test_rows_joining_and_leaving_get_their_tokens_alone(models, variant):
+    """Step by step, requests join a running batch (a longer prompt left-pads the others, and with blocks joins in
+    another block) and leave when done, each with the tokens and calls it gets alone."""
+    from tests.sampler.test_step_api import PROMPTS, run_joining_and_leaving
+    from tests.sampler.test_padding import GEN
+
+    model = models["mdlm"]
+    sampler = make_sampler("dream", steps=8, temperature=0.8, **variant)
+    net, process = model.network, model.process
+    prompts = [[model.tokenizer.bos_token_id] + model.encode(p) for p in PROMPTS]
+
+    def canvas(i):
+        return Canvas.left_padded([prompts[i]], GEN, process)
+
+    def gen(i):
+        return [torch.Generator().manual_seed(400 + i)]
+
+    with torch.no_grad():
+        alone = {i: sampler.sample(net, process, canvas(i), gen(i)) for i in range(4)}
+        for first, joins in (((0, 1), {2: 2, 4: 3}), ((2, 3), {1: 0, 3: 1})):
+            got = run_joining_and_leaving(sampler, net, process, canvas, gen, first, joins, GEN)
+            for i in range(4):
+                assert torch.equal(got[i], alone[i].tokens[0, -GEN:]), (variant, first, i)
