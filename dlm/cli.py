@@ -600,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the model's own (its process's default_sampler). " + sampler_help())
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 128 for a sampler with a step budget; "
                    "renoise has none: -o max_denoising_steps=N)")
-    p.add_argument("--temperature", type=float, default=None, help="default 1 (0 = argmax, the default of llada and dream)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default 1 (0 = argmax, the default of llada and dream)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]; 1 = off (the default)")
     p.add_argument("--stride", type=int, default=None, help="new tokens per window in semi-autoregressive generation")
     p.add_argument("--seed", type=int, default=0)

@@ -81,7 +81,7 @@ def test_every_supported_sampler_runs_on_every_family(family_model, family):
 
 
 def test_dream_layout_folders_sample_with_dreams_sampler_by_default(family_model):
-    """A Dream-layout folder's default sampler is `dream` (Dream's own rule, with its defaults); LLaDA's stays MDLM's."""
+    """A Dream-layout folder's default sampler is `dream` (Dream's own rule, its defaults); LLaDA's stays MDLM's."""
     dream, llada = family_model("dream"), family_model("llada")
     assert dream.process.default_sampler == dream.sampler_name() == "dream"
     assert llada.process.default_sampler == "ancestral_cache"

@@ -22,9 +22,14 @@ any batch; the two agree whenever the rows have equally many masks (a batch of o
 
 Calls that commit nothing are skipped. Dream calls the network at every step; a step whose count is 0 (int() rounds
 down: at steps = length the first step commits int(length (1 - eps) / length) = 0 tokens) or, for origin, whose
-coins all fail, leaves the canvas as it was, so the next call would see the same canvas (no network here takes
-Dream's time). The row moves on to its next step without a call: its tokens are Dream's, and NFE counts the calls
-made, at most min(steps, positions to generate).
+coins all fail, leaves the canvas as it was, so the next call would see the same inputs (Dream's network takes no
+time; a time-conditioned one here is fed the time of the fraction of masks left, unchanged too). The row moves on to
+its next step without a call: its tokens are Dream's, and NFE counts the calls made, at most min(steps, positions to
+generate). Equal scores are taken leftmost first (Dream's torch.topk leaves their order unspecified).
+
+Random numbers, per row from its own generator, in this order: origin's coins (float32, one per position) at each
+step tried, then at a call one float64 uniform per position for the predictions (temperature > 0) and one per
+position for alg_temp's Gumbel keys; left padding draws nothing (batch and padding invariance).
 
 Fast-dLLM's Dream variant (block_length set): the positions to generate (a prompt's continuation) are split into
 blocks of block_length, left to right, each with steps / num_blocks steps and its own times
@@ -40,8 +45,8 @@ The network is dlm's: shifted logits (Dream: position i read from i - 1) are the
 runs on every network. x_theta is the process's (SUBS: [MASK] is never predicted; Dream's own code keeps the [MASK]
 logit, to which a trained Dream gives no mass). A time-conditioned network is fed the time whose mask rate is the
 row's fraction of masks left. With a feedback (`feedback=`, soft-masking), each call's logits build the next call's
-inputs (the LLaDA sampler's rule within blocks). Sampling is in float64 (inverse CDF from one uniform per position), the schedule in
-float32 as Dream's.
+inputs (the LLaDA sampler's rule within blocks). Sampling is in float64 (the inverse CDF of one uniform per
+position), the schedule in float32 as Dream's.
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ Two rules for end-of-text predictions, not the same:
   logit in the Gumbel-perturbed copy, which at temperature 0 is the same tensor: both go then). A position predicting
   EoT (and EOS at temperature 0) gets confidence 0, and every other position's confidence becomes
   p / (1 - p_EoT - p_EOS) (at temperature > 0: p / (1 - p_EoT)) with its own p_EoT and p_EOS: each position is
-  renormalised by its own factor, so where EOS / EoT carry probability the order of the other positions changes too (a position whose remaining mass is mostly
-  EoT rises), and a threshold or the factor rule reads the renormalised numbers. The first rule does not reproduce
-  LLaDA's; the second does (tests/sampler/test_llada.py). margin and entropy scores are computed from the same
-  renormalised distribution; random scores are unaffected.
+  renormalised by its own factor, so where EOS / EoT carry probability the order of the other positions changes too
+  (a position whose remaining mass is mostly EoT rises), and a threshold or the factor rule reads the renormalised
+  numbers. The first rule does not reproduce LLaDA's; the second does (tests/sampler/test_llada.py). margin and
+  entropy scores are computed from the same renormalised distribution; random scores are unaffected.
 
 Prompts of different lengths are left-padded (`Canvas.left_padded`): pads are masked out as keys and every row's
 rotary positions start at 0 on its first real token, so a prompt's tokens do not depend on its padding.

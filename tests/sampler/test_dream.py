@@ -345,7 +345,8 @@ def test_one_step_per_block_is_refused(tiny_network, process):
 
 
 DREAM_JOINS = [dict(), dict(alg="entropy", alg_temp=0.5), dict(block_length=8, alg="entropy"),
-               dict(block_length=8, alg="origin", cache="prefix"), dict(block_length=8, alg="topk_margin", cache="dual"),
+               dict(block_length=8, alg="origin", cache="prefix"),
+               dict(block_length=8, alg="topk_margin", cache="dual"),
                dict(block_length=8, alg="confidence_threshold", threshold=0.3, cache="dual")]
 
 
