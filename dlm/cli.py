@@ -145,6 +145,8 @@ def cmd_sample(args) -> int:
         _save_watched(model, args, watch)
         return status
     blockwise = model.sampler_name(args.sampler) == "blockwise"
+    dream = model.sampler_name(args.sampler) == "dream"  # Fast-dLLM's Dream variant reads the block flags too
+    flags = {"threshold": args.threshold, "cache": None if args.cache == "none" else args.cache} if dream else {}
     gen = model.generate(
         args.prompt or None, num_samples=args.num_samples, length=None if args.template else args.length,
         gen_length=args.gen_length,
@@ -152,8 +154,9 @@ def cmd_sample(args) -> int:
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         stride=args.stride, batch_size=args.batch_size, record_trajectory=bool(args.plot_trajectory),
         softmask=softmask_option(args), feedback=feedback_option(args),
-        sampler_options={**sampler_options(args), **options},
-        block_length=args.block_length if blockwise else None, progress="off" if args.visual else args.progress,
+        sampler_options={**sampler_options(args), **{k: v for k, v in flags.items() if v is not None}, **options},
+        block_length=args.block_length if blockwise or dream else None,
+        progress="off" if args.visual else args.progress,
         callback=watch[0],
     )
     _save_watched(model, args, watch)
@@ -597,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the model's own (its process's default_sampler). " + sampler_help())
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 128 for a sampler with a step budget; "
                    "renoise has none: -o max_denoising_steps=N)")
-    p.add_argument("--temperature", type=float, default=None, help="default 1 (0 = argmax, the default of llada)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default 1 (0 = argmax, the default of llada and dream)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]; 1 = off (the default)")
     p.add_argument("--stride", type=int, default=None, help="new tokens per window in semi-autoregressive generation")
     p.add_argument("--seed", type=int, default=0)
@@ -615,21 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress_arg(p, "a line after each batch and within a long one, at most one every 10 s "
                          "(DLM_PROGRESS_SECONDS), and after the last batch")
     _add_sampling_args(p)
-    g = p.add_argument_group("LLaDA-style block sampler (--sampler llada; names as in diffusers' LLaDA2 pipeline)")
+    g = p.add_argument_group("LLaDA-style block sampler (--sampler llada; names as in diffusers' LLaDA2 pipeline; "
+                             "--block-length, --threshold and --cache also set Fast-dLLM's Dream variant of "
+                             "--sampler dream, whose other options go by -o: alg, alg_temp, top_k, eps)")
     g.add_argument("--gen-length", type=int, default=None,
                    help="tokens generated after each prompt (llada: default 64; other samplers: instead of --length)")
     g.add_argument("--block-length", type=int, default=None,
-                   help="tokens per block, generated left to right (llada: must divide --gen-length, default one "
-                        "block; blockwise: default the bd3lm model's block size)")
+                   help="tokens per block, generated left to right (llada, dream: must divide --gen-length, default "
+                        "one block, for dream Dream's own rule; blockwise: default the bd3lm model's block size)")
     g.add_argument("--threshold", type=float, default=None,
                    help="commit every token whose score (--remasking) is >= threshold (at least one per step), in "
-                        "(0, 1]")
+                        "(0, 1] (dream: read by -o alg=confidence_threshold, on the prediction's probability)")
     g.add_argument("--factor", type=float, default=None, help="factor-rule parallel decoding (e.g. 1.0)")
     g.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
     g.add_argument("--remasking", default="low_confidence", choices=("low_confidence", "random", "margin", "entropy"),
                    help="the score that orders the masked positions, each in [0, 1]: the prediction's probability, "
                         "a uniform draw, top-1 minus top-2 probability, exp(-entropy) (docs/tasks.md)")
-    g.add_argument("--cache", default="none", choices=("none", "prefix", "dual"), help="Fast-dLLM KV cache")
+    g.add_argument("--cache", default="none", choices=("none", "prefix", "dual"),
+                   help="Fast-dLLM KV cache (llada; dream with --block-length)")
     g.add_argument("--suppress-eos", action="store_true", help="commit positions that predict EOS last")
     _add_task_args(p, "answer task prompts and show each answer with its exact score (sudoku: the board solved): "
                       "each --prompt is one (a puzzle: its digits and '.', row by row), else --num-samples test "

@@ -58,6 +58,10 @@ class DiffusionLM:
         self.cfg = cfg if cfg is not None else RunConfig(model=network.cfg)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        if getattr(getattr(network, "cfg", None), "prediction", None) == "shifted" and process.name == "mdlm":
+            # Dream's recipe (a Dream-layout folder, a causal LM adapted by dlm train init_from=hf:...): its users
+            # sample it with Dream's own rule, which is then the model's default sampler
+            process.default_sampler = "dream"
         if network.cfg.vocab_size < len(tokenizer):
             raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
                                   f"{network.cfg.vocab_size}: this tokenizer does not belong to this model")

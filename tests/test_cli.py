@@ -230,3 +230,26 @@ def test_sample_summary_tells_the_renoise_steps_of_a_diffusion_gemma_folder(tmp_
     for bad in (["--steps", "5"], ["-o", "steps=5"]):
         assert main([*args, *bad]) == 2
         assert "renoise has no step budget" in capsys.readouterr().err
+
+
+def test_sample_a_dream_folder_with_dreams_sampler(tmp_path, capsys):
+    """A Dream-layout folder samples with `dream` by default; its options go by -o, and --block-length, --threshold
+    and --cache set Fast-dLLM's Dream variant (the same tokens as the Python call)."""
+    from tests.test_open_families_samplers import write_family
+
+    write_family(tmp_path, "dream")
+    base = ["sample", str(tmp_path), "--prompt", "w5 w6 w7", "--gen-length", "8", "--steps", "8", "--seed", "1",
+            "--num-samples", "1"]
+    out = tmp_path / "o.jsonl"
+    assert main([*base, "-o", "alg=entropy", "-o", "top_k=3", "--temperature", "0.5", "--out", str(out)]) == 0
+    assert "| dream, 8 steps |" in capsys.readouterr().out
+    model = dlm.load(tmp_path)
+    api = model.generate(["w5 w6 w7"], gen_length=8, steps=8, seed=1, alg="entropy", top_k=3, temperature=0.5)
+    assert [r["ids"] for r in read_jsonl(out)] == api.tokens.tolist()
+    assert main([*base, "--block-length", "4", "--cache", "dual", "-o", "alg=confidence_threshold", "--threshold",
+                 "0.5", "--out", str(out)]) == 0
+    api = model.generate(["w5 w6 w7"], gen_length=8, steps=8, seed=1, block_length=4, cache="dual",
+                         alg="confidence_threshold", threshold=0.5)
+    assert [r["ids"] for r in read_jsonl(out)] == api.tokens.tolist()
+    assert main([*base, "-o", "alg=low_confidence"]) == 2
+    assert "alg='low_confidence' is unknown; valid: origin" in capsys.readouterr().err

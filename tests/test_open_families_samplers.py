@@ -80,6 +80,17 @@ def test_every_supported_sampler_runs_on_every_family(family_model, family):
         assert torch.equal(gen.tokens, again.tokens), name
 
 
+def test_dream_layout_folders_sample_with_dreams_sampler_by_default(family_model):
+    """A Dream-layout folder's default sampler is `dream` (Dream's own rule, its defaults); LLaDA's stays MDLM's."""
+    dream, llada = family_model("dream"), family_model("llada")
+    assert dream.process.default_sampler == dream.sampler_name() == "dream"
+    assert llada.process.default_sampler == "ancestral_cache"
+    kw = dict(gen_length=8, steps=8, seed=0, temperature=0.0)
+    default = dream.generate(["w5 w6 w7", "w9"], alg="entropy", **kw)
+    named = dream.generate(["w5 w6 w7", "w9"], sampler="dream", alg="entropy", **kw)
+    assert torch.equal(default.tokens, named.tokens) and default.nfe == named.nfe
+
+
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("threshold", [None, 0.3])

@@ -40,14 +40,20 @@ the row's generated positions still masked (the time its training paired with th
 
 Classifier-free guidance (cfg_scale s > 0): logits = u + (s + 1)(c - u), u from the same canvas with the
 prompt masked; both passes run as one doubled batch (counted as one network call), combined in float32 (bf16
-halves would round the difference c - u away). `suppress_ids_in_confidence` (e.g. EOS) moves positions
-predicting those ids below every other candidate in the ordering, so they are committed last; the prediction
-and the other positions' confidences are unchanged. LLaDA's reference option `confidence_eos_eot_inf` differs:
-after the argmax it sets the EoT logit to -inf in the logits its confidences are computed from (and the EOS logit
-in the Gumbel-perturbed copy, which at temperature 0 is the same tensor, so both then), so a position predicting
-EoT (and EOS at temperature 0) gets confidence 0 and every other position's confidence is renormalised without
-that mass, p / (1 - p_EoT - p_EOS): under the count schedule the order is the same as ours, but a confidence
-threshold or the factor rule commits more positions there than here.
+halves would round the difference c - u away).
+
+Two rules for end-of-text predictions, not the same:
+- `suppress_ids_in_confidence` (dlm's; e.g. EOS) moves positions predicting those ids below every other candidate in
+  the ordering, so they are committed last; the predictions and every other position's confidence are unchanged.
+- `confidence_eos_eot_inf=(EOS, EoT)` is LLaDA's option of that name (its generate.py; LLaDA's ids 126081, 126348):
+  after the prediction, the EoT logit is set to -inf in the logits the confidences are computed from (and the EOS
+  logit in the Gumbel-perturbed copy, which at temperature 0 is the same tensor: both go then). A position predicting
+  EoT (and EOS at temperature 0) gets confidence 0, and every other position's confidence becomes
+  p / (1 - p_EoT - p_EOS) (at temperature > 0: p / (1 - p_EoT)) with its own p_EoT and p_EOS: each position is
+  renormalised by its own factor, so where EOS / EoT carry probability the order of the other positions changes too
+  (a position whose remaining mass is mostly EoT rises), and a threshold or the factor rule reads the renormalised
+  numbers. The first rule does not reproduce LLaDA's; the second does (tests/sampler/test_llada.py). margin and
+  entropy scores are computed from the same renormalised distribution; random scores are unaffected.
 
 Prompts of different lengths are left-padded (`Canvas.left_padded`): pads are masked out as keys and every row's
 rotary positions start at 0 on its first real token, so a prompt's tokens do not depend on its padding.
@@ -97,6 +103,7 @@ class LLaDAConfig:
     cache: str = "none"  # none | prefix | dual
     feedback: InputFeedback | None = None  # soft-masking
     suppress_ids_in_confidence: tuple[int, ...] = ()
+    confidence_eos_eot_inf: tuple[int, ...] = ()  # (EOS id, EoT id): LLaDA's rule of that name (LLaDA: 126081, 126348)
     block_causal: bool = False  # a model whose blocks cannot see later blocks (block diffusion)
     entropy_bound: float | None = None  # EB-sampler's entropy-bound rule instead of the count schedule (nats)
 
@@ -114,6 +121,7 @@ class LLaDAConfig:
             raise ValueError(f"remasking='{self.remasking}' is unknown; valid: {', '.join(REMASKING)}")
         fast_dllm.check_cache_mode(self.cache)
         make_policy(self.threshold, self.factor, self.entropy_bound)  # validates
+        check_eos_eot(self.confidence_eos_eot_inf)
 
 
 class LLaDASampler(Sampler):
@@ -123,13 +131,16 @@ class LLaDASampler(Sampler):
     def __init__(self, steps: int = 64, block_length: int | None = None, temperature: float = 0.0,
                  remasking: str = "low_confidence", policy: UnmaskingPolicy | None = None, cfg_scale: float = 0.0,
                  cache: str = "none", feedback: InputFeedback | None = None,
-                 suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False):
-        LLaDAConfig(steps, block_length, temperature, 1.0, remasking, cfg_scale=cfg_scale, cache=cache)  # validates
+                 suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False,
+                 confidence_eos_eot_inf: tuple[int, ...] = ()):
+        LLaDAConfig(steps, block_length, temperature, 1.0, remasking, cfg_scale=cfg_scale, cache=cache,
+                    confidence_eos_eot_inf=tuple(confidence_eos_eot_inf))  # validates
         policy = policy or CountSchedule()
         self.steps, self.block_length, self.temperature, self.remasking = steps, block_length, temperature, remasking
         self.policy, self.cfg_scale, self.cache = policy, cfg_scale, cache
         self.feedback, self.block_causal = feedback, block_causal
         self.suppress_ids = list(suppress_ids_in_confidence)
+        self.eos_eot = tuple(confidence_eos_eot_inf)
 
     @torch.no_grad()
     def start(self, network, process, canvas: Canvas, generator=None) -> SamplerState:
@@ -279,18 +290,7 @@ class LLaDASampler(Sampler):
         x_block = xs[:, start:end]  # (B_a, block_length)
         candidates = process.is_noise(x_block)
         x_theta = process.denoise(raw_block)  # (B_a, block_length, V)
-        x0, score = self._predict(x_theta, generators_of(state.generators, rows))
-        confidence = torch.where(candidates, score, float("-inf"))
-        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
-        h = _entropy(x_theta) if getattr(self.policy, "needs_entropy", False) else None  # (B_a, block_length)
-        if len(set(keys)) == 1:
-            commit = self.policy.select(confidence, candidates.sum(1), *keys[0], **({} if h is None else {"entropy": h}))
-        else:  # rows at the same step of the same budget: one selection
-            commit = torch.zeros_like(candidates)
-            for key in sorted(set(keys)):
-                these = torch.tensor([k == key for k in keys], device=candidates.device)
-                commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key,
-                                                   **({} if h is None else {"entropy": h[these]}))
+        x0, commit = self._choose(state, rows, x_theta, candidates, per_block, block)
         commit = commit & candidates
         x_block = torch.where(commit, x0, x_block)
         x[rows, start:end] = x_block
@@ -307,6 +307,26 @@ class LLaDASampler(Sampler):
         if chosen is not None:
             prob = x_theta.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # (B_a, block_length)
             chosen[rows, start:end] = torch.where(commit, prob, 0.0)
+
+    def _choose(self, state, rows, x_theta, candidates, per_block, block):
+        """The predictions (B_a, b) and the positions to commit (B_a, b) bool of the batch rows `rows` from their
+        block's x_theta logits (B_a, b, V); candidates (B_a, b): the block's masked positions. LLaDA's rule: the
+        prediction scored by `remasking`, the positions picked by the unmasking policy (a subclass, the Dream
+        sampler, has its own)."""
+        ex = state.extras
+        x0, score = self._predict(x_theta, generators_of(state.generators, rows))
+        confidence = torch.where(candidates, score, float("-inf"))
+        keys = list(zip(*torch.stack((ex["block_step"][rows], per_block[rows])).tolist()))  # (step, budget) per row
+        h = _entropy(x_theta) if getattr(self.policy, "needs_entropy", False) else None  # (B_a, block_length)
+        if len(set(keys)) == 1:
+            return x0, self.policy.select(confidence, candidates.sum(1), *keys[0],
+                                          **({} if h is None else {"entropy": h}))
+        commit = torch.zeros_like(candidates)  # rows at the same step of the same budget: one selection
+        for key in sorted(set(keys)):
+            these = torch.tensor([k == key for k in keys], device=candidates.device)
+            commit[these] = self.policy.select(confidence[these], candidates[these].sum(1), *key,
+                                               **({} if h is None else {"entropy": h[these]}))
+        return x0, commit
 
     def _rows_cache(self, state, rows) -> KVCache:
         """The cache of the batch rows `rows` (B_a,) (guided: their conditional rows, then their unconditional
@@ -342,6 +362,12 @@ class LLaDASampler(Sampler):
             x0 = gumbel.add_(logits / self.temperature).argmax(-1)
         else:
             x0 = logits.argmax(-1)
+        if self.eos_eot:  # LLaDA's confidence_eos_eot_inf: after the prediction, out of the confidences' logits
+            eos, eot = self.eos_eot
+            logits = logits.clone()
+            logits[..., eot] = float("-inf")
+            if self.temperature == 0:  # LLaDA's Gumbel copy is then the logits themselves: EOS goes too
+                logits[..., eos] = float("-inf")
         probs = logits.softmax(-1)
         if self.remasking == "low_confidence":
             score = probs.gather(-1, x0[..., None]).squeeze(-1)
@@ -403,12 +429,18 @@ def _left_pad_cache(cache: KVCache, n: int) -> KVCache:
 def make_llada_sampler(steps: int = 64, block_length: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
                        remasking: str = "low_confidence", threshold: float | None = None, factor: float | None = None,
                        cfg_scale: float = 0.0, cache: str = "none", feedback: InputFeedback | None = None,
-                       suppress_ids_in_confidence: tuple[int, ...] = (), block_causal: bool = False,
-                       entropy_bound: float | None = None) -> LLaDASampler:
+                       suppress_ids_in_confidence: tuple[int, ...] = (), confidence_eos_eot_inf: tuple[int, ...] = (),
+                       block_causal: bool = False, entropy_bound: float | None = None) -> LLaDASampler:
     """The registry's "llada": the count schedule, or threshold / factor / entropy-bound parallel decoding when
     given."""
     return LLaDASampler(steps, block_length, temperature, remasking, make_policy(threshold, factor, entropy_bound),
-                        cfg_scale, cache, feedback, suppress_ids_in_confidence, block_causal)
+                        cfg_scale, cache, feedback, suppress_ids_in_confidence, block_causal, confidence_eos_eot_inf)
+
+
+def check_eos_eot(ids: tuple[int, ...]) -> None:
+    if len(ids) not in (0, 2) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"confidence_eos_eot_inf={ids!r} takes two token ids, (EOS, EoT) (LLaDA's: 126081, "
+                         "126348), or none")
 
 
 @torch.no_grad()

@@ -290,3 +290,118 @@ def test_guidance_combines_bf16_halves_in_float32():
     assert got.dtype == torch.float32 and torch.equal(got, want)
     in_bf16 = uncond + 3.0 * (cond - uncond)
     assert not torch.equal(in_bf16.float(), want)  # what combining in bf16 would have given
+
+
+# ------------------------------------------------------------------------------------------ LLaDA's EOS / EoT rule
+EOS, EOT = 3, 4
+
+
+@torch.no_grad()
+def eos_heavy(tiny_network, prompt):
+    """A network whose EOS and EoT rows of the head copy those of the two tokens it predicts most often after
+    `prompt` (plus noise), so that both carry real probability at most positions."""
+    net = tiny_network(V, seed=5, std=0.5)
+    top = subs_logits(net(torch.tensor([prompt + [MASK] * 16])), MASK)[0, len(prompt):].argmax(-1)
+    a, b = torch.bincount(top, minlength=V).topk(2).indices.tolist()
+    g = torch.Generator().manual_seed(0)
+    net.head.weight[EOS] = net.head.weight[a] + 0.3 * torch.randn(net.head.weight.shape[1], generator=g)
+    net.head.weight[EOT] = net.head.weight[b] + 0.3 * torch.randn(net.head.weight.shape[1], generator=g)
+    return net
+
+
+def llada_reference(net, prompt, gen_length, block_length, steps, temperature, seed, eos_eot=False, threshold=None):
+    """LLaDA's generate (count schedule, low_confidence; with eos_eot its confidence_eos_eot_inf), or with `threshold`
+    Fast-dLLM's LLaDA generate without cache (each call commits its most confident prediction and every other one
+    at or above the threshold, until the block is full), on one prompt: the canvas after every call. The prediction
+    is the argmax of logits / temperature + Gumbel noise from float64 uniforms of the row's generator (LLaDA's
+    exp(logits) / (-log u)^temperature has the same argmax). confidence_eos_eot_inf: the EoT logit, and at
+    temperature 0 the EOS logit too (LLaDA's noisy logits are then the logits themselves), is set to -inf in the
+    logits the confidences are computed from."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor([prompt + [MASK] * gen_length])
+    P, blocks = len(prompt), gen_length // block_length
+    per_block, canvases = steps // blocks, []
+    for block in range(blocks):
+        lo, hi = P + block * block_length, P + (block + 1) * block_length
+        masks = int((x[0, lo:hi] == MASK).sum())
+        counts = [masks // per_block + (1 if i < masks % per_block else 0) for i in range(per_block)]
+        while bool((x[0, lo:hi] == MASK).any()):
+            with torch.no_grad():
+                logits = subs_logits(net(x), MASK)[0, lo:hi].double()  # (b, V) x_theta of the block
+            if temperature > 0:
+                u = torch.rand(logits.shape, generator=g, dtype=torch.float64)
+                x0 = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            if eos_eot:
+                logits[:, EOT] = -math.inf
+                if temperature == 0:
+                    logits[:, EOS] = -math.inf
+            conf = logits.softmax(-1).gather(-1, x0[:, None])[:, 0]
+            conf = torch.where(x[0, lo:hi] == MASK, conf, -math.inf)
+            order = torch.argsort(conf, descending=True, stable=True)
+            if threshold is None:
+                pick = order[:counts.pop(0)]
+            else:
+                pick = order[:1 + int((conf[order[1:]] >= threshold).sum())]
+            x[0, lo + pick] = x0[pick]
+            canvases.append(x[0].clone())
+    return canvases
+
+
+def llada_run(net, process, prompt, seed, **options):
+    """The llada sampler on one prompt of 16 tokens to generate: the canvas after every call."""
+    from dlm.sampler import TrajectoryRecorder
+
+    rec = TrajectoryRecorder()
+    sampler = make_sampler("llada", **options)
+    sampler.sample(net, process, Canvas.left_padded([prompt], 16, process), [torch.Generator().manual_seed(seed)], rec)
+    return [c[0] for c in rec.canvases]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("block_length,steps,threshold", [(16, 8, None), (8, 8, None), (4, 16, None), (8, 8, 0.5),
+                                                          (4, 8, 0.2)])
+def test_llada_gives_llada_and_fast_dllm_generate_order_and_tokens(net, process, temperature, block_length, steps,
+                                                                   threshold):
+    """The canvas after every call (order, tokens and the number of calls) of LLaDA's generate (count schedule) and
+    of Fast-dLLM's (confidence threshold), at steps < length."""
+    prompt = [1, 5, 6, 7]
+    want = llada_reference(net, prompt, 16, block_length, steps, temperature, 4, threshold=threshold)
+    got = llada_run(net, process, prompt, 4, steps=steps, block_length=block_length, temperature=temperature,
+                    threshold=threshold)
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("block_length", [16, 8])
+def test_confidence_eos_eot_inf_is_llada_rule_and_differs_from_suppression(tiny_network, process, temperature,
+                                                                          block_length):
+    """Order and tokens (the canvas after every step) of LLaDA's rule, on a model where EOS and EoT carry
+    probability; suppress_ids_in_confidence (dlm's rule: those predictions last, the others' order unchanged) gives
+    another run there."""
+    prompt = [1, 5, 6, 7]
+    net = eos_heavy(tiny_network, prompt)
+    with torch.no_grad():
+        probs = subs_logits(net(torch.tensor([prompt + [MASK] * 16])), MASK).softmax(-1)[0, 4:]
+    assert float(probs[:, [EOS, EOT]].sum(-1).mean()) > 0.1  # EOS / EoT are not negligible here
+
+    def run(**option):
+        return llada_run(net, process, prompt, 3, steps=8, block_length=block_length, temperature=temperature, **option)
+
+    want = llada_reference(net, prompt, 16, block_length, 8, temperature, 3, eos_eot=True)
+    got = run(confidence_eos_eot_inf=(EOS, EOT))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    old = run(suppress_ids_in_confidence=(EOS, EOT))
+    assert any(not torch.equal(a, b) for a, b in zip(old, want))  # the old option is not LLaDA's rule
+
+
+def test_confidence_eos_eot_inf_renormalises_each_position_by_its_own_factor():
+    """Two positions, p = 0.5 each on their prediction; position 0 puts 0.4 on EoT, position 1 none: LLaDA's rule
+    scores them 0.5 / 0.6 and 0.5, so position 0 now comes first (suppression would keep their order)."""
+    probs = torch.tensor([[[0.5, 0.1, 0.0, 0.0, 0.4], [0.5, 0.3, 0.2, 0.0, 0.0]]])  # (1, 2, 5): EoT is id 4
+    logits = torch.log(probs.clamp_min(1e-30))
+    _, score = LLaDASampler(confidence_eos_eot_inf=(3, 4))._predict(logits, None)
+    assert torch.allclose(score[0], torch.tensor([0.5 / 0.6, 0.5], dtype=torch.float64), atol=1e-9)
+    with pytest.raises(ValueError, match=r"takes two token ids, \(EOS, EoT\)"):
+        make_sampler("llada", confidence_eos_eot_inf=(3,))

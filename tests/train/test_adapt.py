@@ -89,6 +89,7 @@ def test_adapt_trains_exports_loads_generates_and_resumes(causal_folder, micro_a
     assert losses and all(math.isfinite(v) for v in losses)
     lm = dlm.load(out)
     assert lm.network.cfg.prediction == "shifted" and lm.trained_steps == 4
+    assert lm.process.default_sampler == "dream"  # Dream's recipe: sampled by Dream's own rule unless told otherwise
     assert lm.cfg.process.mask_id == lm.tokenizer.mask_token_id == VOCAB
     assert lm.network.embed.weight.shape == (VOCAB + 2, 32)
     # the run's tokenizer is the causal LM's own (its words, its ids), plus [MASK] and [PAD]
@@ -201,6 +202,7 @@ def test_soft_masking_trains_on_top_of_an_adapted_causal_lm(causal_folder, micro
     assert mixer, sorted(state)[:5]
     lm = dlm.load(out)
     assert lm.process.name == "softmask" and lm.network.cfg.prediction == "shifted"
+    assert lm.process.default_sampler == "ancestral_cache"  # soft-masking's feedback goes with MDLM's sampler
     assert lm.cfg.process.mask_id == lm.tokenizer.mask_token_id == VOCAB
     from dlm.softmask.mixer import SoftMaskMixer
 
