@@ -40,12 +40,14 @@ class LLaDA(Family):
                            tie_weights=bool(config.get("weight_tying", False)))
 
     def descriptor(self, config, model):
+        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
+                               mask_id=first_id(config.get("mask_token_id")), pad_id=first_id(config.get("pad_token_id")),
+                               eos_id=first_id(config.get("eos_token_id")), bos_id=first_id(config.get("bos_token_id")))
+
+    def fallback_ids(self, config, model):
+        """LLaDA's mask; its <|eot_id|> only for LLaDA's own tokenizer (recognised by its mask id)."""
         mask = first_id(config.get("mask_token_id"))
-        mask = LLADA_MASK if mask is None else mask
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, mask_id=mask,
-                               pad_id=first_id(config.get("pad_token_id")), eos_id=first_id(config.get("eos_token_id")),
-                               bos_id=first_id(config.get("bos_token_id")),
-                               eot_id=LLADA_EOT if mask == LLADA_MASK else None)
+        return {"mask_id": LLADA_MASK, **({"eot_id": LLADA_EOT} if mask in (None, LLADA_MASK) else {})}
 
     def module_names(self, model):
         b = "model.transformer.blocks.{i}"
