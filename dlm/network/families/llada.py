@@ -2,8 +2,9 @@
 
 Followed: the `modeling_llada.py` / `configuration_llada.py` published with GSAI-ML/LLaDA-8B-Instruct (block_type
 "llama"): `x = ff_out(act(ff_proj(x)) * up_proj(x))` with act = SiLU, so `ff_proj` is the gate and `up_proj` the
-up projection; RMSNorm normalised in float32 then scaled; rotate-half RoPE (computed in float32 there:
-`rope_full_precision`; here in the weights' dtype, so bf16 logits differ by rounding); no causal mask.
+up projection; RMSNorm normalised in float32 then scaled; rotate-half RoPE, q and k rotated in float32
+and cast back when `rope_full_precision` (true by default in LLaDA's config, as here: `ModelConfig.rope_float32`; the
+norms are normalised in float32 in both); no causal mask.
 `embedding_size` (the rows of `wte` and `ff_out`, padded for efficiency) may exceed `vocab_size`: the network's
 output has `embedding_size` logits, as LLaDA's own code returns; the padded rows are never tokens.
 iLLaDA is assumed to share the keys (mask id 5, grouped K/V, tied), recognised by its mask_token_id.
@@ -37,6 +38,7 @@ class LLaDA(Family):
                            norm_eps=float(config.get("rms_norm_eps", 1e-5)), fused_qkv=False,
                            qkv_bias=bool(config.get("include_qkv_bias", bias)), proj_bias=bias, mlp_bias=bias,
                            rope_theta=float(config.get("rope_theta", 10000.0)),
+                           rope_float32=bool(config.get("rope_full_precision", True)),
                            tie_weights=bool(config.get("weight_tying", False)))
 
     def descriptor(self, config, model):
