@@ -6,6 +6,8 @@ each parameter has its tensor with the right shape and that no tensor is left ov
 files and assign the tensors as the parameters. The weights stay in the checkpoint's dtype unless `dtype` is given,
 and are not copied: the parameters are views of a private (copy-on-write) mapping of each file, so pages are read
 from disk when first used and training may still write to them. Any error is raised before anything is assigned.
+Special ids come from config.json, generation_config.json and the tokenizer's files, checked against each other
+(special_ids.py).
 """
 
 from __future__ import annotations
