@@ -1,5 +1,6 @@
-"""Special ids (mask, pad, EOS, EoT, BOS) read from an open folder's config.json, generation_config.json and tokenizer,
-checked against each other (dlm/network/families/special_ids.py); the families' constants only as a logged last resort."""
+"""Special ids (mask, pad, EOS, EoT, BOS) read from an open folder's config.json, generation_config.json and
+tokenizer, checked against each other (dlm/network/families/special_ids.py); the families' constants only as a
+logged last resort."""
 
 import json
 import logging
@@ -48,6 +49,15 @@ def test_ids_config_json_lacks_are_read_from_the_tokenizer(tmp_path):
     dream_folder(tmp_path)  # config.json names no special id at all
     _, desc = load_pretrained_network(tmp_path)
     assert (desc.mask_id, desc.pad_id, desc.eos_id, desc.eot_id) == (511, 508, 508, 510)
+
+
+def test_the_familys_own_token_is_found_by_name_before_any_constant(tmp_path, caplog):
+    """SDAR's users add `<|MASK|>` themselves: a tokenizer that holds the family's mask token without declaring it."""
+    qwen_style_checkpoint(tmp_path, qwen_model(2, vocab=512), "Dream", ["DreamModel"], eos_token_id=508)
+    small_tokenizer(tmp_path, eos_token="<|endoftext|>")  # no mask_token, no pad_token declared
+    with caplog.at_level(logging.WARNING, logger="dlm.network.families.special_ids"):
+        _, desc = load_pretrained_network(tmp_path)
+    assert (desc.mask_id, desc.pad_id, desc.eos_id, desc.eot_id) == (511, 508, 508, 510) and caplog.text == ""
 
 
 @pytest.mark.parametrize("key,value,theirs", [("mask_token_id", 500, 511), ("pad_token_id", 3, 508),

@@ -33,6 +33,7 @@ def _qwen_fallbacks(mask: int) -> dict:
 
 class Dream(Family):
     name, model_types, architectures = "dream", ("Dream",), ("DreamModel",)
+    fallback_tokens = {"mask_id": "<|mask|>", "pad_id": "<|endoftext|>", "eos_id": "<|endoftext|>"}
 
     def model_config(self, config):
         return llama_style_config(config, self.name, qkv_bias=True, proj_bias=False, prediction="shifted")
@@ -49,6 +50,7 @@ class Dream(Family):
 
 class SDAR(Family):
     name, model_types, architectures = "sdar", ("sdar",), ("SDARForCausalLM",)
+    fallback_tokens = {"mask_id": "<|MASK|>", "pad_id": "<|endoftext|>", "eos_id": "<|endoftext|>"}
 
     def model_config(self, config):
         return llama_style_config(config, self.name, qk_norm=True, prediction="same_position")

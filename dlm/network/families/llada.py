@@ -20,6 +20,7 @@ LLADA_MASK, LLADA_EOT = 126336, 126348  # <|mdm_mask|>, <|eot_id|> of LLaDA's to
 
 class LLaDA(Family):
     name, model_types, architectures = "llada", ("llada",), ("LLaDAModelLM",)
+    fallback_tokens = {"mask_id": "<|mdm_mask|>"}
 
     def model_config(self, config):
         d, n_head, n_layer, vocab = need(config, self.name, "d_model", "n_heads", "n_layers", "vocab_size")
@@ -42,9 +43,8 @@ class LLaDA(Family):
                            tie_weights=bool(config.get("weight_tying", False)))
 
     def descriptor(self, config, model):
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size,
-                               mask_id=first_id(config.get("mask_token_id")), pad_id=first_id(config.get("pad_token_id")),
-                               eos_id=first_id(config.get("eos_token_id")), bos_id=first_id(config.get("bos_token_id")))
+        ids = {f"{name}_id": first_id(config.get(f"{name}_token_id")) for name in ("mask", "pad", "eos", "bos")}
+        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, **ids)
 
     def fallback_ids(self, config, model):
         """LLaDA's mask; its <|eot_id|> only for LLaDA's own tokenizer (recognised by its mask id)."""

@@ -151,7 +151,8 @@ def load_pretrained_network(folder: str | Path, dtype: torch.dtype | None = None
     built = family.build_network(folder, config, source, dtype, device)
     if built is not None:
         network, descriptor = built
-        resolve_special_ids(descriptor, config, folder, family.fallback_ids(config, network.cfg))
+        resolve_special_ids(descriptor, config, folder, family.fallback_ids(config, network.cfg),
+                            family.fallback_tokens)
     else:
         network, descriptor = _build(family, config, source, dtype, device, folder)
     descriptor.chat_template = read_chat_template(folder)
@@ -166,7 +167,8 @@ def network_from_state_dict(config: dict[str, Any], state: dict[str, torch.Tenso
 
 def _build(family: Family, config, source, dtype, device, folder=None) -> tuple[Transformer, ModelDescriptor]:
     cfg = family.model_config(config)
-    descriptor = resolve_special_ids(family.descriptor(config, cfg), config, folder, family.fallback_ids(config, cfg))
+    descriptor = resolve_special_ids(family.descriptor(config, cfg), config, folder, family.fallback_ids(config, cfg),
+                                     family.fallback_tokens)
     with torch.device("meta"):
         network = Transformer(cfg)  # shapes only: nothing allocated, nothing initialised
     plan = _plan(family, cfg, network, source)  # every check before anything is read

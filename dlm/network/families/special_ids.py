@@ -13,8 +13,11 @@ Three sources, each read as the families ship them (plain JSON, no transformers,
 Where two sources name an id they must agree, or loading stops with an error naming both values, their files and
 the fix. One tolerance: an instruct tokenizer often names its end-of-turn token as EOS (Llama 3, Qwen2.5-Instruct),
 so the tokenizer's EOS agrees when it is any of config.json's / generation_config.json's EOS ids or the EoT id.
-Where no source names an id, the family's constants (`Family.fallback_ids`: Qwen's ids for Dream and SDAR, LLaDA's
-mask and EoT) are the last resort, used only inside the vocabulary and logged as a warning.
+Where no source names an id, the family's own token for it is looked up by name in the tokenizer
+(`Family.fallback_tokens`: `<|mask|>` for Dream, `<|MASK|>` for SDAR, `<|mdm_mask|>` for LLaDA, `<|endoftext|>` for
+the Qwen families' pad and EOS); where that finds none, the family's constants (`Family.fallback_ids`: Qwen's ids
+for Dream and SDAR, LLaDA's mask and EoT) are the last resort, used only inside the vocabulary and logged as a
+warning.
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ def token_table(folder: Path, tokenizer_config: dict[str, Any]) -> dict[str, int
     return table
 
 
-def tokenizer_ids(folder: Path) -> dict[str, tuple[int, str]]:
-    """field -> (id, where it was read) for the ids the folder's tokenizer names; see the module docstring."""
+def tokenizer_ids(folder: Path) -> tuple[dict[str, tuple[int, str]], dict[str, int]]:
+    """(field -> (id, where it was read) for the ids the folder's tokenizer names, the token table); see the module
+    docstring."""
     config = _json(folder / "tokenizer_config.json")
     special = _json(folder / "special_tokens_map.json")
     table = token_table(folder, config)
     if not table:
-        return {}
+        return {}, table
     out = {}
     for field, key in TOKEN_KEYS.items():
         for file, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
@@ -95,10 +99,10 @@ def tokenizer_ids(folder: Path) -> dict[str, tuple[int, str]]:
         if name in table:
             out["eot_id"] = (table[name], f"the tokenizer's end-of-turn token {name!r}")
             break
-    return out
+    return out, table
 
 
-def _disagree(folder: Path, key: str, ours: int, where_ours: str, theirs: int, where_theirs: str) -> CheckpointFormatError:
+def _disagree(folder, key: str, ours: int, where_ours: str, theirs: int, where_theirs: str) -> CheckpointFormatError:
     return CheckpointFormatError(
         f"the special ids of {folder} disagree: {where_ours} gives {key}={ours} but {where_theirs} is id {theirs}. "
         f"Fix the folder: set {key} in config.json (and generation_config.json) to the id the model was trained "
@@ -106,15 +110,17 @@ def _disagree(folder: Path, key: str, ours: int, where_ours: str, theirs: int, w
 
 
 def resolve_special_ids(descriptor: ModelDescriptor, config: dict[str, Any], folder: Path | None,
-                        fallbacks: dict[str, int] | None = None) -> ModelDescriptor:
+                        fallbacks: dict[str, int] | None = None,
+                        fallback_tokens: dict[str, str] | None = None) -> ModelDescriptor:
     """Fill and check the descriptor's special ids from the folder (module docstring), in place; returns it.
 
     descriptor: the family's reading of config.json (ids only where config.json names them). config: config.json
     itself (for the list of EOS ids). folder: None for a model held in memory (config.json's ids and the fallbacks
-    only). fallbacks: the family's constants, used only where no file names the id."""
+    only). fallback_tokens: the family's own token names ("mask_id" -> "<|mask|>"), looked up in the folder's
+    tokenizer where no file names the id; fallbacks: the family's constant ids, used only where that finds none."""
     folder = Path(folder) if folder is not None else None
     generation = _json(folder / "generation_config.json") if folder is not None else {}
-    from_tokenizer = tokenizer_ids(folder) if folder is not None else {}
+    from_tokenizer, table = tokenizer_ids(folder) if folder is not None else ({}, {})
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     eos_ids = set(all_ids(text.get("eos_token_id", config.get("eos_token_id"))))
     eos_ids |= set(all_ids(generation.get("eos_token_id")))
@@ -138,6 +144,9 @@ def resolve_special_ids(descriptor: ModelDescriptor, config: dict[str, Any], fol
                 value, source = tok
             elif tok[0] not in allowed:
                 raise _disagree(where, key, value, source, *tok)
+        name = (fallback_tokens or {}).get(field)
+        if value is None and name in table and table[name] < descriptor.vocab_size:
+            value = table[name]  # the family's token, found in this folder's tokenizer: not a guess, not logged
         if value is None and fallbacks and field in fallbacks:
             constant = fallbacks[field]
             if 0 <= constant < descriptor.vocab_size:
