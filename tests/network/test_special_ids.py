@@ -101,8 +101,9 @@ def test_constants_are_the_logged_last_resort(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dlm.network.families.special_ids"):
         _, desc = load_pretrained_network(tmp_path)
     assert (desc.mask_id, desc.pad_id, desc.eos_id, desc.eot_id) == (151666, 151643, 151643, 151645)
-    assert "no file names mask_token_id; using the dream family's constant 151666" in caplog.text
-    assert "eot_token_id" in caplog.text and QWEN_VOCAB > 151666
+    assert ("no file names the mask_id; using the dream family's constant 151666 (a documented last resort: add "
+            "mask_token_id to config.json" in caplog.text)
+    assert "the eot_id; using the dream family's constant 151645" in caplog.text and QWEN_VOCAB > 151666
     small = tmp_path / "small"
     qwen_style_checkpoint(small, qwen_model(2, vocab=512), "Dream", ["DreamModel"])
     with pytest.raises(CheckpointFormatError, match="a dream model with absorbing corruption needs a mask id"):

@@ -150,8 +150,10 @@ def resolve_special_ids(descriptor: ModelDescriptor, config: dict[str, Any], fol
         if value is None and fallbacks and field in fallbacks:
             constant = fallbacks[field]
             if 0 <= constant < descriptor.vocab_size:
-                log.warning("%s: no file names %s; using the %s family's constant %d (a documented last resort: "
-                            "add %s to config.json to silence this)", where, key, descriptor.family, constant, key)
+                fix = (f"ship a tokenizer holding one of {', '.join(EOT_TOKENS)}" if field == "eot_id" else
+                       f"add {key} to config.json")
+                log.warning("%s: no file names the %s; using the %s family's constant %d (a documented last resort: "
+                            "%s to silence this)", where, field, descriptor.family, constant, fix)
                 value = constant
         setattr(descriptor, field, value)
     descriptor.validate(config)
