@@ -68,14 +68,15 @@ class DiffusionLM:
              dtype: str | torch.dtype | None = None) -> "DiffusionLM":
         """Load a run folder (its exported `model/`, else `checkpoints/last.ckpt`), an exported model folder,
         a training checkpoint (`.ckpt`), an open checkpoint folder or a causal LM's `.gguf` file. `tokenizer`
-        replaces the stored one (it must match the model). `dtype`: the network's weights as "float32", "bfloat16"
-        or "float16" (or the torch dtype); None or "auto" keeps them as stored (an open bf16 folder stays bf16, a
-        dlm checkpoint float32)."""
+        replaces the stored one (it must match the model). `dtype`: the weights (the network's and the process's) as
+        "float32", "bfloat16" or "float16" (or the torch dtype); None or "auto" keeps them as stored (an open bf16
+        folder stays bf16, a dlm checkpoint float32)."""
         check_device(str(device))
         wanted = weight_dtype(dtype)
         model = cls._load(path, device, use_ema, tokenizer, wanted)
-        if wanted is not None:
+        if wanted is not None:  # the process's learned weights too (a self-conditioning projection, a mixer)
             model.network.to(wanted)
+            model.process.to(wanted)
         return model
 
     @classmethod

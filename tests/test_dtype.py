@@ -56,6 +56,18 @@ def test_a_dlm_run_converted_at_load(micro_run):
     assert gen.dtype == "bfloat16" and gen.tokens.shape == (2, 12)
 
 
+def test_learned_process_weights_follow_the_dtype(tmp_path):
+    """A self-conditioned model's projection is converted with the network (else bf16 hidden states would meet a
+    float32 projection)."""
+    from tests.process.test_self_conditioning import model
+
+    model(scale=0.5).save_pretrained(tmp_path)
+    loaded = dlm.load(tmp_path, dtype="bfloat16")
+    assert {p.dtype for p in loaded.process.parameters()} == {torch.bfloat16} == dtypes(loaded)
+    gen = loaded.generate(num_samples=2, length=24, prompt="And the king", steps=4, seed=3)
+    assert gen.dtype == "bfloat16" and gen.tokens.shape == (2, 24)
+
+
 def test_sample_takes_dtype(bf16_folder, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     args = ["sample", str(bf16_folder), "--sampler", "llada", "--prompt", "w5 w6", "--gen-length", "4", "--steps", "4"]
