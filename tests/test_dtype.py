@@ -9,6 +9,7 @@ import torch
 import dlm
 from dlm.cli import main
 from dlm.network.families import load_pretrained_network
+from dlm.precision import use_bf16
 from tests.network.checkpoints import LLADA_VOCAB, llada_checkpoint
 from tests.test_open_models import word_tokenizer
 
@@ -30,7 +31,8 @@ def test_open_folder_as_stored_or_converted(bf16_folder):
     stored = dlm.load(bf16_folder)
     assert dtypes(stored) == {torch.bfloat16} and dlm.load(bf16_folder, dtype="auto").weight_dtype == "bfloat16"
     gen = stored.generate(["w5 w6"], gen_length=4, sampler="llada", steps=4)
-    assert gen.dtype == "bfloat16" and gen.bf16_autocast is False  # auto precision: no autocast on this CPU
+    assert gen.dtype == "bfloat16" and gen.bf16_autocast == use_bf16("auto", "cpu")  # AMX / AVX512-BF16 CPUs: on
+    assert stored.generate(["w5"], gen_length=2, sampler="llada", steps=2, precision="32").bf16_autocast is False
     as32 = dlm.load(bf16_folder, dtype="float32")
     assert dtypes(as32) == {torch.float32}
     assert as32.generate(["w5 w6"], gen_length=4, sampler="llada", steps=4).dtype == "float32"
