@@ -87,7 +87,9 @@ def test_an_instruct_tokenizer_may_name_its_end_of_turn_token_as_eos(tmp_path):
     _, desc = load_pretrained_network(tmp_path)
     assert (desc.eos_id, desc.eot_id) == (508, 510)
     assert dlm.load(tmp_path).tokenizer.eos_token_id == 510
+    dream_folder(tmp_path, mask_token_id=511, eos_token_id=[508, 509])  # any of config.json's EOS ids agrees
     small_tokenizer(tmp_path, eos_token="<|im_start|>", mask_token="<|mask|>")
+    assert load_pretrained_network(tmp_path)[1].eos_id == 508 and dlm.load(tmp_path).tokenizer.eos_token_id == 509
     dream_folder(tmp_path, mask_token_id=511, eos_token_id=[507, 508])
     small_tokenizer(tmp_path, eos_token="<|im_start|>", mask_token="<|mask|>")
     with pytest.raises(CheckpointFormatError, match=r"eos_token_id=507 .* '<\|im_start\|>' is id 509"):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dlm.network.families.base import CheckpointFormatError, Family, ModelDescriptor, detect
-from dlm.network.families.special_ids import EOT_TOKENS, resolve_special_ids
+from dlm.network.families.special_ids import EOT_TOKENS, folder_eos_ids, resolve_special_ids
 from dlm.network.transformer import Transformer
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -250,17 +250,17 @@ def load_pretrained_tokenizer(folder: str | Path, descriptor: ModelDescriptor):
     if len(tokenizer) > descriptor.vocab_size:
         raise CheckpointFormatError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's output "
                                     f"layer has {descriptor.vocab_size} rows: they do not belong together")
-    check_tokenizer_ids(tokenizer, descriptor)
+    check_tokenizer_ids(tokenizer, descriptor, folder_eos_ids(folder))
     tokenizer.padding_side = descriptor.padding_side
     if descriptor.chat_template is not None:
         tokenizer.chat_template = descriptor.chat_template
     return tokenizer
 
 
-def check_tokenizer_ids(tokenizer, descriptor: ModelDescriptor) -> None:
+def check_tokenizer_ids(tokenizer, descriptor: ModelDescriptor, eos_ids: set[int] = frozenset()) -> None:
     """The same EOS / pad / BOS / mask ids in a loaded tokenizer as in the descriptor where both name one (a
-    tokenizer naming the end-of-turn token as EOS agrees: special_ids.py); sets the descriptor's EoT from the
-    tokenizer's vocabulary when it has none."""
+    tokenizer's EOS also agrees when it is the end-of-turn id or one of `eos_ids`, the folder's list: special_ids.py);
+    sets the descriptor's EoT from the tokenizer's vocabulary when it has none."""
     if descriptor.eot_id is None:
         vocab = tokenizer.get_vocab()
         descriptor.eot_id = next((vocab[t] for t in EOT_TOKENS if t in vocab and vocab[t] < descriptor.vocab_size),
@@ -268,8 +268,8 @@ def check_tokenizer_ids(tokenizer, descriptor: ModelDescriptor) -> None:
     for attr, field in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"),
                         ("mask_token_id", "mask_id")):
         ours, theirs = getattr(descriptor, field), getattr(tokenizer, attr, None)
-        if field == "eos_id" and theirs is not None and theirs == descriptor.eot_id:
-            continue  # an instruct tokenizer naming its end-of-turn token as EOS (special_ids.py)
+        if field == "eos_id" and theirs is not None and (theirs == descriptor.eot_id or theirs in eos_ids):
+            continue  # an instruct tokenizer naming its end-of-turn token as EOS, or one of several (special_ids.py)
         if ours is not None and theirs is not None and ours != theirs:
             raise CheckpointFormatError(f"the tokenizer's {attr} is {theirs} but the {descriptor.family} model's "
                                         f"{field} is {ours}")

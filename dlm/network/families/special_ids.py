@@ -102,6 +102,18 @@ def tokenizer_ids(folder: Path) -> tuple[dict[str, tuple[int, str]], dict[str, i
     return out, table
 
 
+def eos_id_set(config: dict[str, Any], generation: dict[str, Any]) -> set[int]:
+    """Every EOS id config.json (or its text_config) and generation_config.json name."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return set(all_ids(text.get("eos_token_id", config.get("eos_token_id")))) | set(all_ids(generation.get(
+        "eos_token_id")))
+
+
+def folder_eos_ids(folder: Path) -> set[int]:
+    """`eos_id_set` of a folder's config.json and generation_config.json."""
+    return eos_id_set(_json(Path(folder) / "config.json"), _json(Path(folder) / "generation_config.json"))
+
+
 def _disagree(folder, key: str, ours: int, where_ours: str, theirs: int, where_theirs: str) -> CheckpointFormatError:
     return CheckpointFormatError(
         f"the special ids of {folder} disagree: {where_ours} gives {key}={ours} but {where_theirs} is id {theirs}. "
@@ -121,9 +133,7 @@ def resolve_special_ids(descriptor: ModelDescriptor, config: dict[str, Any], fol
     folder = Path(folder) if folder is not None else None
     generation = _json(folder / "generation_config.json") if folder is not None else {}
     from_tokenizer, table = tokenizer_ids(folder) if folder is not None else ({}, {})
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    eos_ids = set(all_ids(text.get("eos_token_id", config.get("eos_token_id"))))
-    eos_ids |= set(all_ids(generation.get("eos_token_id")))
+    eos_ids = eos_id_set(config, generation)
     where = folder if folder is not None else "the model"
     for field in FIELDS:  # EoT first: the EOS check below accepts it
         key = KEYS.get(field, "eot_token_id")
