@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device: str = "cpu", **kw):
-    """Load a trained model (run folder, exported folder or .ckpt) as a `DiffusionLM`."""
+    """Load a model (run folder, exported folder, .ckpt, open checkpoint folder or .gguf) as a `DiffusionLM`;
+    keywords as `DiffusionLM.load`: use_ema, tokenizer, dtype ("float32" / "bfloat16" / "float16" / "auto")."""
     from dlm.pipeline import load as _load
 
     return _load(path, device=device, **kw)

@@ -126,7 +126,7 @@ def cmd_sample(args) -> int:
         print("dlm sample: --visual redraws the canvas on a terminal and the output is not one: printing the "
               "samples only", file=sys.stderr)
         args.visual = False
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, dtype=args.dtype)
     args.sampler = args.sampler or model.process.default_sampler  # the model's own sampler unless one is named
     options = option_values(model, args)
     if args.task:
@@ -503,6 +503,12 @@ def _eval_task(args) -> int:
     return 0
 
 
+def _add_dtype_arg(p) -> None:
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the network's weights: auto (default) keeps them as stored (an open bf16 folder stays "
+                        "bf16, a dlm checkpoint float32); float32 / bfloat16 / float16 convert them at load")
+
+
 def _add_task_args(p, what: str) -> None:
     from dlm.tasks import task_names
 
@@ -607,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    _add_dtype_arg(p)
     p.add_argument("--out", default=None, help="write samples as JSONL")
     p.add_argument("--plot-trajectory", default=None, metavar="PNG", help="plot the denoising trajectory of sample 0")
     p.add_argument("--visual", action="store_true",
@@ -684,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "single-order NLL); one network pass per token and order for MDLM (docs/esolm.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    _add_dtype_arg(p)
     p.add_argument("--gen-ppl", action="store_true", help="also sample and score generative perplexity + entropy")
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="default 128 for a sampler with a step budget")

@@ -23,6 +23,7 @@ class Generation:
     batches; nfe_per_row (N,): the calls each row took part in. seconds: wall time of the sampling. peak_memory_mib:
     dlm.memory.PeakMemory (process peak RSS on a CPU, PyTorch's peak on a GPU). continuations: the generated part
     of each row alone. stopped (N,): rows a callback stopped. trajectory: canvases after each step, if recorded.
+    dtype: the weights' dtype the canvases were computed with; bf16_autocast: whether bf16 autocast was on.
     """
 
     texts: list[str]
@@ -36,6 +37,8 @@ class Generation:
     stopped: torch.Tensor | None = None
     trajectory: list[torch.Tensor] = field(default_factory=list)
     tokens_computed: torch.Tensor | None = None  # (N,): query positions the network computed per row (partial calls)
+    dtype: str | None = None  # the network's weights ("float32", "bfloat16", "float16": `dlm.load(..., dtype=)`)
+    bf16_autocast: bool | None = None  # whether the products ran under bf16 autocast (`precision`)
 
     @property
     def generated_tokens(self) -> int:

@@ -34,7 +34,7 @@ from dlm.memory import PeakMemory
 from dlm.network import Transformer
 from dlm.network.families import (is_open_checkpoint, load_gguf_network, load_pretrained_network,
                                   load_pretrained_tokenizer)
-from dlm.precision import use_bf16
+from dlm.precision import dtype_name, use_bf16, weight_dtype
 from dlm.process import Process
 from dlm.progress import StepLines, track
 from dlm.progress import resolve as resolve_progress
@@ -68,18 +68,30 @@ class DiffusionLM:
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, tokenizer=None) -> "DiffusionLM":
+    def load(cls, path: str | Path, device: str = "cpu", use_ema: bool = True, tokenizer=None,
+             dtype: str | torch.dtype | None = None) -> "DiffusionLM":
         """Load a run folder (its exported `model/`, else `checkpoints/last.ckpt`), an exported model folder,
         a training checkpoint (`.ckpt`), an open checkpoint folder or a causal LM's `.gguf` file. `tokenizer`
-        replaces the stored one (it must match the model)."""
+        replaces the stored one (it must match the model). `dtype`: the weights (the network's and the process's) as
+        "float32", "bfloat16" or "float16" (or the torch dtype); None or "auto" keeps them as stored (an open bf16
+        folder stays bf16, a dlm checkpoint float32)."""
         check_device(str(device))
+        wanted = weight_dtype(dtype)
+        model = cls._load(path, device, use_ema, tokenizer, wanted)
+        if wanted is not None:  # the process's learned weights too (a self-conditioning projection, a mixer)
+            model.network.to(wanted)
+            model.process.to(wanted)
+        return model
+
+    @classmethod
+    def _load(cls, path, device, use_ema, tokenizer, dtype) -> "DiffusionLM":
         path = Path(path)
         if path.is_dir() and (path / "model" / "config.json").is_file():
             path = path / "model"
         elif path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints" / "last.ckpt").is_file():
             path = path / "checkpoints" / "last.ckpt"
         if path.is_dir() and is_open_checkpoint(path):
-            return cls.load_open(path, device)
+            return cls.load_open(path, device, dtype)  # converted while mapping: no second copy
         if path.is_file() and path.suffix == ".gguf":
             return cls.load_gguf(path, device)
         if path.is_dir():
@@ -122,10 +134,11 @@ class DiffusionLM:
         return cls(network, process, stored_tok, cfg, device, steps)
 
     @classmethod
-    def load_open(cls, folder: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> "DiffusionLM":
+    def load_open(cls, folder: str | Path, device: str = "cpu",
+                  dtype: str | torch.dtype | None = None) -> "DiffusionLM":
         """A downloaded open checkpoint (LLaDA, Dream, SDAR, or a Llama / Qwen / GPT-2 causal LM; docs/open_models.md)
-        with its own tokenizer, weights memory-mapped in their dtype unless `dtype` is given."""
-        network, descriptor = load_pretrained_network(folder, dtype, device)
+        with its own tokenizer, weights memory-mapped in their dtype unless `dtype` is given (as `load`'s)."""
+        network, descriptor = load_pretrained_network(folder, weight_dtype(dtype), device)
         return cls._from_descriptor(network, descriptor, load_pretrained_tokenizer(folder, descriptor), device)
 
     @classmethod
@@ -149,6 +162,11 @@ class DiffusionLM:
             extra["trained_steps"] = self.trained_steps
         return save_pretrained(folder, self.network, self.cfg.to_dict(), self.tokenizer, extra=extra,
                                process=self.process)
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype of the network's weights ("float32", "bfloat16", ...): what `dtype=` at load gave."""
+        return dtype_name(next(self.network.parameters()).dtype)
 
     @property
     def is_autoregressive(self) -> bool:
@@ -319,7 +337,8 @@ class DiffusionLM:
                           decode_rows(self.tokenizer, tokens, generated),
                           torch.cat([o.stopped.cpu() for o in outputs])[back], [] if recorder is None else recorder.canvases,
                           None if any(o.tokens_computed is None for o in outputs)
-                          else torch.cat([o.tokens_computed.cpu() for o in outputs])[back])
+                          else torch.cat([o.tokens_computed.cpu() for o in outputs])[back],
+                          self.weight_dtype, use_bf16(precision, self.device.type))
 
     # ------------------------------------------------------------------------------------ instant edit
     @torch.no_grad()
@@ -678,5 +697,6 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def load(path: str | Path, device: str = "cpu", **kw) -> DiffusionLM:
-    """Load a trained model: a run folder, an exported model folder or a training checkpoint."""
+    """Load a model: a run folder, an exported model folder, a training checkpoint, an open checkpoint folder or a
+    .gguf file; keywords as `DiffusionLM.load` (use_ema, tokenizer, dtype)."""
     return DiffusionLM.load(path, device=device, **kw)

@@ -24,6 +24,25 @@ def _cpu_capabilities() -> dict:
 PRECISIONS = ("auto", "bf16", "32")  # trainer.precision: "auto" = bf16 only where it is fast (below)
 
 
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def weight_dtype(value) -> torch.dtype | None:
+    """The weights' dtype asked at load (`dlm.load(path, dtype=...)`, `--dtype`): "float32", "bfloat16", "float16"
+    (or those torch dtypes), or None / "auto" = as stored. Anything else: a ValueError naming the valid values."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype) and value in WEIGHT_DTYPES.values():
+        return value
+    if isinstance(value, str) and value in WEIGHT_DTYPES:
+        return WEIGHT_DTYPES[value]
+    raise ValueError(f"dtype={value!r} is not a weight dtype; valid: auto (as stored), {', '.join(WEIGHT_DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
     caps = _cpu_capabilities()

@@ -46,8 +46,10 @@ def evaluate_models(args) -> list[dict]:
     eval_lm = load_eval_lm(args.eval_model) if args.gen_ppl or want_mauve else None
     rows = []
     for path in args.models:
-        model = load(path)
+        model = load(path, dtype=getattr(args, "dtype", None))
         row = {"model": str(path), "process": model.process.name, "params": model.network.num_params(False)}
+        if getattr(args, "dtype", None) not in (None, "auto"):  # asked for: the table shows it
+            row["dtype"] = model.weight_dtype
         if resolve_progress(progress) != "off":  # which model the progress lines below are about
             emit(f"eval: {path} ({model.process.name})")
         if model.trained_steps is not None:  # a run a time budget stopped early is not comparable at face value
@@ -89,7 +91,7 @@ def evaluate_models(args) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     cols = [("model", "model", "{}"), ("process", "process", "{}"), ("params", "params", "{:,}"),
-            ("steps", "steps", "{:,}"),
+            ("dtype", "dtype", "{}"), ("steps", "steps", "{:,}"),
             ("val_ppl", "val ppl", "{:.2f}"), ("val_likelihood", "ppl is", "{}"), ("val_iw_ppl", "iw ppl", "{:.2f}"),
             ("val_ao_ppl", "ao ppl", "{:.2f}"), ("val_num_tokens", "tokens", "{:,}"),
             ("gen_ppl", "gen ppl", "{:.1f}"), ("entropy", "entropy", "{:.2f}"), ("mauve", "MAUVE", "{:.3f}"),

@@ -223,7 +223,7 @@ def evaluate_models_on_task(args) -> list[dict]:
     progress = getattr(args, "progress", "auto")
     rows = []
     for path in args.models:
-        model = load(path)
+        model = load(path, dtype=getattr(args, "dtype", None))
         check_task_tokenizer(model.tokenizer, make_task(args.task))  # one vocabulary for every option of a task
         task, examples, source = task_examples(args.task, model, args.task_data, args.split, args.limit,
                                                args.task_seed, parse_task_options(args.task_option))

@@ -52,6 +52,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_context: int = 8192  # llama3 only: the pretraining context the bands are measured against
+    rope_float32: bool = False  # rotate q and k in float32 and cast back (LLaDA/OLMo's rope_full_precision); else
+    # in the weights' dtype with cos/sin rounded to it (Llama, Qwen, Dream). The same in float32
     prediction: str = "same_position"  # "same_position" | "shifted": logits at i come from the hidden state at i-1
 
     @property

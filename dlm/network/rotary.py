@@ -40,8 +40,15 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) of x (B, nh, T, hd) by the position angles."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, float32: bool = False) -> torch.Tensor:
+    """Rotate pairs (x[..., :hd/2], x[..., hd/2:]) of x (B, nh, T, hd) by the position angles.
+
+    float32=False: in x's dtype, cos and sin rounded to it first (transformers' Llama / Qwen2, hence Dream).
+    float32=True: x and the float32 cos, sin multiplied in float32, the result rounded once to x's dtype (LLaDA's and
+    OLMo's `rope_full_precision`). Identical for float32 x; for bf16 x the second rounds once instead of 3 times."""
+    out_dtype = x.dtype
+    if float32 and x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(out_dtype)

@@ -64,6 +64,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.proj_bias)
         self.dropout = cfg.dropout
+        self.rope_float32 = cfg.rope_float32
 
     def forward(self, x, cos, sin, attn_mask, causal, cache: KVCache | None, layer: int, cache_update: bool):
         B, T, _ = x.shape
@@ -77,7 +78,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if cos is not None:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = apply_rotary(q, cos, sin, self.rope_float32), apply_rotary(k, cos, sin, self.rope_float32)
         update = cache is not None and updates_cache(cache_update)
         cols = appended_columns(cache_update, T) if update else None
         if cache is not None and cache.capacity and cols is None:  # in place: (B, n_kv, T_cache + T, hd) views

@@ -126,6 +126,15 @@ class Family(ABC):
         """dlm module path -> checkpoint module path, with `{i}` for the layer index (e.g. "blocks.{i}.attn.q" ->
         "model.layers.{i}.self_attn.q_proj"). Parameter names (weight, bias) are appended to both."""
 
+    # The family's own special tokens by name ("mask_id" -> "<|mask|>"), looked up in a folder's tokenizer where no
+    # file names the id (before `fallback_ids`).
+    fallback_tokens: dict[str, str] = {}
+
+    def fallback_ids(self, config: dict[str, Any], model: ModelConfig) -> dict[str, int]:
+        """The family's constant special ids ("mask_id" -> id, ...), the last resort where neither config.json,
+        generation_config.json nor the tokenizer names one (dlm/network/families/special_ids.py); none by default."""
+        return {}
+
     transposed: tuple[str, ...] = ()  # dlm module paths stored as (in, out) (GPT-2's Conv1D)
 
     def ignored(self, name: str, model: ModelConfig) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dlm.network.families.base import ModelDescriptor
-from dlm.network.families.loading import network_from_state_dict
+from dlm.network.families.loading import check_tokenizer_ids, network_from_state_dict
 from dlm.network.transformer import Transformer
 
 
@@ -29,4 +29,5 @@ def load_gguf_network(path: str | Path, dtype: torch.dtype | None = torch.float3
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     network, descriptor = network_from_transformers(model)
+    check_tokenizer_ids(tokenizer, descriptor)  # the file's tokenizer against its config's special ids
     return network, descriptor, tokenizer

@@ -2,8 +2,9 @@
 
 Followed: the `modeling_llada.py` / `configuration_llada.py` published with GSAI-ML/LLaDA-8B-Instruct (block_type
 "llama"): `x = ff_out(act(ff_proj(x)) * up_proj(x))` with act = SiLU, so `ff_proj` is the gate and `up_proj` the
-up projection; RMSNorm normalised in float32 then scaled; rotate-half RoPE (computed in float32 there:
-`rope_full_precision`; here in the weights' dtype, so bf16 logits differ by rounding); no causal mask.
+up projection; RMSNorm normalised in float32 then scaled; rotate-half RoPE, q and k rotated in float32
+and cast back when `rope_full_precision` (true by default in LLaDA's config, as here: `ModelConfig.rope_float32`; the
+norms are normalised in float32 in both); no causal mask.
 `embedding_size` (the rows of `wte` and `ff_out`, padded for efficiency) may exceed `vocab_size`: the network's
 output has `embedding_size` logits, as LLaDA's own code returns; the padded rows are never tokens.
 iLLaDA is assumed to share the keys (mask id 5, grouped K/V, tied), recognised by its mask_token_id.
@@ -19,6 +20,7 @@ LLADA_MASK, LLADA_EOT = 126336, 126348  # <|mdm_mask|>, <|eot_id|> of LLaDA's to
 
 class LLaDA(Family):
     name, model_types, architectures = "llada", ("llada",), ("LLaDAModelLM",)
+    fallback_tokens = {"mask_id": "<|mdm_mask|>"}
 
     def model_config(self, config):
         d, n_head, n_layer, vocab = need(config, self.name, "d_model", "n_heads", "n_layers", "vocab_size")
@@ -37,15 +39,17 @@ class LLaDA(Family):
                            norm_eps=float(config.get("rms_norm_eps", 1e-5)), fused_qkv=False,
                            qkv_bias=bool(config.get("include_qkv_bias", bias)), proj_bias=bias, mlp_bias=bias,
                            rope_theta=float(config.get("rope_theta", 10000.0)),
+                           rope_float32=bool(config.get("rope_full_precision", True)),
                            tie_weights=bool(config.get("weight_tying", False)))
 
     def descriptor(self, config, model):
+        ids = {f"{name}_id": first_id(config.get(f"{name}_token_id")) for name in ("mask", "pad", "eos", "bos")}
+        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, **ids)
+
+    def fallback_ids(self, config, model):
+        """LLaDA's mask; its <|eot_id|> only for LLaDA's own tokenizer (recognised by its mask id)."""
         mask = first_id(config.get("mask_token_id"))
-        mask = LLADA_MASK if mask is None else mask
-        return ModelDescriptor(family=self.name, vocab_size=model.vocab_size, mask_id=mask,
-                               pad_id=first_id(config.get("pad_token_id")), eos_id=first_id(config.get("eos_token_id")),
-                               bos_id=first_id(config.get("bos_token_id")),
-                               eot_id=LLADA_EOT if mask == LLADA_MASK else None)
+        return {"mask_id": LLADA_MASK, **({"eot_id": LLADA_EOT} if mask in (None, LLADA_MASK) else {})}
 
     def module_names(self, model):
         b = "model.transformer.blocks.{i}"

@@ -6,6 +6,8 @@ each parameter has its tensor with the right shape and that no tensor is left ov
 files and assign the tensors as the parameters. The weights stay in the checkpoint's dtype unless `dtype` is given,
 and are not copied: the parameters are views of a private (copy-on-write) mapping of each file, so pages are read
 from disk when first used and training may still write to them. Any error is raised before anything is assigned.
+Special ids come from config.json, generation_config.json and the tokenizer's files, checked against each other
+(special_ids.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from dlm.network.families.base import CheckpointFormatError, Family, ModelDescriptor, detect
+from dlm.network.families.special_ids import EOT_TOKENS, folder_eos_ids, resolve_special_ids
 from dlm.network.transformer import Transformer
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -146,7 +149,12 @@ def load_pretrained_network(folder: str | Path, dtype: torch.dtype | None = None
     family = detect(config)
     source = SafetensorsFolder(folder)
     built = family.build_network(folder, config, source, dtype, device)
-    network, descriptor = built if built is not None else _build(family, config, source, dtype, device)
+    if built is not None:
+        network, descriptor = built
+        resolve_special_ids(descriptor, config, folder, family.fallback_ids(config, network.cfg),
+                            family.fallback_tokens)
+    else:
+        network, descriptor = _build(family, config, source, dtype, device, folder)
     descriptor.chat_template = read_chat_template(folder)
     return network, descriptor
 
@@ -157,10 +165,10 @@ def network_from_state_dict(config: dict[str, Any], state: dict[str, torch.Tenso
     return _build(detect(config), config, StateDictSource(state), dtype, device)
 
 
-def _build(family: Family, config, source, dtype, device) -> tuple[Transformer, ModelDescriptor]:
+def _build(family: Family, config, source, dtype, device, folder=None) -> tuple[Transformer, ModelDescriptor]:
     cfg = family.model_config(config)
-    descriptor = family.descriptor(config, cfg)
-    descriptor.validate(config)
+    descriptor = resolve_special_ids(family.descriptor(config, cfg), config, folder, family.fallback_ids(config, cfg),
+                                     family.fallback_tokens)
     with torch.device("meta"):
         network = Transformer(cfg)  # shapes only: nothing allocated, nothing initialised
     plan = _plan(family, cfg, network, source)  # every check before anything is read
@@ -242,13 +250,26 @@ def load_pretrained_tokenizer(folder: str | Path, descriptor: ModelDescriptor):
     if len(tokenizer) > descriptor.vocab_size:
         raise CheckpointFormatError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model's output "
                                     f"layer has {descriptor.vocab_size} rows: they do not belong together")
-    for attr, field in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"),
-                        ("mask_token_id", "mask_id")):
-        ours, theirs = getattr(descriptor, field), getattr(tokenizer, attr, None)
-        if ours is not None and theirs is not None and ours != theirs:
-            raise CheckpointFormatError(f"the tokenizer's {attr} is {theirs} but the {descriptor.family} model's "
-                                        f"{field} is {ours}")
+    check_tokenizer_ids(tokenizer, descriptor, folder_eos_ids(folder))
     tokenizer.padding_side = descriptor.padding_side
     if descriptor.chat_template is not None:
         tokenizer.chat_template = descriptor.chat_template
     return tokenizer
+
+
+def check_tokenizer_ids(tokenizer, descriptor: ModelDescriptor, eos_ids: set[int] = frozenset()) -> None:
+    """The same EOS / pad / BOS / mask ids in a loaded tokenizer as in the descriptor where both name one (a
+    tokenizer's EOS also agrees when it is the end-of-turn id or one of `eos_ids`, the folder's list: special_ids.py);
+    sets the descriptor's EoT from the tokenizer's vocabulary when it has none."""
+    if descriptor.eot_id is None:
+        vocab = tokenizer.get_vocab()
+        descriptor.eot_id = next((vocab[t] for t in EOT_TOKENS if t in vocab and vocab[t] < descriptor.vocab_size),
+                                 None)
+    for attr, field in (("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"), ("bos_token_id", "bos_id"),
+                        ("mask_token_id", "mask_id")):
+        ours, theirs = getattr(descriptor, field), getattr(tokenizer, attr, None)
+        if field == "eos_id" and theirs is not None and (theirs == descriptor.eot_id or theirs in eos_ids):
+            continue  # an instruct tokenizer naming its end-of-turn token as EOS, or one of several (special_ids.py)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointFormatError(f"the tokenizer's {attr} is {theirs} but the {descriptor.family} model's "
+                                        f"{field} is {ours}")
