@@ -529,11 +529,9 @@ def _eval_harness(args) -> int:
         register()
     except ModuleNotFoundError as e:
         raise ValueError(str(e)) from None
-    from dlm.eval.harness.run import check_tasks, harness_table, run_harness, task_manager, write_json
+    from dlm.eval.harness.run import harness_table, resolve_tasks, run_harness, write_json
 
-    ours = task_manager(defaults=False)
-    if not all(t in set(ours.all_tasks) for t in tasks):
-        check_tasks(task_manager(), tasks)  # before loading any model
+    resolve_tasks(tasks)  # unknown names refused before loading any model
     out = {}
     for path in args.models:
         model = dlm.load(path)

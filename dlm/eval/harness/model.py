@@ -46,6 +46,10 @@ class DLMHarnessLM(LM):
         super().__init__()
         import dlm
 
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %s: no CUDA GPU here; running on the CPU (lm_eval's command line defaults to "
+                        "cuda:0; --device cpu silences this)", device)
+            device = "cpu"
         if model is None:
             if not pretrained:
                 raise ValueError("the dlm model needs pretrained=PATH (a run folder, exported folder, .ckpt, open "
@@ -152,15 +156,18 @@ class DLMHarnessLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Each text's log-likelihood over disjoint windows of the model's context (lm_eval's rolling windows,
-        context_len 1): each window scored given the token before it (exact for AR, a bound for diffusion)."""
+        """Each text's log-likelihood over disjoint windows (lm_eval's rolling windows, context_len 1, of
+        P = context - 1 - len(start) predicted tokens): the first window scored after the start token (BOS; EOS for
+        a tokenizer without BOS), each next one given the token before it, the last (shorter) one given as many
+        tokens before it as fill the row (exact for AR, a bound for diffusion); the windows' estimates sum."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         prefix = self.start[0] if self.start else self.model.tokenizer.eos_token_id
         pairs, owner = [], []
         for i, req in enumerate(requests):
             (text,) = req.args
-            windows = get_rolling_token_windows(self.encode(text), prefix, self.model.context - len(self.start), 1)
+            # the whole row, start + window context + window, fits the model's context
+            windows = get_rolling_token_windows(self.encode(text), prefix, self.model.context - 1 - len(self.start), 1)
             for ctx, cont in map(make_disjoint_window, windows):
                 pairs.append(([] if self.start and ctx == [prefix] else ctx, cont))
                 owner.append(i)

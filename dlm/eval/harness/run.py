@@ -31,6 +31,19 @@ def check_tasks(manager, tasks: list[str]) -> None:
                          "hub task needs its data downloaded beforehand: docs/harness.md)")
 
 
+def resolve_tasks(tasks: list[str]):
+    """The TaskManager for `tasks`: dlm's tasks alone when they are all dlm's (fast), else with lm_eval's own;
+    a ValueError for unknown names (a dlm_* name is checked against dlm's tasks without indexing lm_eval's)."""
+    ours = task_manager(defaults=False)
+    known = set(ours.all_tasks)
+    if all(t in known for t in tasks):
+        return ours
+    check_tasks(ours, [t for t in tasks if t.startswith("dlm_")])
+    manager = task_manager()
+    check_tasks(manager, tasks)
+    return manager
+
+
 def run_harness(pretrained: str, tasks: list[str], model_args: dict | None = None, limit: int | float | None = None,
                 num_fewshot: int | None = None, bootstrap_iters: int = 1000, apply_chat_template: bool = False,
                 log_samples: bool = False, model=None) -> dict:
@@ -39,9 +52,7 @@ def run_harness(pretrained: str, tasks: list[str], model_args: dict | None = Non
     cls = register()
     from lm_eval import simple_evaluate
 
-    ours = task_manager(defaults=False)
-    manager = ours if all(t in set(ours.all_tasks) for t in tasks) else task_manager()
-    check_tasks(manager, tasks)
+    manager = resolve_tasks(tasks)
     lm = cls(pretrained=pretrained, model=model, **(model_args or {}))
     seed = lm.seed
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
