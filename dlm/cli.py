@@ -511,7 +511,7 @@ def _eval_task(args) -> int:
 
 def _eval_harness(args) -> int:
     """`dlm eval MODEL... --harness TASKS`: lm-evaluation-harness tasks on each model (dlm/eval/harness/)."""
-    import dlm
+    from dlm.pipeline import DiffusionLM
 
     given = [flag for flag, on in (("--gen-ppl", args.gen_ppl), ("--mauve", args.mauve), ("--task", args.task),
                                    ("--max-rows", args.max_rows is not None), ("--iw-orders", args.iw_orders > 0))
@@ -534,7 +534,7 @@ def _eval_harness(args) -> int:
     resolve_tasks(tasks)  # unknown names refused before loading any model
     out = {}
     for path in args.models:
-        model = dlm.load(path)
+        model = DiffusionLM.load(path)
         options = option_values(model, args)
         model_args = {"mc_num": args.mc_num or 128, "mc_groups": args.mc_groups or 8,
                       "estimator": args.estimator or "auto", "cfg_scale": args.cfg_scale or 0.0, "seed": args.seed,

@@ -285,10 +285,5 @@ def fit_context(start: list[int], ctx: list[int], cont: list[int], window: int) 
     return start + ctx + cont, len(start) + len(ctx)
 
 
-def check_not_empty(cont: list[int]) -> None:
-    if not cont:
-        raise ValueError("the continuation encodes to no token")
-
-
 __all__ = ["Estimate", "Row", "add_estimates", "draw_masks", "stratified_levels", "llada_estimates",
            "process_estimates", "exact_ar", "greedy_rows", "encode_pair", "fit_context"]

@@ -28,8 +28,6 @@ from dlm.eval.harness.estimator import (Estimate, Row, add_estimates, encode_pai
 
 log = logging.getLogger("dlm.harness")
 ESTIMATORS = ("auto", "llada", "process")
-MODEL_KEYS = ("pretrained", "device", "dtype", "precision", "mc_num", "mc_groups", "estimator", "cfg_scale", "seed",
-              "batch_size", "max_batch_size", "sampler", "steps", "max_gen_toks", "stats_path", "max_length")
 
 
 class DLMHarnessLM(LM):
@@ -44,7 +42,7 @@ class DLMHarnessLM(LM):
                  sampler: str | None = None, steps: int | None = None, max_gen_toks: int = 64,
                  stats_path: str | None = None, model=None, **sampler_options):
         super().__init__()
-        import dlm
+        from dlm.pipeline import DiffusionLM
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s: no CUDA GPU here; running on the CPU (lm_eval's command line defaults to "
@@ -55,13 +53,14 @@ class DLMHarnessLM(LM):
                 raise ValueError("the dlm model needs pretrained=PATH (a run folder, exported folder, .ckpt, open "
                                  "checkpoint folder or .gguf) in --model_args")
             if dtype is not None:
-                if not (Path(pretrained).is_dir() and
-                        __import__("dlm.network.families", fromlist=["x"]).is_open_checkpoint(Path(pretrained))):
+                from dlm.network.families import is_open_checkpoint
+
+                if not (Path(pretrained).is_dir() and is_open_checkpoint(Path(pretrained))):
                     raise ValueError("dtype= applies to open checkpoint folders only (dlm's own models load in the "
                                      "dtype they were saved in; precision= sets the autocast)")
-                model = dlm.pipeline.DiffusionLM.load_open(pretrained, device, getattr(torch, str(dtype)))
+                model = DiffusionLM.load_open(pretrained, device, getattr(torch, str(dtype)))
             else:
-                model = dlm.load(pretrained, device=device)
+                model = DiffusionLM.load(pretrained, device=device)
         self.model = model
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r}: use one of {', '.join(ESTIMATORS)}")
