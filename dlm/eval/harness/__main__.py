@@ -33,7 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         print(f"dlm.eval.harness: error: {e}", file=sys.stderr)
         return 2
+    import logging
+
     from lm_eval.__main__ import cli_evaluate
+
+    log = logging.getLogger("dlm.harness")  # the per-task Monte Carlo errors and NFE, after every method call
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [dlm.harness] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
     if not any(a.startswith("--include_path") for a in argv) and len(argv) > 1:
         argv += ["--include_path", str(TASKS_DIR)]
