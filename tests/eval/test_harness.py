@@ -122,6 +122,30 @@ def test_process_estimator_is_batch_invariant_and_near_the_llada_one(models):
         assert abs(float(x) - float(z)) < 4 * math.hypot(x.stderr, z.stderr)
 
 
+@pytest.mark.parametrize("process", ["bd3lm", "esolm", "udlm", "gidd", "sedd", "mdlm_sc"])
+def test_every_process_is_scored_through_its_contract(process):
+    """Non-MDLM processes get their own bound (`estimator=process`), batch-invariant (BD3-LM's rows padded to its
+    blocks); the self-conditioned MDLM gets LLaDA's estimator on its plain pass."""
+    from dlm.build import build_network, build_process
+    from dlm.config import build_config
+    from dlm.pipeline import DiffusionLM
+    from tests.golden.cases import tokenizer
+
+    tok = tokenizer()
+    cfg = build_config(["model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.context=32",
+                        "data.vocab_size=300", f"process={process}"])
+    cfg.model.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = DiffusionLM(build_network(cfg), build_process(cfg, tok.mask_token_id), tok, cfg)
+    requests = [req("loglikelihood", CTX, CONT), req("loglikelihood", "The Lord", " is my shepherd")]
+    a = lm(model, mc_num=8, mc_groups=2, batch_size=1).loglikelihood(requests)
+    b = lm(model, mc_num=8, mc_groups=2, batch_size=8).loglikelihood(requests)
+    assert lm(model).estimator == ("llada" if process == "mdlm_sc" else "process")
+    for (x, _), (y, _) in zip(a, b):
+        assert math.isfinite(float(x)) and float(x) < 0 and x.stderr > 0
+        assert float(x) == pytest.approx(float(y), rel=1e-5)
+
+
 def test_stratified_levels_cover_the_range_evenly():
     for length, b in ((5, 16), (16, 16), (40, 8)):
         for k in range(1, length + 1):

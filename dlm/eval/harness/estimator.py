@@ -7,7 +7,8 @@ one) of which the first `n_given` are given: never noised, never scored. For a r
 
 - Autoregressive process: exact, one causal call: the sum of the continuation tokens' log-probabilities;
   greedy when every continuation token is the argmax of its next-token distribution.
-- Absorbing diffusion (MDLM, soft-masking, self-conditioning, open LLaDA-style folders), estimator "llada": the
+- Masked diffusion (MDLM-type: MDLM, soft-masking, self-conditioning — one plain pass of the denoiser, without
+  their feedback —, open LLaDA-style folders), estimator "llada": the
   Monte Carlo bound of LLaDA (Nie et al. 2025, eq. 6 / its `get_log_likelihood`). A draw picks the number of
   masked continuation tokens l in 1..L (L = continuation length), masks l of the L positions uniformly and
   scores  (L / l) * sum over masked positions of -log x_theta(z)[x]  with the network on z (context clean).
@@ -21,9 +22,10 @@ one) of which the first `n_given` are given: never noised, never scored. For a r
 - Any other process (BD3-LM, Eso-LM, uniform-state, SEDD), estimator "process": the process's own
   `nelbo(network, batch, 1, generators)` with the context given (the process contract: given positions are
   neither noised nor scored), called mc_num times: iid draws, standard error std / sqrt(mc_num). Rows are batched
-  with rows of the same length only (a process draws per padded position).
+  with rows of the same length only (a process draws per padded position); a block-causal process's rows are
+  right-padded to a multiple of its block size.
 
-is_greedy for an absorbing diffusion model (`greedy_rows`): the continuation positions start masked and are
+is_greedy for a masked diffusion model (`greedy_rows`): the continuation positions start masked and are
 decoded one position per network call in confidence order (the masked position whose x_theta has the largest
 top probability is committed, to its argmax), the context clean: greedy when every committed argmax equals the
 continuation's token there. It stops at the first mismatch, so it costs between 1 and L calls per request.
@@ -182,21 +184,29 @@ def llada_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: i
 
 
 @torch.no_grad()
-def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size: int) -> list[Estimate]:
+def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size: int, pad_id: int = 0
+                      ) -> list[Estimate]:
     """The process's own bound (`nelbo` with the context given), mc_num iid calls of one time each per row; rows
-    batched with rows of the same length only, so each row's draws do not depend on its batch."""
+    batched with rows of the same length only, so each row's draws do not depend on its batch. A block-causal
+    process gets its rows right-padded to a multiple of its block size (padding neither attended to nor scored)."""
     device = next(network.parameters()).device
     values = torch.zeros(len(rows), mc_num, dtype=torch.float64)
     by_length: dict[int, list[int]] = {}
     for r, row in enumerate(rows):
         by_length.setdefault(len(row.ids), []).append(r)
+    block = process.block_size if process.blockwise and process.block_size else 1
     for length, members in by_length.items():
+        width = -(-length // block) * block
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]
-            ids = torch.tensor([rows[r].ids for r in idx], device=device)
-            given = torch.arange(length, device=device)[None, :] < torch.tensor([rows[r].n_given for r in idx],
-                                                                               device=device)[:, None]
-            batch = {"input_ids": ids, "loss_mask": torch.ones_like(ids, dtype=torch.bool), "given": given}
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long, device=device)
+            ids[:, :length] = torch.tensor([rows[r].ids for r in idx], device=device)
+            real = (torch.arange(width, device=device) < length)[None, :].expand(len(idx), -1)  # (B, width)
+            given = torch.arange(width, device=device)[None, :] < torch.tensor([rows[r].n_given for r in idx],
+                                                                              device=device)[:, None]
+            batch = {"input_ids": ids, "loss_mask": real.clone(), "given": given}
+            if width > length:
+                batch["attention_mask"] = real.clone()
             generators = [rows[r].generator for r in idx]
             for d in range(mc_num):
                 out = process.nelbo(network, batch, 1, generators)
@@ -227,7 +237,7 @@ def exact_ar(process, network, rows: list[Row], batch_size: int, pad_id: int) ->
 
 @torch.no_grad()
 def greedy_rows(process, network, rows: list[Row], batch_size: int, pad_id: int) -> tuple[list[bool], list[int]]:
-    """(greedy, network calls) per row of an absorbing diffusion model: confidence-order decoding of the
+    """(greedy, network calls) per row of a masked diffusion model: confidence-order decoding of the
     continuation, one position per call, the context clean (module docstring); stops at the first mismatch."""
     device, mask_id = next(network.parameters()).device, process.mask_id
     result, calls = [True] * len(rows), [0] * len(rows)

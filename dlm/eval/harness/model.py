@@ -74,12 +74,14 @@ class DLMHarnessLM(LM):
         self.sampler_options = dict(sampler_options)
         self.stats_path = stats_path
         self.stats: dict[str, dict] = {}
+        from dlm.process.mdlm import MaskedDiffusion
+
         process = self.model.process
-        absorbing = process.corruption == "absorbing" and not process.blockwise
+        self.masked = isinstance(process.plain, MaskedDiffusion)  # MDLM, self-conditioned, soft-masked, open LLaDA
         self.estimator = ("exact" if process.autoregressive else
-                          ("llada" if absorbing else "process") if estimator == "auto" else estimator)
-        if self.estimator == "llada" and not absorbing:
-            raise ValueError(f"estimator=llada needs an absorbing, non-block-causal model; this one is "
+                          ("llada" if self.masked else "process") if estimator == "auto" else estimator)
+        if self.estimator == "llada" and not self.masked:
+            raise ValueError(f"estimator=llada needs a masked diffusion (MDLM-type) model; this one is "
                              f"'{process.name}': use estimator=process (its own bound)")
         if self.estimator == "llada" and not process.autoregressive:
             from dlm.eval.harness.estimator import check_mc
@@ -129,20 +131,20 @@ class DLMHarnessLM(LM):
         with m.autocast(self.precision):
             if self.estimator == "exact":
                 return exact_ar(p, m.network, rows, self.batch_size, self.pad_id)
-            if self.estimator == "llada":
-                est = llada_estimates(p, m.network, rows, self.mc_num, self.mc_groups, self.batch_size, self.pad_id,
-                                      self.cfg_scale)
+            if self.estimator == "llada":  # one plain pass of the denoiser: no soft-masking / self-conditioning
+                est = llada_estimates(p.plain, m.network, rows, self.mc_num, self.mc_groups, self.batch_size,
+                                      self.pad_id, self.cfg_scale)
             else:
-                est = process_estimates(p, m.network, rows, self.mc_num, self.batch_size)
+                est = process_estimates(p, m.network, rows, self.mc_num, self.batch_size, self.pad_id)
             if not greedy:
                 return [(e, False) for e in est]
-            if p.corruption != "absorbing" or p.blockwise:
+            if not self.masked:
                 if not getattr(self, "_warned_greedy", False):
                     log.warning("is_greedy is False for every request: greedy decoding is defined here for "
-                                "autoregressive and absorbing non-block-causal models only, not '%s'", p.name)
+                                "autoregressive and masked diffusion (MDLM-type) models only, not '%s'", p.name)
                     self._warned_greedy = True
                 return [(e, False) for e in est]
-            flags, calls = greedy_rows(p, m.network, rows, self.batch_size, self.pad_id)
+            flags, calls = greedy_rows(p.plain, m.network, rows, self.batch_size, self.pad_id)
             return [(Estimate(float(e), e.stderr, e.exact, e.tokens, e.nfe + c), g)
                     for e, g, c in zip(est, flags, calls)]
 
