@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dlm.progress import track
+
 
 class Estimate(float):
     """A log-likelihood in nats (a float: lm_eval uses it as one) with `stderr` (its Monte Carlo standard error,
@@ -136,7 +138,7 @@ def times_of(process, rate: torch.Tensor) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- estimators
 @torch.no_grad()
 def llada_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: int, batch_size: int,
-                    pad_id: int, cfg_scale: float = 0.0) -> list[Estimate]:
+                    pad_id: int, cfg_scale: float = 0.0, progress="off") -> list[Estimate]:
     """LLaDA's Monte Carlo bound of each row's continuation (module docstring); log-likelihoods (negated bounds).
     cfg_scale > 0: LLaDA's classifier-free guidance, logits u + (1 + cfg_scale)(c - u) with u the logits with the
     context masked (BOS kept); two calls per draw."""
@@ -154,7 +156,7 @@ def llada_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: i
             jobs.append((r, d, z.tolist(), int(levels[d])))
     values = torch.zeros(len(rows), mc_num, dtype=torch.float64)
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][2]))  # similar lengths together: less padding
-    for start in range(0, len(order), batch_size):
+    for start in track(range(0, len(order), batch_size), "likelihood (llada draws)", progress):
         chunk = [jobs[j] for j in order[start:start + batch_size]]
         z, am = padded([c[2] for c in chunk], pad_id, device)
         x, _ = padded([rows[c[0]].ids for c in chunk], pad_id, device)
@@ -184,8 +186,8 @@ def llada_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: i
 
 
 @torch.no_grad()
-def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size: int, pad_id: int = 0
-                      ) -> list[Estimate]:
+def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size: int, pad_id: int = 0,
+                      progress="off") -> list[Estimate]:
     """The process's own bound (`nelbo` with the context given), mc_num iid calls of one time each per row; rows
     batched with rows of the same length only, so each row's draws do not depend on its batch. A block-causal
     process gets its rows right-padded to a multiple of its block size (padding neither attended to nor scored)."""
@@ -195,7 +197,7 @@ def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size
     for r, row in enumerate(rows):
         by_length.setdefault(len(row.ids), []).append(r)
     block = process.block_size if process.blockwise and process.block_size else 1
-    for length, members in by_length.items():
+    for length, members in track(list(by_length.items()), "likelihood (process nelbo)", progress, unit="length"):
         width = -(-length // block) * block
         for start in range(0, len(members), batch_size):
             idx = members[start:start + batch_size]

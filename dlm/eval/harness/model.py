@@ -9,7 +9,8 @@ folder or .gguf), device (cpu), dtype (open folders: float32 / bfloat16 / float1
 dlm's autocast rule), mc_num (128 draws per likelihood), mc_groups (8: the standard error's groups), estimator
 (auto / llada / process), cfg_scale (0: LLaDA guidance of the likelihood), seed (0), batch_size (16 rows per
 network call), sampler and steps (generate_until: default the model's sampler, one step per generated token),
-max_gen_toks (64), stats_path (write the per-task Monte Carlo errors and NFE as JSON), and any option of the
+max_gen_toks (64), stats_path (write the per-task Monte Carlo errors and NFE as JSON), progress (auto / bar /
+plain / off: of the likelihood batches, on stderr), and any option of the
 sampler (threshold=0.9, block_length=8, ...), checked by `generate`.
 """
 
@@ -40,7 +41,7 @@ class DLMHarnessLM(LM):
                  precision: str = "auto", mc_num: int = 128, mc_groups: int = 8, estimator: str = "auto",
                  cfg_scale: float = 0.0, seed: int = 0, batch_size: int | str = 16, max_batch_size: int | None = None,
                  sampler: str | None = None, steps: int | None = None, max_gen_toks: int = 64,
-                 stats_path: str | None = None, model=None, **sampler_options):
+                 stats_path: str | None = None, progress: str = "auto", model=None, **sampler_options):
         super().__init__()
         from dlm.pipeline import DiffusionLM
 
@@ -72,7 +73,7 @@ class DLMHarnessLM(LM):
         self.seed, self.cfg_scale, self.precision = int(seed), float(cfg_scale), str(precision)
         self.sampler, self.steps, self.max_gen_toks = sampler, None if steps is None else int(steps), int(max_gen_toks)
         self.sampler_options = dict(sampler_options)
-        self.stats_path = stats_path
+        self.stats_path, self.progress = stats_path, progress
         self.stats: dict[str, dict] = {}
         from dlm.process.mdlm import MaskedDiffusion
 
@@ -133,9 +134,10 @@ class DLMHarnessLM(LM):
                 return exact_ar(p, m.network, rows, self.batch_size, self.pad_id)
             if self.estimator == "llada":  # one plain pass of the denoiser: no soft-masking / self-conditioning
                 est = llada_estimates(p.plain, m.network, rows, self.mc_num, self.mc_groups, self.batch_size,
-                                      self.pad_id, self.cfg_scale)
+                                      self.pad_id, self.cfg_scale, self.progress)
             else:
-                est = process_estimates(p, m.network, rows, self.mc_num, self.batch_size, self.pad_id)
+                est = process_estimates(p, m.network, rows, self.mc_num, self.batch_size, self.pad_id,
+                                        self.progress)
             if not greedy:
                 return [(e, False) for e in est]
             if not self.masked:
