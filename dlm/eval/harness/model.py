@@ -65,7 +65,7 @@ class DLMHarnessLM(LM):
         self.model = model
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r}: use one of {', '.join(ESTIMATORS)}")
-        if batch_size == "auto" or batch_size is None:
+        if batch_size is None or str(batch_size).startswith("auto"):  # lm_eval's "auto" / "auto:N": dlm's default
             batch_size = 16
         self.batch_size, self.mc_num, self.mc_groups = int(batch_size), int(mc_num), int(mc_groups)
         if self.batch_size < 1 or self.mc_num < 1:
