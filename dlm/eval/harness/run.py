@@ -55,10 +55,17 @@ def run_harness(pretrained: str, tasks: list[str], model_args: dict | None = Non
     manager = resolve_tasks(tasks)
     lm = cls(pretrained=pretrained, model=model, **(model_args or {}))
     seed = lm.seed
-    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template,
-                              log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  bootstrap_iters=bootstrap_iters, apply_chat_template=apply_chat_template,
+                                  log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed)
+    except (ConnectionError, DatasetNotFoundError) as e:
+        raise ValueError(f"a task's data is not available here ({e}); dlm's offline tasks (dlm_text, dlm_sudoku) "
+                         "need none, a hub task needs its dataset in the local datasets cache (docs/harness.md, "
+                         "'Any other lm-eval task')") from None
     results["dlm"] = lm.summary()
     return results
 
