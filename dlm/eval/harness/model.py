@@ -123,7 +123,9 @@ class DLMHarnessLM(LM):
             start = self.start if self.start or ctx else [self.model.tokenizer.eos_token_id]  # no BOS: EOS as start
             ids, n_given = fit_context(start, ctx, cont, self.model.context)
             seed = row_seed(self.seed, torch.tensor(ids + [-1 - n_given]))
-            rows.append(Row(ids, n_given, torch.Generator().manual_seed(seed), len(start)))
+            # llada's draws are made on the CPU (then moved); a process draws on the model's device
+            device = "cpu" if self.estimator == "llada" else self.model.device
+            rows.append(Row(ids, n_given, torch.Generator(device=device).manual_seed(seed), len(start)))
         return rows
 
     def score(self, rows: list[Row], greedy: bool) -> list[tuple[Estimate, bool]]:
