@@ -71,6 +71,7 @@ class DLMHarnessLM(LM):
         if self.batch_size < 1 or self.mc_num < 1:
             raise ValueError(f"batch_size={batch_size} and mc_num={mc_num} must be positive integers")
         self.seed, self.cfg_scale, self.precision = int(seed), float(cfg_scale), str(precision)
+        self.model.autocast(self.precision)  # an unknown precision is refused here, naming the valid ones
         self.sampler, self.steps, self.max_gen_toks = sampler, None if steps is None else int(steps), int(max_gen_toks)
         self.sampler_options = dict(sampler_options)
         self.stats_path, self.progress = stats_path, progress
@@ -189,6 +190,9 @@ class DLMHarnessLM(LM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """dlm's generate on each context (the model's sampler, or `sampler=` and its options), max_gen_toks new
         tokens, cut at EOS and at the first stop string; per-request seeds, NFE recorded per task."""
+        from dlm.pipeline import row_seed
+        from dlm.sampler.registry import sampler_spec
+
         groups: dict[str, list[int]] = {}
         settings = []
         for i, req in enumerate(requests):
@@ -200,26 +204,28 @@ class DLMHarnessLM(LM):
             temp = kwargs.pop("temperature", None)
             if kwargs.pop("do_sample", None) is False:
                 temp = 0.0
+            top_p = kwargs.pop("top_p", None)
+            if kwargs and not getattr(self, "_warned_kwargs", False):
+                log.warning("generation arguments %s are not used by dlm's samplers (until, max_gen_toks, "
+                            "temperature, do_sample and top_p are)", sorted(kwargs))
+                self._warned_kwargs = True
             settings.append((context, until, gen, temp))
-            groups.setdefault(json.dumps([gen, temp]), []).append(i)
+            groups.setdefault(json.dumps([gen, temp, top_p]), []).append(i)
         out: list[str | None] = [None] * len(requests)
         for key, idx in groups.items():
-            gen, temp = json.loads(key)
+            gen, temp, top_p = json.loads(key)
             prompts = [self.fit_prompt(settings[i][0], gen) for i in idx]
-            from dlm.pipeline import row_seed
-
             seeds = [row_seed(self.seed, torch.tensor(self.encode(p) + [gen])) for p in prompts]
             steps = self.steps if self.steps is not None else gen
             options = dict(self.sampler_options)
-            spec_name = self.model.sampler_name(self.sampler)
-            from dlm.sampler.registry import sampler_spec
-
-            accepted = sampler_spec(spec_name).options
+            accepted = sampler_spec(self.model.sampler_name(self.sampler)).options
             kw = {}
-            if "steps" in accepted:
+            if "steps" in accepted and "steps" not in options:
                 kw["steps"] = steps
             if temp is not None and "temperature" in accepted and "temperature" not in options:
                 kw["temperature"] = float(temp)
+            if top_p is not None and "top_p" in accepted and "top_p" not in options:
+                kw["top_p"] = float(top_p)
             g = self.model.generate(prompts, gen_length=gen, sampler=self.sampler, seed=seeds,
                                     batch_size=self.batch_size, precision=self.precision, **kw, **options)
             eos = self.model.tokenizer.eos_token_id
