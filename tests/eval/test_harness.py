@@ -303,3 +303,23 @@ def test_bad_task_names_and_missing_lm_eval_exit_2(models, tmp_path, capsys, mon
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails as when it is not installed
     assert main(["eval", str(folder), "--harness", "dlm_cloze"]) == 2
     assert "pip install 'dlm[eval]'" in capsys.readouterr().err
+
+
+def test_task_files_are_deterministic_and_come_from_the_test_split(tmp_path):
+    """`python -m dlm.eval.harness data --out DIR` writes the four files; they equal a fresh build (selection by a
+    text hash, no randomness) and every cloze / continuation example lies in the embedded corpus's test split."""
+    from dlm.data.corpus import load_texts
+    from dlm.eval.harness.__main__ import main
+    from dlm.eval.harness.data import SIZES, build
+
+    assert main(["data", "--out", str(tmp_path)]) == 0
+    rows = {n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in SIZES}
+    assert {n: len(r) for n, r in rows.items()} == SIZES
+    for name in SIZES:
+        assert [{k: v for k, v in r.items() if k != "version"} for r in rows[name]] == build(name)
+    test = "\n".join(load_texts("embedded", split="test"))
+    for r in rows["cloze"][:50]:
+        assert (r["context"] + r["target"]) in test and r["target"][1:].isalpha()
+    for r in rows["continuation"][:50]:
+        assert len(r["target"].split()) == 3 and r["context"].rstrip("\n") in test
+    assert all(len(r["puzzle"]) == 16 and r["puzzle"].count(".") == 10 for r in rows["sudoku"])
