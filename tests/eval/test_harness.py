@@ -86,13 +86,14 @@ def test_diffusion_estimate_is_within_monte_carlo_error_of_nelbo(models):
     assert abs(float(est) + statistics.mean(bounds)) < 4 * math.hypot(est.stderr, se_nelbo)
 
 
-def test_reported_standard_error_matches_the_spread_over_seeds(models):
+@pytest.mark.parametrize("estimator", ["llada", "process"])
+def test_reported_standard_error_matches_the_spread_over_seeds(models, estimator):
     """The standard deviation of 24 estimates (seeds 0..23, mc_num 32 in 8 groups) against the mean reported
     standard error: a sample standard deviation of 24 values is within ±30 % of the truth with ~95 % probability
     (relative s.e. 1/sqrt(2·23) ≈ 15 %), and the 24 reported errors average their own ~25 % noise away."""
     model = models["mdlm"]
-    ests = [lm(model, mc_num=32, mc_groups=8, seed=s).loglikelihood([req("loglikelihood", CTX, CONT)])[0][0]
-            for s in range(24)]
+    ests = [lm(model, mc_num=32, mc_groups=8, seed=s, estimator=estimator).loglikelihood(
+        [req("loglikelihood", CTX, CONT)])[0][0] for s in range(24)]
     spread = statistics.stdev(float(e) for e in ests)
     reported = statistics.mean(e.stderr for e in ests)
     assert 0.6 < spread / reported < 1.5, (spread, reported)

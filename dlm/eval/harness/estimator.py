@@ -20,8 +20,9 @@ one) of which the first `n_given` are given: never noised, never scored. For a r
   an unbiased variance estimate under the stratification, which the iid formula over single draws is not).
   Every draw comes from the request's own generator, before any batching: results do not depend on batch_size.
 - Any other process (BD3-LM, Eso-LM, uniform-state, SEDD), estimator "process": the process's own
-  `nelbo(network, batch, 1, generators)` with the context given (the process contract: given positions are
-  neither noised nor scored), called mc_num times: iid draws, standard error std / sqrt(mc_num). Rows are batched
+  `nelbo(network, batch, mc_num / mc_groups, generators)` with the context given (the process contract: given
+  positions are neither noised nor scored), called mc_groups times: the standard error is the spread of the calls
+  / sqrt(mc_groups). Rows are batched
   with rows of the same length only (a process draws per padded position); a block-causal process's rows are
   right-padded to a multiple of its block size.
 
@@ -186,13 +187,16 @@ def llada_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: i
 
 
 @torch.no_grad()
-def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size: int, pad_id: int = 0,
-                      progress="off") -> list[Estimate]:
-    """The process's own bound (`nelbo` with the context given), mc_num iid calls of one time each per row; rows
-    batched with rows of the same length only, so each row's draws do not depend on its batch. A block-causal
-    process gets its rows right-padded to a multiple of its block size (padding neither attended to nor scored)."""
+def process_estimates(process, network, rows: list[Row], mc_num: int, mc_groups: int, batch_size: int,
+                      pad_id: int = 0, progress="off") -> list[Estimate]:
+    """The process's own bound (`nelbo` with the context given): mc_groups calls of mc_num / mc_groups times each
+    (the process's own time sampling within a call, e.g. MDLM's antithetic times), the standard error from the
+    spread of the calls; rows batched with rows of the same length only, so each row's draws do not depend on its
+    batch. A block-causal process gets its rows right-padded to a multiple of its block size (padding neither
+    attended to nor scored)."""
+    check_mc(mc_num, mc_groups)
     device = next(network.parameters()).device
-    values = torch.zeros(len(rows), mc_num, dtype=torch.float64)
+    values = torch.zeros(len(rows), mc_groups, dtype=torch.float64)
     by_length: dict[int, list[int]] = {}
     for r, row in enumerate(rows):
         by_length.setdefault(len(row.ids), []).append(r)
@@ -210,10 +214,10 @@ def process_estimates(process, network, rows: list[Row], mc_num: int, batch_size
             if width > length:
                 batch["attention_mask"] = real.clone()
             generators = [rows[r].generator for r in idx]
-            for d in range(mc_num):
-                out = process.nelbo(network, batch, 1, generators)
-                values[idx, d] = out.nll_per_row.double().cpu()
-    return [Estimate(-float(v.mean()), float(v.std() / math.sqrt(mc_num)), False, row.length, mc_num)
+            for g in range(mc_groups):
+                out = process.nelbo(network, batch, mc_num // mc_groups, generators)
+                values[idx, g] = out.nll_per_row.double().cpu()
+    return [Estimate(-float(v.mean()), float(v.std() / math.sqrt(mc_groups)), False, row.length, mc_num)
             for v, row in zip(values, rows)]
 
 

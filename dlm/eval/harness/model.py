@@ -85,7 +85,7 @@ class DLMHarnessLM(LM):
         if self.estimator == "llada" and not self.masked:
             raise ValueError(f"estimator=llada needs a masked diffusion (MDLM-type) model; this one is "
                              f"'{process.name}': use estimator=process (its own bound)")
-        if self.estimator == "llada" and not process.autoregressive:
+        if not process.autoregressive:
             from dlm.eval.harness.estimator import check_mc
 
             check_mc(self.mc_num, self.mc_groups)
@@ -139,8 +139,8 @@ class DLMHarnessLM(LM):
                 est = llada_estimates(p.plain, m.network, rows, self.mc_num, self.mc_groups, self.batch_size,
                                       self.pad_id, self.cfg_scale, self.progress)
             else:
-                est = process_estimates(p, m.network, rows, self.mc_num, self.batch_size, self.pad_id,
-                                        self.progress)
+                est = process_estimates(p, m.network, rows, self.mc_num, self.mc_groups, self.batch_size,
+                                        self.pad_id, self.progress)
             if not greedy:
                 return [(e, False) for e in est]
             if not self.masked:
