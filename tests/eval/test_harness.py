@@ -324,3 +324,23 @@ def test_task_files_are_deterministic_and_come_from_the_test_split(tmp_path):
     for r in rows["continuation"][:50]:
         assert len(r["target"].split()) == 3 and r["context"].rstrip("\n") in test
     assert all(len(r["puzzle"]) == 16 and r["puzzle"].count(".") == 10 for r in rows["sudoku"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "dream", "sdar"])
+def test_open_folders_are_scored(family, tmp_path):
+    """Open checkpoint folders through dlm.load: causal LMs exactly (against a token-by-token computation, only the
+    continuation's positions getting logits), Dream (shifted predictions) by LLaDA's estimator, SDAR (block-causal)
+    by its process's bound."""
+    from tests.test_open_families_samplers import write_family
+
+    write_family(tmp_path, family)
+    adapter = DLMHarnessLM(pretrained=str(tmp_path), mc_num=8, mc_groups=2, precision="32")
+    (est, _), = adapter.loglikelihood([req("loglikelihood", "w5 w6 w7", " w8 w9")])
+    model = adapter.model
+    assert adapter.estimator == {"llama": "exact", "gpt2": "exact", "dream": "llada", "sdar": "process"}[family]
+    assert math.isfinite(float(est)) and float(est) < 0
+    if model.is_autoregressive:
+        ids = adapter.start + model.encode("w5 w6 w7 w8 w9")
+        ref = sum(float(model.network.next_token_logits(torch.tensor([ids[:i]]))[0, -1].detach().double()
+                        .log_softmax(-1)[ids[i]]) for i in range(len(ids) - 2, len(ids)))
+        assert float(est) == pytest.approx(ref, rel=1e-5)

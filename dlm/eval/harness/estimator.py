@@ -230,14 +230,18 @@ def exact_ar(process, network, rows: list[Row], batch_size: int, pad_id: int) ->
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         x, _ = padded([rows[r].ids for r in idx], pad_id, device)  # right padding: causal queries never see it
-        logp = process.forward_logits(network, x[:, :-1], None).float().log_softmax(-1)  # (B, T-1, V): about x[:, 1:]
+        at = torch.zeros(len(idx), x.shape[1] - 1, dtype=torch.bool, device=device)  # positions predicting the
+        for i, r in enumerate(idx):                                                   # continuation's tokens
+            at[i, rows[r].n_given - 1:len(rows[r].ids) - 1] = True
+        logp = process.forward_logits(network, x[:, :-1], None, logits_at=at).float().log_softmax(-1)  # (N, V)
+        target = x[:, 1:][at]  # (N,)
+        lp = logp.gather(-1, target[:, None])[:, 0].double()  # (N,)
+        hit = (logp.argmax(-1) == target).double()
+        row_of = at.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, row_of, lp)
+        hits = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, row_of, hit)
         for i, r in enumerate(idx):
-            row = rows[r]
-            pos = torch.arange(row.n_given - 1, len(row.ids) - 1, device=device)  # predicting the continuation
-            target = x[i, pos + 1]
-            lp = logp[i, pos].gather(-1, target[:, None])[:, 0]
-            greedy = bool((logp[i, pos].argmax(-1) == target).all())
-            out[r] = (Estimate(float(lp.double().sum()), 0.0, True, row.length, 1), greedy)
+            out[r] = (Estimate(float(sums[i]), 0.0, True, rows[r].length, 1), int(hits[i]) == rows[r].length)
     return out
 
 
