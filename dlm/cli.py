@@ -470,6 +470,15 @@ def cmd_eval(args) -> int:
     args.feedback_kw = feedback_option(args)
     if args.iw_orders < 0:
         raise ValueError(f"--iw-orders={args.iw_orders} must be 0 (off) or a positive number of orders per sequence")
+    if args.harness is not None:
+        return _eval_harness(args)
+    given = [f for f, on in (("--mc-num", args.mc_num is not None), ("--mc-groups", args.mc_groups is not None),
+                             ("--estimator", args.estimator is not None), ("--num-fewshot", args.num_fewshot is not None),
+                             ("--apply-chat-template", args.apply_chat_template), ("--log-samples", args.log_samples),
+                             ("--cfg-scale", args.cfg_scale is not None), ("--max-gen-toks", args.max_gen_toks is not None))
+             if on]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --harness TASKS (lm-evaluation-harness tasks)")
     if args.task:
         return _eval_task(args)
     if args.task_data or args.task_option or args.limit is not None or args.task_seed is not None:
@@ -507,6 +516,50 @@ def _add_dtype_arg(p) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="the network's weights: auto (default) keeps them as stored (an open bf16 folder stays "
                         "bf16, a dlm checkpoint float32); float32 / bfloat16 / float16 convert them at load")
+
+
+def _eval_harness(args) -> int:
+    """`dlm eval MODEL... --harness TASKS`: lm-evaluation-harness tasks on each model (dlm/eval/harness/)."""
+    from dlm.pipeline import DiffusionLM
+
+    given = [flag for flag, on in (("--gen-ppl", args.gen_ppl), ("--mauve", args.mauve), ("--task", args.task),
+                                   ("--max-rows", args.max_rows is not None), ("--iw-orders", args.iw_orders > 0))
+             if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot go with --harness (its metrics are the tasks' own)")
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--harness needs task names, comma-separated (e.g. --harness dlm_text or dlm_cloze,dlm_ppl)")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit={args.limit} must be a positive integer")
+    try:
+        from dlm.eval.harness import register
+
+        register()
+    except ModuleNotFoundError as e:
+        raise ValueError(str(e)) from None
+    from dlm.eval.harness.run import harness_table, resolve_tasks, run_harness, write_json
+
+    resolve_tasks(tasks)  # unknown names refused before loading any model
+    out = {}
+    for path in args.models:
+        model = DiffusionLM.load(path, dtype=getattr(args, "dtype", None))
+        options = option_values(model, args)
+        model_args = {"mc_num": args.mc_num or 128, "mc_groups": args.mc_groups or 8,
+                      "estimator": args.estimator or "auto", "cfg_scale": args.cfg_scale or 0.0, "seed": args.seed,
+                      "batch_size": args.batch_size, "sampler": args.sampler, "steps": args.steps,
+                      "max_gen_toks": args.max_gen_toks or 64, **options}
+        if args.top_p is not None:
+            model_args["top_p"] = args.top_p
+        results = run_harness(path, tasks, model_args, limit=args.limit, num_fewshot=args.num_fewshot,
+                              apply_chat_template=args.apply_chat_template, log_samples=args.log_samples, model=model)
+        print(f"== {path}")
+        print(harness_table(results))
+        out[path] = results
+    if args.json:
+        write_json(out if len(out) > 1 else next(iter(out.values())), args.json)
+        print(f"results written to {args.json}")
+    return 0
 
 
 def _add_task_args(p, what: str) -> None:
@@ -714,7 +767,28 @@ def build_parser() -> argparse.ArgumentParser:
                       "--steps defaults to one generated position per call, --split to test "
                       "(train | validation | test)")
     p.add_argument("--limit", type=int, default=None,
-                   help="with --task: the first N examples of the split (generated: N, default 100)")
+                   help="with --task: the first N examples of the split (generated: N, default 100); with --harness: "
+                        "the first N documents of each task")
+    g = p.add_argument_group("lm-evaluation-harness (docs/harness.md)")
+    g.add_argument("--harness", default=None, metavar="TASKS",
+                   help="instead of perplexity: run lm-eval tasks or groups (comma-separated) on each model and print "
+                        "lm-eval's table with its standard errors, then the Monte Carlo errors and NFE per task. "
+                        "dlm's offline tasks: dlm_text (= dlm_ppl, dlm_cloze, dlm_continuation) and dlm_sudoku; any "
+                        "other lm-eval task whose data is present locally. --seed, --batch-size, --sampler, --steps, "
+                        "-o and --limit apply")
+    g.add_argument("--mc-num", type=int, default=None, help="Monte Carlo draws per diffusion likelihood (default 128)")
+    g.add_argument("--mc-groups", type=int, default=None,
+                   help="groups of draws whose spread gives the standard error (default 8; divides --mc-num)")
+    g.add_argument("--estimator", default=None, choices=("auto", "llada", "process"),
+                   help="diffusion likelihood: llada (stratified LLaDA bound; auto for absorbing models) or process "
+                        "(the process's own NELBO; auto for the others); autoregressive models are exact")
+    g.add_argument("--cfg-scale", type=float, default=None, help="LLaDA's classifier-free guidance of the likelihood")
+    g.add_argument("--max-gen-toks", type=int, default=None,
+                   help="tokens generated per request when the task sets none (default 64)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    g.add_argument("--apply-chat-template", action="store_true", help="wrap requests in the tokenizer's chat template")
+    g.add_argument("--log-samples", action="store_true", help="keep every request and response in the JSON output")
+    g.add_argument("--output", dest="json", default=None, help="write the results as JSON (the same as --json)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", allow_abbrev=False, help="export a training checkpoint as a Hugging Face-style folder")
