@@ -176,3 +176,12 @@ def test_first_steps_in_calls_of_first_rows_and_no_preemption_when_off(golden):
         assert sum(inside for _, inside, _ in calls) == engine.stats["preempted_steps"]
         texts.append([out[-1][1][0]["text"] for _, out in jobs])
     assert texts[0] == texts[1] == [reference(model, b)[0] for b in bodies]
+
+
+def test_preemption_points_are_the_blocks_then_the_output_layer(golden):
+    from dlm.serve.batcher import preemption_points
+
+    net = golden["mdlm"].network
+    points = preemption_points(net)
+    assert points == [*net.blocks, net.head] and len(points) == len(net.blocks) + 1
+    assert preemption_points(torch.nn.Linear(2, 2)) == []  # no layer list: steps end at step boundaries only
