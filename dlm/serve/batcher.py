@@ -107,6 +107,7 @@ class Engine:
         self.first_rows = min(first_rows, batch_rows)
         self.points = preemption_points(model.network) if preempt else []  # modules a running step may pause before
         self.inside = False  # the engine is stepping newcomers inside a running step (no deeper preemption)
+        self.stepper = None  # the thread stepping a running batch with the hooks in place
         self.pending: collections.deque[Job] = collections.deque()
         self.batches: list[Batch] = []
         self.cond = threading.Condition()
@@ -212,18 +213,21 @@ class Engine:
         """Step a running batch with a hook before each of the network's layers (and its output layer): a request
         that arrived meanwhile takes its first step there (`_preempt`), so it waits for one layer of the step in
         progress, not the whole step. The batch's own computation is not touched (its rows' tokens are the same)."""
+        self.stepper = threading.get_ident()  # the hooks act only in this thread (another engine may share the model)
         handles = [m.register_forward_pre_hook(self._preempt) for m in self.points]
         try:
             self._step(batch)
         finally:
+            self.stepper = None
             for h in handles:
                 h.remove()
 
     def _preempt(self, module=None, args=None) -> None:
         """Inside a running batch's step: admit waiting requests and step every fresh batch (newcomers' first
         steps, in calls of at most `first_rows` rows); they merge into running batches at the next boundary.
-        Nothing happens when none waits, when paused, or inside such a call already."""
-        if self.inside or not self.pending or not self.running.is_set():
+        Nothing happens when none waits, when paused, inside such a call already, or in another thread (another
+        engine stepping the same model)."""
+        if self.inside or not self.pending or not self.running.is_set() or threading.get_ident() != self.stepper:
             return
         self.inside = True
         try:

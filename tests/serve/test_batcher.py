@@ -185,3 +185,22 @@ def test_preemption_points_are_the_blocks_then_the_output_layer(golden):
     points = preemption_points(net)
     assert points == [*net.blocks, net.head] and len(points) == len(net.blocks) + 1
     assert preemption_points(torch.nn.Linear(2, 2)) == []  # no layer list: steps end at step boundaries only
+
+
+def test_the_preemption_hook_acts_only_in_the_stepping_thread(golden):
+    """Another engine's forward on the same model (another thread) must not run this engine's newcomers."""
+    import threading
+
+    model = golden["mdlm"]
+    engine = Engine(model, precision="32")
+    job, out = job_of(model, {"prompt": "And", "max_tokens": 4, "steps": 4, "seed": 0}, "r0")
+    engine.submit(job)
+    engine.stepper = threading.get_ident()
+    other = threading.Thread(target=engine._preempt)
+    other.start()
+    other.join()
+    assert engine.pending and not engine.batches and engine.stats["preempted_steps"] == 0
+    with torch.no_grad():
+        engine._preempt()  # the stepping thread: admitted and stepped
+    assert not engine.pending and engine.stats["preempted_steps"] == 1
+    assert len(engine.batches) == 1 and not engine.batches[0].fresh and engine.batches[0].state.step.tolist() == [1]
