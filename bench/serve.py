@@ -5,10 +5,11 @@
     python bench/serve.py --requests 96 --waves 4 --no-preempt --first-rows 16   # the engine before preemption
 
 Each client sends streaming requests (`"diffusing": true`, so the time to the first canvas snapshot is measured)
-one after another until the level's `--requests` (at least `--waves` x clients) are done. Per level: throughput (generated tokens per second of
-wall time), p50 / p95 latency, p50 / p95 time to first snapshot (and its p50 over the requests after the first
-wave: those arrive one by one as others finish, the steady state), the server process's peak resident memory
-(it runs in this process: the bench's clients are light), and the batching gain (16 concurrent vs 1 at a time).
+one after another until the level's `--requests` (at least `--waves` x clients) are done. Per level: throughput
+(generated tokens per second of wall time), p50 / p95 latency, p50 / p95 time to first snapshot (and its p50 over
+the requests after the first wave: those arrive one by one as others finish, the steady state), the server
+process's peak resident memory (it runs in this process: the bench's clients are light), and the batching gain
+(16 concurrent vs 1 at a time).
 Every request's seed is its index, so each level generates the same tokens. A random network of the demo model's
 shape (4 layers, d_model 256, context 128, 8192-token vocabulary) costs what the trained one costs per step.
 """
@@ -132,7 +133,8 @@ def main() -> None:
             rows.append(level(server.url, clients, max(args.requests, args.waves * clients), body))
             print(f"  {clients} clients done in {rows[-1]['wall']:.1f} s", file=sys.stderr)
     print(f"model: {what}; {args.max_tokens} tokens per request, {args.steps} steps ({args.sampler}), "
-          f"{args.requests} requests per level (at least {args.waves} x clients), batches of <= {args.batch_rows} rows, "
+          f"{args.requests} requests per level (at least {args.waves} x clients), "
+          f"batches of <= {args.batch_rows} rows, "
           f"first steps in calls of <= {args.first_rows} rows, "
           + ("inside the running step (preemption)" if args.preempt else "at step boundaries (no preemption)"))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; {describe_cpu()}")
@@ -142,7 +144,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         steady = "-" if r["steady_p50"] is None else f"{r['steady_p50']:.3f}"
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['first_p50']:.3f} "
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} "
+              f"| {r['first_p50']:.3f} "
               f"| {r['first_p95']:.3f} | {steady} | {r['rss_mib']:.0f} |")
     by = {r["clients"]: r for r in rows}
     if 1 in by and 16 in by:
