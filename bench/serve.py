@@ -2,12 +2,14 @@
 
     python bench/serve.py                              # runs/demo-mdlm if trained, else a random demo-sized MDLM
     python bench/serve.py --model PATH --requests 64 --max-tokens 64 --steps 64 --clients 1,4,16,64
+    python bench/serve.py --requests 96 --waves 4 --no-preempt --first-rows 16   # the engine before preemption
 
 Each client sends streaming requests (`"diffusing": true`, so the time to the first canvas snapshot is measured)
-one after another until the level's `--requests` are done. Per level: throughput (generated tokens per second of
-wall time), p50 / p95 latency, p50 / p95 time to first snapshot (and its p50 over the requests after the first
-wave: those arrive one by one as others finish, the steady state), the server process's peak resident memory
-(it runs in this process: the bench's clients are light), and the batching gain (16 concurrent vs 1 at a time).
+one after another until the level's `--requests` (at least `--waves` x clients) are done. Per level: throughput
+(generated tokens per second of wall time), p50 / p95 latency, p50 / p95 time to first snapshot (and its p50 over
+the requests after the first wave: those arrive one by one as others finish, the steady state), the server
+process's peak resident memory (it runs in this process: the bench's clients are light), and the batching gain
+(16 concurrent vs 1 at a time).
 Every request's seed is its index, so each level generates the same tokens. A random network of the demo model's
 shape (4 layers, d_model 256, context 128, 8192-token vocabulary) costs what the trained one costs per step.
 """
@@ -103,6 +105,12 @@ def main() -> None:
     parser.add_argument("--sampler", default="ancestral", help="default ancestral (a network call every step)")
     parser.add_argument("--prompt", default="And the king said unto")
     parser.add_argument("--batch-rows", type=int, default=16)
+    parser.add_argument("--first-rows", type=int, default=4, help="rows per call of newcomers' first step")
+    parser.add_argument("--no-preempt", dest="preempt", action="store_false",
+                        help="newcomers wait for the running step to end (the engine before preemption)")
+    parser.add_argument("--waves", type=int, default=0,
+                        help="each level sends at least WAVES x clients requests (so the level's steady state, "
+                             "after its first wave, is measured at that many clients too; default 0: --requests)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -117,21 +125,27 @@ def main() -> None:
     what = args.model if Path(args.model).exists() else "a random MDLM of the demo shape (runs/demo-mdlm absent)"
     body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "steps": args.steps, "sampler": args.sampler}
     rows = []
-    with LiveServer(create_app(model, max_rows=64, batch_rows=args.batch_rows, max_queue=256)) as server:
+    app = create_app(model, max_rows=64, batch_rows=args.batch_rows, max_queue=256, first_rows=args.first_rows,
+                     preempt=args.preempt)
+    with LiveServer(app) as server:
         one_request(server.url, {**body, "seed": 0})  # warm-up
         for clients in [int(c) for c in args.clients.split(",")]:
-            rows.append(level(server.url, clients, args.requests, body))
+            rows.append(level(server.url, clients, max(args.requests, args.waves * clients), body))
             print(f"  {clients} clients done in {rows[-1]['wall']:.1f} s", file=sys.stderr)
     print(f"model: {what}; {args.max_tokens} tokens per request, {args.steps} steps ({args.sampler}), "
-          f"{args.requests} requests per level, batches of <= {args.batch_rows} rows")
+          f"{args.requests} requests per level (at least {args.waves} x clients), "
+          f"batches of <= {args.batch_rows} rows, "
+          f"first steps in calls of <= {args.first_rows} rows, "
+          + ("inside the running step (preemption)" if args.preempt else "at step boundaries (no preemption)"))
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; {describe_cpu()}")
     print()
-    print("| clients | tokens/s | p50 latency (s) | p95 latency (s) | first snapshot p50 (s) | p95 (s) "
+    print("| clients | requests | tokens/s | p50 latency (s) | p95 latency (s) | first snapshot p50 (s) | p95 (s) "
           "| first snapshot p50 after the first wave (s) | peak RSS (MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         steady = "-" if r["steady_p50"] is None else f"{r['steady_p50']:.3f}"
-        print(f"| {r['clients']} | {r['tokens_per_s']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['first_p50']:.3f} "
+        print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {r['p50']:.2f} | {r['p95']:.2f} "
+              f"| {r['first_p50']:.3f} "
               f"| {r['first_p95']:.3f} | {steady} | {r['rss_mib']:.0f} |")
     by = {r["clients"]: r for r in rows}
     if 1 in by and 16 in by:

@@ -819,6 +819,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=64, help="rows (choices) denoised at once (default 64)")
     p.add_argument("--batch-rows", type=int, default=16,
                    help="rows per network call (default 16); more running rows step as several batches")
+    p.add_argument("--first-rows", type=int, default=4,
+                   help="rows per call of newcomers' first step (default 4): a burst of requests takes its first "
+                        "steps in small calls, oldest first, before the running batches")
+    p.add_argument("--no-preempt", dest="preempt", action="store_false",
+                   help="newcomers wait for the running step to end (default: they take their first step inside "
+                        "it, between two of the network's layers)")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting to start; one more gets 429 with Retry-After (default 128)")
     p.add_argument("--request-timeout", type=float, default=300.0,
@@ -835,7 +841,7 @@ def cmd_serve(args) -> int:
     from dlm.serve import LOOPBACK, serve
 
     check_device(args.device)
-    for name in ("port", "max_rows", "batch_rows", "max_queue"):
+    for name in ("port", "max_rows", "batch_rows", "first_rows", "max_queue"):
         value = getattr(args, name)
         if value < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')}={value} must be a positive integer")
@@ -847,7 +853,8 @@ def cmd_serve(args) -> int:
     model = load(args.model, device=args.device)
     serve(model, host=args.host, port=args.port, name=args.name or Path(args.model).name, api_key=args.api_key,
           max_rows=args.max_rows, batch_rows=args.batch_rows, max_queue=args.max_queue,
-          request_timeout=args.request_timeout, max_body=int(args.max_body_mb * 2**20), precision=args.precision,
+          first_rows=args.first_rows, preempt=args.preempt, request_timeout=args.request_timeout,
+          max_body=int(args.max_body_mb * 2**20), precision=args.precision,
           log_level=args.log_level)
     return 0
 

@@ -48,11 +48,14 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def create_app(model, name: str | None = None, api_key: str | None = None, max_rows: int = 64,
                batch_rows: int = 16, max_queue: int = 128, request_timeout: float = 300.0,
-               max_body: int = 1 << 20, precision: str = "auto") -> FastAPI:
+               max_body: int = 1 << 20, precision: str = "auto", first_rows: int | None = 4,
+               preempt: bool = True) -> FastAPI:
     """The server's app for a loaded DiffusionLM. name: the model id it answers to (default "dlm"); api_key: a
     Bearer key every route but /health and the page needs; max_rows / batch_rows / max_queue: the engine's bounds;
+    first_rows / preempt: how newcomers take their first step (dlm/serve/batcher.py's Engine);
     request_timeout: seconds a request may take from its arrival; max_body: bytes a request body may have."""
-    engine = Engine(model, max_rows=max_rows, batch_rows=batch_rows, max_queue=max_queue, precision=precision)
+    engine = Engine(model, max_rows=max_rows, batch_rows=batch_rows, max_queue=max_queue, precision=precision,
+                    first_rows=first_rows, preempt=preempt)
     metrics = Metrics(engine)
     engine.on_finish = metrics.finished
     model_id = name or "dlm"

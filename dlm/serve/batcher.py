@@ -7,9 +7,12 @@
     ... job.sink receives ("snapshot" | "delta", row, payload), then ("done", results) or ("error", status, text)
 
 Each request keeps its own canvas, step count and generators (seeded by its seed, never by its place): its rows
-start (`sampler.start`) at a step boundary, take their first step in a batch of the requests admitted with them,
-then join a running batch of the same sampler and options (`SamplerState.cat`); rows that finish (or whose committed text reached EOS or a stop string, or whose client went
-away, or whose time ran out) leave it at once (`select`). A batch holds at most `batch_rows` rows, so no step
+start (`sampler.start`) at a step boundary, or inside a running batch's step between two of the network's layers
+(preemption: a forward pre-hook, so a newcomer waits for one layer of the step in progress, not the whole step),
+take their first step in a call of at most `first_rows` rows of the requests admitted with them (oldest first,
+ahead of the running batches), then join a running batch of the same sampler and options (`SamplerState.cat`);
+rows that finish (or whose committed text reached EOS or a stop string, or whose client went away, or whose time
+ran out) leave it at once (`select`). A batch holds at most `batch_rows` rows, so no step
 makes a (rows x length x vocabulary) float32 temporary larger than that chunk; at most `max_rows` rows run at once
 and at most `max_queue` requests wait. A row's tokens for a seed are the same alone or beside others (float32).
 A job with `call` (an edit: rounds of its own) runs whole in this thread between two steps of the batches.
@@ -89,14 +92,22 @@ class Batch:
 
 class Engine:
     """The engine thread and its queue. model: a DiffusionLM. max_rows: rows running at once; batch_rows: rows per
-    network call (a chunk); max_queue: requests waiting to start; precision: as `generate` ("auto", "bf16", "32")."""
+    network call (a chunk); max_queue: requests waiting to start; precision: as `generate` ("auto", "bf16", "32");
+    first_rows: rows of newcomers per first-step call (None: batch_rows); preempt: newcomers that arrive during a
+    running batch's step take their first step inside it, between two of the network's layers (`_preempt`)."""
 
     def __init__(self, model, max_rows: int = 64, batch_rows: int = 16, max_queue: int = 128,
-                 precision: str = "auto"):
-        if min(max_rows, batch_rows, max_queue) < 1:
-            raise ValueError(f"max_rows={max_rows}, batch_rows={batch_rows} and max_queue={max_queue} must be positive")
+                 precision: str = "auto", first_rows: int | None = 4, preempt: bool = True):
+        first_rows = batch_rows if first_rows is None else first_rows
+        if min(max_rows, batch_rows, max_queue, first_rows) < 1:
+            raise ValueError(f"max_rows={max_rows}, batch_rows={batch_rows}, max_queue={max_queue} and "
+                             f"first_rows={first_rows} must be positive")
         self.model, self.precision = model, precision
         self.max_rows, self.batch_rows, self.max_queue = max_rows, batch_rows, max_queue
+        self.first_rows = min(first_rows, batch_rows)
+        self.points = preemption_points(model.network) if preempt else []  # modules a running step may pause before
+        self.inside = False  # the engine is stepping newcomers inside a running step (no deeper preemption)
+        self.stepper = None  # the thread stepping a running batch with the hooks in place
         self.pending: collections.deque[Job] = collections.deque()
         self.batches: list[Batch] = []
         self.cond = threading.Condition()
@@ -172,8 +183,8 @@ class Engine:
     def run_once(self) -> None:
         """One step boundary: admit waiting requests, drop cancelled or expired rows, and step one batch — a batch
         that rows just joined, else the one that waited longest (round robin) — so a new request's first snapshot
-        waits for the step in progress and its own, not for every batch (the engine thread's loop; a test may
-        drive it by hand on an engine it did not start)."""
+        waits for the step in progress (with preemption: one layer of it) and its own, not for every batch (the
+        engine thread's loop; a test may drive it by hand on an engine it did not start)."""
         try:
             with torch.no_grad(), self.model.autocast(self.precision):
                 self._admit()
@@ -184,15 +195,55 @@ class Engine:
                 if live:  # one batch: one a request just joined, else the one that waited longest; never starve
                     overdue = [b for b in live if self.rounds - b.last > 2 * len(live)]
                     batch = min(overdue or live, key=lambda b: (not overdue and not b.fresh, b.last))
+                    preemptible = not batch.fresh
                     batch.fresh, batch.last = False, self.rounds
                     self.rounds += 1
-                    self._step(batch)
+                    if preemptible and self.points:
+                        self._step_preemptible(batch)
+                    else:
+                        self._step(batch)
         except Exception as e:  # noqa: BLE001  (a bug must fail its requests, never stop the engine)
             for batch in self.batches:
                 for job, _ in batch.owners:
                     self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
                 batch.owners = []
         self.batches = [b for b in self.batches if b.rows]
+
+    def _step_preemptible(self, batch: Batch) -> None:
+        """Step a running batch with a hook before each of the network's layers (and its output layer): a request
+        that arrived meanwhile takes its first step there (`_preempt`), so it waits for one layer of the step in
+        progress, not the whole step. The batch's own computation is not touched (its rows' tokens are the same)."""
+        self.stepper = threading.get_ident()  # the hooks act only in this thread (another engine may share the model)
+        handles = [m.register_forward_pre_hook(self._preempt) for m in self.points]
+        try:
+            self._step(batch)
+        finally:
+            self.stepper = None
+            for h in handles:
+                h.remove()
+
+    def _preempt(self, module=None, args=None) -> None:
+        """Inside a running batch's step: admit waiting requests and step every fresh batch (newcomers' first
+        steps, in calls of at most `first_rows` rows); they merge into running batches at the next boundary.
+        Nothing happens when none waits, when paused, inside such a call already, or in another thread (another
+        engine stepping the same model)."""
+        if self.inside or not self.pending or not self.running.is_set() or threading.get_ident() != self.stepper:
+            return
+        self.inside = True
+        try:
+            self._admit(calls=False)
+            for batch in [b for b in self.batches if b.fresh and b.rows]:
+                batch.fresh, batch.last = False, self.rounds
+                self.rounds += 1
+                self.stats["preempted_steps"] += 1
+                self._step(batch)
+        except Exception as e:  # noqa: BLE001  (the newcomers fail, never the batch whose step this is inside)
+            for batch in [b for b in self.batches if b.fresh]:
+                for job, _ in batch.owners:
+                    self._fail(job, 500, f"the engine failed: {type(e).__name__}: {e}")
+                batch.owners = []
+        finally:
+            self.inside = False
 
     def _merge(self) -> None:
         """Batches that have stepped (not fresh) join a batch of the same key with room, smallest first
@@ -209,9 +260,10 @@ class Engine:
                 target.owners += small.owners
                 small.owners = []
 
-    def _admit(self) -> None:
-        """Start waiting requests while rows are free: those of one key admitted at this boundary share a new
-        (fresh) batch, which steps next and then merges into a running one (`_merge`)."""
+    def _admit(self, calls: bool = True) -> None:
+        """Start waiting requests while rows are free: those of one key admitted at this boundary share new
+        (fresh) batches of at most `first_rows` rows, which step next and then merge into running ones (`_merge`).
+        calls=False: stop at a whole-request job (an edit), which waits for a step boundary."""
         now = time.monotonic()
         while True:
             with self.cond:
@@ -222,7 +274,7 @@ class Engine:
                     self.pending.popleft()
                     self._drop(job, now)
                     continue
-                if job.call is None and self.active_rows + job.n > self.max_rows:
+                if job.call is None and self.active_rows + job.n > self.max_rows or job.call is not None and not calls:
                     return
                 self.pending.popleft()
             if job.call is not None:
@@ -237,7 +289,7 @@ class Engine:
                 self._fail(job, 500, f"{type(e).__name__}: {e}")
                 continue
             owners = [(job, j) for j in range(job.n)]
-            home = next((b for b in self.batches if b.fresh and b.key == job.key and b.rows + job.n <= self.batch_rows),
+            home = next((b for b in self.batches if b.fresh and b.key == job.key and b.rows + job.n <= self.first_rows),
                         None)  # requests admitted together start together; they join a running batch after one step
             if home is None:
                 home = Batch(job.sampler, job.key, state, owners)
@@ -450,3 +502,14 @@ class Engine:
         self.stats[f"jobs_{outcome}"] += 1
         if self.on_finish is not None:
             self.on_finish(job, outcome)
+
+
+def preemption_points(network) -> list:
+    """The modules a running step may pause before: each layer of the network's longest ModuleList (its blocks)
+    and its output layer (`head` or `lm_head`) where it has one; [] when it has no such list."""
+    lists = [m for m in network.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return []
+    points = list(max(lists, key=len))
+    head = getattr(network, "head", None) or getattr(network, "lm_head", None)
+    return points + ([head] if isinstance(head, torch.nn.Module) else [])

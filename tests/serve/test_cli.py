@@ -56,3 +56,5 @@ def test_bad_serve_arguments_exit_2(capsys, tmp_path):
     assert "no model at" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-rows", "0"]) == 2
     assert "--max-rows=0 must be a positive integer" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--first-rows", "0"]) == 2
+    assert "--first-rows=0 must be a positive integer" in capsys.readouterr().err
