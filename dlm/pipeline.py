@@ -535,6 +535,9 @@ class DiffusionLM:
         its config's field types; refused naming its options when it has no such option."""
         typed = sampler or self.process.default_sampler
         name = self.sampler_name(sampler)
+        if self.is_autoregressive and sampler_spec(typed).name != name:  # decoded left to right: as `generate`,
+            sampler_spec(typed).parse_options(list(items), label=typed)  # the named sampler's options are checked
+            return {}  # against it, then go with it (`dlm eval MDLM AR --sampler llada -o remasking=margin`)
         if name == "blockwise" and sampler_spec(typed).name != "blockwise":  # the inner sampler's own options too
             own = set(sampler_spec("blockwise").options)
             mine = [i for i in items if i.partition("=")[0].strip() in own]

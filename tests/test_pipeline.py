@@ -197,3 +197,23 @@ def test_chat_messages_go_through_the_chat_template(model):
 def test_a_sampler_the_process_cannot_serve_is_refused(model):
     with pytest.raises(ValueError, match="cannot sample a 'mdlm' model"):
         model.generate(sampler="autoregressive", length=8)
+
+
+def test_an_autoregressive_model_checks_then_drops_the_named_samplers_options():
+    """`dlm eval MDLM AR --sampler llada -o remasking=margin`: the AR model decodes left to right (as `generate`
+    replaces the sampler, with its options); the options are still checked against the sampler named."""
+    from dlm.build import build_network, build_process
+    from dlm.config import build_config
+    from dlm.pipeline import DiffusionLM
+    from tests.golden.cases import tokenizer
+
+    tok = tokenizer()
+    cfg = build_config(["process=ar", f"data.vocab_size={len(tok)}", "model.n_layer=1", "model.d_model=32",
+                        "model.n_head=2", "model.context=16"])
+    cfg.model.vocab_size = len(tok)
+    ar = DiffusionLM(build_network(cfg), build_process(cfg, tok.mask_token_id), tok, cfg)
+    assert ar.sampler_options("llada", ["remasking=margin"]) == {}
+    with pytest.raises(ValueError, match=r"sampler 'llada' has no option 'eta'"):
+        ar.sampler_options("llada", ["eta=0.1"])
+    gen = ar.generate(num_samples=1, length=8, sampler="llada", seed=0, **ar.sampler_options("llada", ["remasking=margin"]))
+    assert gen.generated_tokens == 7
