@@ -87,14 +87,14 @@ def plot(corpus: list[dict], sudoku: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = defaultdict(lambda: defaultdict(list))
+    series = defaultdict(lambda: defaultdict(list))  # label -> budget -> [(calls made, gen ppl) per seed]
     for r in corpus:
         if r["key"].startswith("gen/"):
-            series[f"{r['method']} / {r['sampler']}"][round(r["nfe_mean_row"], 1)].append(r["gen_ppl"])  # calls made
+            series[f"{r['method']} / {r['sampler']}"][r["budget"]].append((r["nfe_mean_row"], r["gen_ppl"]))
     for label, points in series.items():
-        xs = sorted(points)
-        axes[0].plot(xs, [statistics.mean(points[x]) for x in xs], "o-" if len(xs) > 1 else "*", label=label,
-                     markersize=5 if len(xs) > 1 else 12)
+        means = sorted((statistics.mean(n for n, _ in p), statistics.mean(g for _, g in p)) for p in points.values())
+        axes[0].plot([n for n, _ in means], [g for _, g in means], "o-" if len(means) > 1 else "*", label=label,
+                     markersize=5 if len(means) > 1 else 12)  # one point per budget: means over seeds
     axes[0].set(xscale="log", yscale="log", xlabel="NFE", ylabel="generative perplexity (SmolLM2-135M)",
                 title="corpus: samples")
     axes[0].legend(fontsize=6)
