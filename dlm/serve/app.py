@@ -104,12 +104,8 @@ def create_app(model, name: str | None = None, api_key: str | None = None, max_r
 
     # ------------------------------------------------------------------------------------ generation
     @app.post("/v1/completions")
+    @app.post("/v1/fim/completions")  # Mercury's fill-in-the-middle route: the same body (prompt + suffix)
     async def completions(request: Request):
-        req = await parse(request, CompletionRequest, max_body)
-        return await answer(request, req, plan(req, "completion"), "text_completion")
-
-    @app.post("/v1/fim/completions")
-    async def fim(request: Request):
         req = await parse(request, CompletionRequest, max_body)
         return await answer(request, req, plan(req, "completion"), "text_completion")
 

@@ -11,6 +11,17 @@ import torch
 from tests.golden import cases as G
 
 
+def generated_texts(model, gen) -> list[str]:
+    """The generated part of each row of a `Generation`, cut at EOS and decoded as the server decodes: the tests'
+    reference for a request's text."""
+    eos, texts = model.tokenizer.eos_token_id, []
+    for row, keep in zip(gen.tokens.tolist(), gen.generated.tolist()):
+        ids = [t for t, k in zip(row, keep) if k]
+        ids = ids[:ids.index(eos)] if eos in ids else ids
+        texts.append(model.tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
 class LiveServer:
     """uvicorn serving `app` on 127.0.0.1 in a background thread; `url` is its base address."""
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from tests.serve.conftest import LiveServer, slow_steps
+from tests.serve.conftest import LiveServer, generated_texts, slow_steps
 
 openai = pytest.importorskip("openai")
 
@@ -34,12 +34,7 @@ def reference(model, prompt, max_tokens, seed, steps, n=1):
     """What `generate` gives for the request (the same canvas, sampler and per-row seeds), cut at EOS and decoded
     as the server decodes."""
     gen = model.generate(prompt, gen_length=max_tokens, steps=steps, seed=seed, num_samples=n, precision="32")
-    eos, texts = model.tokenizer.eos_token_id, []
-    for row, keep in zip(gen.tokens.tolist(), gen.generated.tolist()):
-        ids = [t for t, k in zip(row, keep) if k]
-        ids = ids[:ids.index(eos)] if eos in ids else ids
-        texts.append(model.tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
+    return generated_texts(model, gen)
 
 
 # ------------------------------------------------------------------------------------------------ routes

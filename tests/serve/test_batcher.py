@@ -9,6 +9,7 @@ from dlm.serve.app import plan_request
 from dlm.serve.batcher import Engine, Job
 from dlm.serve.schemas import CompletionRequest
 from tests.golden import cases as G
+from tests.serve.conftest import generated_texts
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,7 @@ def reference(model, body: dict) -> list[str]:
     opts = {k: body[k] for k in ("sampler", "steps", "temperature", "block_length") if k in body}
     gen = model.generate(body["prompt"], gen_length=body["max_tokens"], seed=body["seed"], num_samples=body.get("n", 1),
                          precision="32", **opts)
-    eos, texts = model.tokenizer.eos_token_id, []
-    for row, keep in zip(gen.tokens.tolist(), gen.generated.tolist()):
-        ids = [t for t, k in zip(row, keep) if k]
-        ids = ids[:ids.index(eos)] if eos in ids else ids
-        texts.append(model.tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
+    return generated_texts(model, gen)
 
 
 CASES = [
